@@ -1,0 +1,157 @@
+"""The conversion pass: execute a plan on a model and return the converted model.
+
+trace -> plan -> rewrite (fx, or submodule swap when the model cannot be traced)
+-> initialise (registered strategies) -> fold channel orders into consumers.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from . import tracing
+from .errors import GhostifyError
+from .fold import fold_channel_order
+from .modules import GhostConv2d
+from .plan import GhostConfig, LayerSpec, Plan, make_plan
+from .transfer import INITS, Layer
+
+__all__ = ["convert", "ConversionInfo", "build_config"]
+
+
+@dataclass
+class ConversionInfo:
+    """What a conversion did; attached to the converted model as ``model.ghostify_info``."""
+
+    plan: Plan
+    mode: str  # "fx" or "swap"
+    folded: list[str] = field(default_factory=list)
+    layer_info: dict[str, dict] = field(default_factory=dict)
+    arch: dict | None = None
+    source: tuple | None = field(default=None, repr=False)  # (class, state-dict signature) of the input model
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "folded": list(self.folded), "arch": self.arch,
+                "plan": self.plan.to_dict(), "layer_info": self.layer_info}
+
+
+def build_config(ratio: int = 2, dw_size: int = 3, init: str = "copy", cheap: str = "dw",
+                 include: Iterable[str] = (), exclude: Iterable[str] = (),
+                 overrides: dict[Any, Any] | None = None, config: GhostConfig | None = None) -> GhostConfig:
+    """A :class:`GhostConfig` from the flat keyword form that ``convert`` and the CLI take.
+
+    ``overrides`` maps a module type, a glob pattern or an exact name to a partial spec
+    dict or ``None`` (skip).
+    """
+    cfg = copy.deepcopy(config) if config is not None else GhostConfig(LayerSpec(ratio, dw_size, init, cheap))
+    cfg.include(*include).exclude(*exclude)
+    for key, value in (overrides or {}).items():
+        if isinstance(key, type):
+            cfg.set_type(key, value)
+        else:
+            cfg.set(key, value)
+    return cfg
+
+
+def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "copy", cheap: str = "dw",
+            include: Iterable[str] = (), exclude: Iterable[str] = (), overrides: dict | None = None,
+            config: GhostConfig | None = None, plan: Plan | None = None, inplace: bool = False,
+            fold: bool = True, leaf_modules: Iterable[type | str] = (), **init_options) -> nn.Module:
+    """Replace the selected ``nn.Conv2d`` layers of ``model`` with :class:`GhostConv2d` and carry the weights over.
+
+    Args:
+        model: any ``nn.Module``; it is not modified unless ``inplace=True``.
+        ratio, dw_size, init, cheap: the global layer settings (see :class:`LayerSpec`).
+        include, exclude: glob patterns on module names.
+        overrides: ``{type | glob | name: {"ratio": 4, ...} | None}``; priority
+            global < type < glob < exact name, ``None`` keeps the conv.
+        config: a ready :class:`GhostConfig` (the keyword settings above are added to a copy).
+        plan: a ready :class:`Plan` (from :func:`make_plan` or a saved model) to execute as is.
+        fold: permute the consumers (BN, next conv) instead of reordering channels at run time.
+        leaf_modules: module types or names the tracer must not trace through.
+        **init_options: passed to the init strategies (e.g. ``calib_data`` for ``init="calib"``).
+
+    Returns:
+        A ``torch.fx.GraphModule`` when the model traces, else a copy of ``model`` with its
+        convs swapped; ``result.ghostify_info`` records the plan and what was done.
+
+    Example:
+        >>> import torch, torchvision
+        >>> model = torchvision.models.resnet18().eval()
+        >>> ghost = convert(model, ratio=2)
+        >>> ghost(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 1000])
+    """
+    was_training = model.training
+    source = (type(model), [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+    cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, config)
+    work = model if inplace else copy.deepcopy(model)
+    traced = tracing.trace(work, leaf_modules)
+    plan = plan if plan is not None else make_plan(work, cfg, traced=traced)
+    originals = {e.name: work.get_submodule(e.name) for e in plan.converted}
+
+    layers = []
+    for e in plan.converted:
+        conv = originals[e.name]
+        if not isinstance(conv, nn.Conv2d):
+            raise GhostifyError(f"layer '{e.name}': the plan converts it but the model holds "
+                                f"{type(conv).__name__} there; make the plan from this model")
+        try:
+            ghost = GhostConv2d.from_conv(conv, e.spec.ratio, e.spec.dw_size, e.spec.cheap)
+        except ValueError as exc:
+            raise GhostifyError(f"layer '{e.name}': {exc}; exclude it with --exclude '{e.name}'") from None
+        work.set_submodule(e.name, ghost)
+        layers.append(Layer(e.name, conv, ghost))
+
+    if traced.graph_module is not None:
+        result = _rewrite_graph(work, traced.graph_module.graph, {e.name for e in plan.converted})
+        mode = "fx"
+    else:
+        result, mode = work, "swap"
+
+    info = ConversionInfo(plan, mode, arch=getattr(model, "ghostify_arch", None),
+                          source=source)
+    by_init: dict[str, list[Layer]] = {}
+    for e, layer in zip(plan.converted, layers):
+        by_init.setdefault(e.spec.init, []).append(layer)
+    with _eval_mode(result):
+        for name, group in by_init.items():
+            info.layer_info.update(INITS[name](model, result, group, **init_options) or {})
+    if fold and mode == "fx":
+        info.folded = fold_channel_order(result)
+    result.train(was_training)
+    model.train(was_training)
+    result.ghostify_info = info
+    if info.arch is not None:
+        result.ghostify_arch = info.arch
+    return result
+
+
+def _rewrite_graph(root: nn.Module, graph: fx.Graph, targets: set[str]) -> fx.GraphModule:
+    """Point every call of a converted conv at its Ghost replacement; lint and recompile."""
+    graph = copy.deepcopy(graph)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in targets:
+            with graph.inserting_after(node):
+                new = graph.call_module(node.target, node.args, node.kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    graph.lint()
+    gm = fx.GraphModule(root, graph, type(root).__name__)
+    gm.recompile()
+    return gm
+
+
+class _eval_mode:
+    def __init__(self, module: nn.Module):
+        self.module, self.training = module, module.training
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.training)

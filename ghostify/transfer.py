@@ -1,0 +1,226 @@
+"""Weight transfer: initialisation strategies for converted layers, registered by name.
+
+A strategy is called once per conversion with every layer it owns::
+
+    strategy(original_model, converted_model, layers, **options) -> dict[name, info]
+
+so that per-layer strategies (``copy``, ``random``) and whole-model ones (calibrated,
+sequential fitting) share one interface. ``layers`` holds :class:`Layer` records with the
+original conv and its :class:`~ghostify.modules.GhostConv2d` replacement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modules import GhostConv2d
+
+__all__ = ["Layer", "INITS", "register_init", "select_intrinsic", "pair_ghosts", "fit_dw_kernels"]
+
+
+@dataclass
+class Layer:
+    """One conversion: the layer's qualified name, the original conv and its replacement."""
+
+    name: str
+    conv: nn.Conv2d
+    ghost: GhostConv2d
+
+
+InitFn = Callable[..., dict]
+INITS: dict[str, InitFn] = {}
+
+
+def register_init(name: str):
+    """Register an init strategy under ``name``; a duplicate name is refused.
+
+    Example:
+        >>> @register_init("zeros-demo")
+        ... def zeros(original, converted, layers, **options):
+        ...     for l in layers:
+        ...         nn.init.zeros_(l.ghost.primary.weight)
+        ...     return {}
+        >>> del INITS["zeros-demo"]
+    """
+
+    def add(fn: InitFn) -> InitFn:
+        if name in INITS:
+            raise ValueError(f"init strategy {name!r} is already registered")
+        INITS[name] = fn
+        return fn
+
+    return add
+
+
+@register_init("none")
+def init_none(original, converted, layers, **options) -> dict:
+    """Leave the freshly built layers as they are (used when weights are loaded afterwards)."""
+    return {}
+
+
+@register_init("random")
+def init_random(original, converted, layers, **options) -> dict:
+    """Kaiming-normal init of every weight, zero biases: the from-scratch baseline."""
+    for layer in layers:
+        for m in layer.ghost.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    return {}
+
+
+@register_init("copy")
+@torch.no_grad()
+def init_copy(original, converted, layers, **options) -> dict:
+    """Copy the chosen intrinsic filters bit-exactly and fit each ghost's cheap kernel in weight space.
+
+    Needs no data. Returns, per layer, the relative weight-space residual of the ghost filters.
+    """
+    info = {}
+    for layer in layers:
+        info[layer.name] = {"weight_residual": copy_layer(layer.conv, layer.ghost)}
+    return info
+
+
+def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
+    """Initialise ``ghost`` from ``conv`` (see :func:`init_copy`); returns the relative ghost-filter residual."""
+    w = conv.weight.detach()
+    n, m, s = ghost.out_channels, ghost.intrinsic_channels, ghost.ratio
+    if ghost.cheap is None:
+        ghost.primary.weight.copy_(w)
+        if conv.bias is not None:
+            ghost.primary.bias.copy_(conv.bias)
+        ghost.set_channel_map(torch.arange(n))
+        return 0.0
+    flat = w.detach().reshape(n, -1).float()
+    intrinsic = select_intrinsic(flat, m)
+    rest = sorted(set(range(n)) - set(intrinsic))
+    slots = pair_ghosts(flat, intrinsic, rest, s - 1)  # slots[k] = original channel of ghost slot k
+    parents = torch.as_tensor(intrinsic)[ghost.cheap.parents()]
+    kernels, residual = fit_dw_kernels(w, parents, torch.as_tensor(slots), ghost.dw_size,
+                                       conv.stride, conv.dilation)
+    ghost.primary.weight.copy_(w[intrinsic])
+    dw = ghost.cheap.conv
+    dw.weight.zero_()
+    dw.weight[: len(slots), 0] = kernels.to(dw.weight.dtype)
+    if conv.bias is not None:
+        b = conv.bias.detach()
+        ghost.primary.bias.copy_(b[intrinsic])
+        dw.bias.zero_()
+        # cheap(y + b_parent) = cheap(y) + b_parent * sum(K), away from the borders
+        dw.bias[: len(slots)] = b[slots] - b[parents] * kernels.sum((1, 2)).to(b.dtype)
+    ghost.set_channel_map(torch.as_tensor(intrinsic + slots))
+    return residual
+
+
+def select_intrinsic(flat: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
+    """Pick ``m`` filters that best explain the others by scaling (greedy facility location).
+
+    ``gain[c, j] = <w_c, w_j>^2 / |w_j|^2`` is the energy of filter ``c`` that a scaled copy
+    of filter ``j`` explains; the objective is ``sum_c max_{j in I} gain[c, j]``. Each of
+    ``rounds`` rounds computes every candidate's marginal gain at once and then accepts
+    about ``m / rounds`` of the best, re-checking each against the picks of the round so
+    that near-duplicates are not taken together. Returned in pick order: the least useful
+    intrinsic filter comes last.
+    """
+    g = flat @ flat.T
+    gain_t = g * g / g.diagonal().clamp_min(1e-30)[None, :]
+    gain = gain_t.numpy()
+    n = len(gain)
+    best_t = torch.zeros(n)
+    best = best_t.numpy()  # shares memory with best_t
+    alive = np.ones(n, bool)
+    chosen: list[int] = []
+    per_round = max(1, -(-m // rounds))
+    while len(chosen) < m:
+        marginal = (gain_t - best_t[:, None]).clamp_min_(0).sum(0).numpy()
+        marginal[~alive] = -np.inf
+        want = min(per_round, m - len(chosen))
+        order = np.argsort(-marginal)[: 2 * want + 1]
+        took = 0
+        for j in order:
+            if not alive[j]:
+                continue
+            fresh = np.maximum(gain[:, j] - best, 0).sum()
+            if took == 0 or fresh >= 0.5 * marginal[j]:
+                chosen.append(int(j))
+                alive[j] = False
+                np.maximum(best, gain[:, j], out=best)
+                took += 1
+                if took == want:
+                    break
+    return chosen
+
+
+def pair_ghosts(flat: torch.Tensor, intrinsic: list[int], rest: list[int], per_parent: int) -> list[int]:
+    """Assign each non-intrinsic filter to a ghost slot (``per_parent`` slots per intrinsic, in order).
+
+    Minimises the total scalar-fit residual ``|w_c|^2 - <w_c, w_j>^2 / |w_j|^2`` with the
+    Hungarian method; the scalar fit bounds the ``d x d`` fit from above. Returns the
+    original channel of each slot ``0 .. len(rest) - 1``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    wi, wr = flat[intrinsic], flat[rest]
+    dots = (wr @ wi.T).cpu().numpy()
+    cost = (wr * wr).sum(1).cpu().numpy()[:, None] - dots**2 / np.clip((wi * wi).sum(1).cpu().numpy(), 1e-300, None)
+    slot_parent = np.arange(len(rest)) // per_parent
+    rows, cols = linear_sum_assignment(cost[:, slot_parent])
+    slots = [0] * len(rest)
+    for r, c in zip(rows, cols):
+        slots[c] = rest[r]
+    return slots
+
+
+def fit_dw_kernels(w: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor, d: int, stride,
+                   dilation) -> tuple[torch.Tensor, float]:
+    """Least-squares ``d x d`` kernels ``K_k`` with ``K_k * w[parents[k]] ~ w[targets[k]]`` in weight space.
+
+    The primary conv has stride ``S`` and dilation ``D``; cheap tap ``v`` applied to its
+    output reads the input at ``S*v + D*u`` for primary tap ``u``. With ``P`` a filter
+    drawn on the input grid (taps ``D`` apart), the composite is ``sum_v K[v] P(x - S v)``,
+    linear in ``K``. Its normal equations need only correlations, so nothing of size
+    ``ghosts x weights x d^2`` is built:
+
+        gram[v, v'] = sum_y P(y) P(y + S (v - v'))      (autocorrelation of the parent)
+        rhs[v]      = sum_y P(y) T(y + S v)             (target T padded by S*r)
+
+    Returns the kernels ``(len(parents), d, d)`` and the relative residual over all ghosts.
+    """
+    import torch.nn.functional as F
+
+    (sh, sw), (dh, dw_), r = tuple(stride), tuple(dilation), d // 2
+    wd = w.detach().float()
+    n, cin, kh, kw = wd.shape
+    ph, pw = dh * (kh - 1) + 1, dw_ * (kw - 1) + 1
+    g = len(parents)
+    if g == 0:
+        return wd.new_zeros(0, d, d).double(), 0.0
+
+    def on_grid(idx, pad_h, pad_w):  # filters idx drawn on the input grid, zero-padded
+        out = wd.new_zeros(len(idx), cin, ph + 2 * pad_h, pw + 2 * pad_w)
+        out[:, :, pad_h: pad_h + ph: dh, pad_w: pad_w + pw: dw_] = wd[idx]
+        return out
+
+    tg = on_grid(targets, sh * r, sw * r)
+    rhs = F.conv2d(tg.reshape(1, g * cin, *tg.shape[-2:]), on_grid(parents, 0, 0), stride=(sh, sw), groups=g)
+    rhs = rhs.double().reshape(g, d * d, 1)
+    uniq, inv = torch.unique(parents, return_inverse=True)
+    pp = on_grid(uniq, sh * (d - 1), sw * (d - 1))
+    auto = F.conv2d(pp.reshape(1, len(uniq) * cin, *pp.shape[-2:]), on_grid(uniq, 0, 0), stride=(sh, sw),
+                    groups=len(uniq))
+    auto = auto.double().reshape(len(uniq), 2 * d - 1, 2 * d - 1)
+    vh, vw = torch.meshgrid(torch.arange(d), torch.arange(d), indexing="ij")
+    vh, vw = vh.reshape(-1), vw.reshape(-1)
+    gram = auto[:, vh[:, None] - vh[None, :] + d - 1, vw[:, None] - vw[None, :] + d - 1][inv]
+    ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+    k = torch.linalg.solve(gram + ridge * torch.eye(d * d, dtype=gram.dtype), rhs)
+    tt = (wd[targets].double() ** 2).sum()
+    err = tt - 2 * (k * rhs).sum() + (k.transpose(1, 2) @ gram @ k).sum()
+    return k.reshape(g, d, d), math.sqrt(max(err.item(), 0.0) / tt.item()) if tt > 0 else 0.0
