@@ -6,18 +6,38 @@ Example:
     >>> ghost = ghostify.convert(model, ratio=2)
     >>> ghost(torch.randn(1, 3, 64, 64)).shape
     torch.Size([1, 1000])
+
+Names are imported on first use, so ``ghostify --help`` does not pay for importing torch.
 """
-from .convert import ConversionInfo, convert
-from .errors import GhostifyError
-from .fold import fold_channel_order
-from .modules import CHEAP_OPS, DepthwiseCheap, GhostConv2d, GhostModule, register_cheap_op
-from .plan import GhostConfig, LayerSpec, Plan, PlanEntry, make_plan
-from .transfer import INITS, register_init
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "convert", "make_plan", "GhostConfig", "LayerSpec", "Plan", "PlanEntry", "ConversionInfo",
-    "GhostConv2d", "GhostModule", "DepthwiseCheap", "CHEAP_OPS", "register_cheap_op",
-    "INITS", "register_init", "fold_channel_order", "GhostifyError", "__version__",
-]
+_EXPORTS = {
+    "convert": "convert", "build_config": "convert", "ConversionInfo": "convert",
+    "make_plan": "plan", "GhostConfig": "plan", "LayerSpec": "plan", "Plan": "plan", "PlanEntry": "plan",
+    "GhostConv2d": "modules", "GhostModule": "modules", "DepthwiseCheap": "modules", "CHEAP_OPS": "modules",
+    "register_cheap_op": "modules",
+    "INITS": "transfer", "register_init": "transfer",
+    "fold_channel_order": "fold",
+    "report": "report", "ConversionReport": "report",
+    "count": "counting", "measure_latency": "latency",
+    "save": "serialization", "load": "serialization",
+    "get_model": "zoo", "list_models": "zoo", "install_offline_weights": "zoo",
+    "trace": "tracing", "GhostTracer": "tracing",
+    "GhostifyError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ghostify' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,256 @@
+"""The ``ghostify`` command line. Heavy imports live inside the commands so ``--help`` is instant.
+
+Tables and JSON go to stdout, progress and notes to stderr. User errors print one line,
+``Error: ...``, and exit non-zero; ``-v`` shows the traceback of unexpected errors.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import click
+
+from .errors import GhostifyError
+
+# Python-API fields the layer options mirror (ghostify.LayerSpec); kept in step by a test.
+LAYER_OPTIONS = ("ratio", "dw_size", "init", "cheap")
+
+
+class _Group(click.Group):
+    """A click group whose usage errors print one line instead of the usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            if not standalone_mode:
+                raise
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+
+
+def _user_errors(fn):
+    """Turn GhostifyError into a one-line ClickException; other errors too unless -v."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, verbose=False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GhostifyError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if verbose:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise click.ClickException(f"{type(exc).__name__}: {first} (run with -v for the traceback)") from None
+
+    return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of unexpected errors.")(wrapper)
+
+
+def _parse_override(text: str) -> tuple[str, dict | None]:
+    pattern, sep, spec = text.partition(":")
+    if not sep or not pattern:
+        raise GhostifyError(f"--override '{text}': expected PATTERN:skip or PATTERN:ratio=4,dw_size=1")
+    if spec.strip().lower() in ("skip", "none"):
+        return pattern, None
+    out: dict = {}
+    for item in filter(None, spec.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in LAYER_OPTIONS:
+            raise GhostifyError(f"--override '{text}': '{item}' is not KEY=VALUE with KEY in {', '.join(LAYER_OPTIONS)}")
+        if key in ("ratio", "dw_size"):
+            try:
+                value = int(value)
+            except ValueError:
+                raise GhostifyError(f"--override '{text}': {key} must be an integer (got '{value}')") from None
+        out[key] = value
+    return pattern, out
+
+
+def _parse_input_size(text: str | None, default=(1, 3, 224, 224)) -> tuple[int, ...]:
+    if not text:
+        return tuple(default)
+    try:
+        dims = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise GhostifyError(f"--input-size '{text}': give 224, C,H,W or N,C,H,W") from None
+    if len(dims) == 1:
+        return (1, 3, dims[0], dims[0])
+    if len(dims) == 3:
+        return (1,) + dims
+    if len(dims) == 4 and all(d > 0 for d in dims):
+        return dims
+    raise GhostifyError(f"--input-size '{text}': give 224, C,H,W or N,C,H,W")
+
+
+def _odd(ctx, param, value):
+    if value is not None and (value < 1 or value % 2 == 0):
+        raise click.BadParameter(f"{value} is not an odd integer >= 1 (the cheap op keeps the map size); try 3")
+    return value
+
+
+def _selection_options(fn):
+    opts = [
+        click.option("--weights", default="DEFAULT", show_default=True,
+                     help="DEFAULT, a weights enum name (IMAGENET1K_V2), none, or a state-dict file."),
+        click.option("--ratio", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="s: keep ceil(n/s) intrinsic filters per converted conv."),
+        click.option("--dw-size", type=int, default=3, show_default=True, callback=_odd,
+                     help="Kernel size of the cheap depthwise op (odd)."),
+        click.option("--init", "init", default="copy", show_default=True,
+                     help="Weight transfer: copy (exact intrinsic channels, fitted ghosts) or random."),
+        click.option("--cheap", default="dw", show_default=True, help="Cheap-op family (dw: depthwise, as the paper)."),
+        click.option("--include", multiple=True, metavar="GLOB", help="Convert only convs whose name matches."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Never convert convs whose name matches."),
+        click.option("--override", multiple=True, metavar="PATTERN:SPEC",
+                     help="Per-layer settings, e.g. 'layer4.*:ratio=4' or 'fc:skip' (exact name beats glob)."),
+        click.option("--leaf", multiple=True, metavar="NAME", help="Module name the tracer must not trace through."),
+        click.option("--input-size", default=None, help="224, C,H,W or N,C,H,W (default 1,3,224,224)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf):
+    from .convert import build_config
+    from .plan import make_plan
+    from .zoo import get_model
+
+    overrides = dict(_parse_override(o) for o in override)
+    cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides)
+    model = get_model(model_spec, weights=weights)
+    return model, cfg, make_plan(model, cfg, leaf_modules=leaf)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ghostify")
+def cli():
+    """ghostify: Conv -> Ghost surgery on trained CNNs."""
+
+
+@cli.command()
+@_selection_options
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_user_errors
+def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, as_json):
+    """Show which convs of MODEL convert and which are kept, and why."""
+    _, _, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
+    click.echo(plan.to_json(indent=2) if as_json else plan.table())
+
+
+@cli.command()
+@_selection_options
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the converted model (.safetensors).")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--latency", is_flag=True, help="Measure CPU latency before/after (batch 1).")
+@click.option("--no-fold", is_flag=True, help="Keep run-time channel reordering instead of folding it into consumers.")
+@_user_errors
+def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, output,
+            force, as_json, latency, no_fold):
+    """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
+    import json
+    import os
+    import time
+
+    from .convert import convert as do_convert
+    from .report import report
+    from .serialization import save
+
+    if output and os.path.exists(output) and not force:
+        raise GhostifyError(f"'{output}' exists; pass --force to overwrite it")
+    size = _parse_input_size(input_size, _default_input(model))
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
+    _check_input(original, size)
+    t0 = time.perf_counter()
+    ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, leaf_modules=leaf)
+    seconds = time.perf_counter() - t0
+    click.echo(f"converted {len(plan.converted)} of {len(plan.entries)} convs in {seconds:.2f} s", err=True)
+    rep = report(original, ghost, input_size=size, latency=latency, name=model)
+    if output:
+        save(ghost, output, force=force)
+        click.echo(f"wrote {output}", err=True)
+    if as_json:
+        d = rep.to_dict()
+        d["seconds"] = seconds
+        d["output"] = output
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(rep.table())
+
+
+def _default_input(model_spec: str):
+    """The input size a checkpoint recorded, else ImageNet's."""
+    from pathlib import Path
+
+    if Path(model_spec).suffix == ".safetensors" and Path(model_spec).is_file():
+        from .serialization import read_metadata
+
+        arch = read_metadata(model_spec).get("arch") or {}
+        return tuple(arch.get("input_size", (1, 3, 224, 224)))
+    return (1, 3, 224, 224)
+
+
+def _check_input(model, size):
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(*size))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GhostifyError(f"the model does not run on input {size}: {first}; "
+                            "pass --input-size matching the model (e.g. 1,1,28,28 for MNIST)") from None
+
+
+@cli.command()
+@_user_errors
+def models():
+    """List the torchvision model names MODEL accepts."""
+    from .zoo import list_models
+
+    click.echo("\n".join(list_models()))
+
+
+@cli.command()
+@_user_errors
+def env():
+    """Print versions and hardware, for bug reports."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    lines = [f"ghostify: {__version__}", f"python: {platform.python_version()} ({sys.executable})",
+             f"platform: {platform.platform()}"]
+    for pkg in ("torch", "torchvision", "fvcore", "click", "safetensors", "numpy", "scipy", "tqdm", "yaml"):
+        try:
+            mod = __import__(pkg)
+            lines.append(f"{pkg}: {getattr(mod, '__version__', 'installed')}")
+        except ImportError:
+            lines.append(f"{pkg}: not installed")
+    lines += [f"cuda available: {torch.cuda.is_available()}"
+              + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if torch.cuda.is_available() else ""),
+              f"torch threads: {torch.get_num_threads()}", f"torch hub dir: {torch.hub.get_dir()}"]
+    click.echo("\n".join(lines))
+
+
+def main(argv=None):
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="ghostify")
+
+
+if __name__ == "__main__":
+    main()
+
