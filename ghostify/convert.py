@@ -59,7 +59,8 @@ def build_config(ratio: int = 2, dw_size: int = 3, init: str = "copy", cheap: st
 def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "copy", cheap: str = "dw",
             include: Iterable[str] = (), exclude: Iterable[str] = (), overrides: dict | None = None,
             config: GhostConfig | None = None, plan: Plan | None = None, inplace: bool = False,
-            fold: bool = True, leaf_modules: Iterable[type | str] = (), **init_options) -> nn.Module:
+            fold: bool = True, leaf_modules: Iterable[type | str] = (), initialize: bool = True,
+            **init_options) -> nn.Module:
     """Replace the selected ``nn.Conv2d`` layers of ``model`` with :class:`GhostConv2d` and carry the weights over.
 
     Args:
@@ -72,6 +73,7 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
         plan: a ready :class:`Plan` (from :func:`make_plan` or a saved model) to execute as is.
         fold: permute the consumers (BN, next conv) instead of reordering channels at run time.
         leaf_modules: module types or names the tracer must not trace through.
+        initialize: run the init strategies (False: leave the new layers as built, e.g. to load weights).
         **init_options: passed to the init strategies (e.g. ``calib_data`` for ``init="calib"``).
 
     Returns:
@@ -90,7 +92,7 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, config)
     work = model if inplace else copy.deepcopy(model)
     traced = tracing.trace(work, leaf_modules)
-    plan = plan if plan is not None else make_plan(work, cfg, traced=traced)
+    plan = copy.deepcopy(plan) if plan is not None else make_plan(work, cfg, traced=traced)
     originals = {e.name: work.get_submodule(e.name) for e in plan.converted}
 
     layers = []
@@ -100,7 +102,8 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
             raise GhostifyError(f"layer '{e.name}': the plan converts it but the model holds "
                                 f"{type(conv).__name__} there; make the plan from this model")
         try:
-            ghost = GhostConv2d.from_conv(conv, e.spec.ratio, e.spec.dw_size, e.spec.cheap)
+            ghost = GhostConv2d.from_conv(conv, e.spec.ratio, e.spec.dw_size, e.spec.cheap,
+                                          cheap_bias=getattr(INITS[e.spec.init], "cheap_bias", None))
         except ValueError as exc:
             raise GhostifyError(f"layer '{e.name}': {exc}; exclude it with --exclude '{e.name}'") from None
         work.set_submodule(e.name, ghost)
@@ -117,9 +120,14 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     by_init: dict[str, list[Layer]] = {}
     for e, layer in zip(plan.converted, layers):
         by_init.setdefault(e.spec.init, []).append(layer)
-    with _eval_mode(result):
-        for name, group in by_init.items():
+    with _eval_mode(result), _eval_mode(model):
+        for name, group in (by_init.items() if initialize else ()):
             info.layer_info.update(INITS[name](model, result, group, **init_options) or {})
+    for e in plan.converted:  # layers an init strategy chose to keep as convs
+        if info.layer_info.get(e.name, {}).get("kept_conv"):
+            e.action, e.reason = "skip", (f"kept as conv: held-out error "
+                                          f"{info.layer_info[e.name].get('heldout_error', float('nan')):.3f} "
+                                          "> --max-layer-error")
     if fold and mode == "fx":
         info.folded = fold_channel_order(result)
     result.train(was_training)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GhostConv2d", "GhostModule", "DepthwiseCheap", "CHEAP_OPS", "register_cheap_op"]
+__all__ = ["GhostConv2d", "GhostModule", "DepthwiseCheap", "MixCheap", "CHEAP_OPS", "register_cheap_op"]
 
 
 class DepthwiseCheap(nn.Module):
@@ -52,7 +52,48 @@ class DepthwiseCheap(nn.Module):
         return y if y.shape[1] == self.num_ghosts else y[:, : self.num_ghosts]
 
 
-CHEAP_OPS: dict[str, Callable[..., nn.Module]] = {"dw": DepthwiseCheap}
+class MixCheap(nn.Module):
+    """A cheap op that mixes the intrinsic maps: a (grouped) 1x1 conv to the ghosts, optionally
+    followed by a ``dw_size x dw_size`` depthwise conv on each ghost.
+
+    Costs ``m * (n - m) / groups`` MACs per position (+ ``(n - m) * dw_size^2`` with the
+    depthwise conv), against ``n * m * k^2``-ish for the primary conv.
+
+    Example:
+        >>> op = MixCheap(intrinsic=4, num_ghosts=6, dw_size=1)
+        >>> op(torch.randn(1, 4, 8, 8)).shape
+        torch.Size([1, 6, 8, 8])
+    """
+
+    def __init__(self, intrinsic: int, num_ghosts: int, ratio: int = 2, dw_size: int = 1, bias: bool = False,
+                 groups: int = 1):
+        super().__init__()
+        if intrinsic % groups or num_ghosts % groups:
+            raise ValueError(f"mix groups={groups} must divide both {intrinsic} intrinsic and {num_ghosts} ghost maps")
+        self.num_ghosts = num_ghosts
+        self.mix = nn.Conv2d(intrinsic, num_ghosts, 1, groups=groups, bias=bias)
+        self.dw = (nn.Conv2d(num_ghosts, num_ghosts, dw_size, padding=dw_size // 2, groups=num_ghosts, bias=False)
+                   if dw_size > 1 else None)
+
+    @torch.no_grad()
+    def load_mix(self, matrix: torch.Tensor) -> None:
+        """Set the 1x1 mixing weights from a ``(num_ghosts, intrinsic)`` matrix (block-diagonal when grouped);
+        the depthwise conv, if any, becomes the identity."""
+        g = self.mix.groups
+        per_in, per_out = self.mix.in_channels // g, self.num_ghosts // g
+        w = torch.stack([matrix[i * per_out:(i + 1) * per_out, i * per_in:(i + 1) * per_in] for i in range(g)])
+        self.mix.weight.copy_(w.reshape(self.mix.weight.shape).to(self.mix.weight.dtype))
+        if self.dw is not None:
+            self.dw.weight.zero_()
+            c = self.dw.kernel_size[0] // 2
+            self.dw.weight[:, 0, c, c] = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(x)
+        return y if self.dw is None else self.dw(y)
+
+
+CHEAP_OPS: dict[str, Callable[..., nn.Module]] = {"dw": DepthwiseCheap, "mix": MixCheap}
 
 
 def register_cheap_op(name: str, factory: Callable[..., nn.Module] | None = None):
@@ -97,7 +138,7 @@ class GhostConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, *, ratio: int = 2, dw_size: int = 3, cheap: str = "dw",
-                 device=None, dtype=None):
+                 cheap_bias: bool | None = None, device=None, dtype=None):
         super().__init__()
         if int(ratio) != ratio or ratio < 1:
             raise ValueError(f"ratio must be an integer >= 1 (got {ratio!r})")
@@ -109,7 +150,8 @@ class GhostConv2d(nn.Module):
         self.primary = nn.Conv2d(in_channels, m, kernel_size, stride, padding, dilation, bias=bias,
                                  device=device, dtype=dtype)
         ghosts = out_channels - m
-        self.cheap = (CHEAP_OPS[cheap](m, ghosts, self.ratio, dw_size, bias).to(device=device, dtype=dtype)
+        cheap_bias = bias if cheap_bias is None else cheap_bias
+        self.cheap = (CHEAP_OPS[cheap](m, ghosts, self.ratio, dw_size, cheap_bias).to(device=device, dtype=dtype)
                       if ghosts > 0 else None)
         self.register_buffer("channel_map", torch.arange(out_channels, device=device))
         self.emit_internal_order = False
@@ -117,7 +159,8 @@ class GhostConv2d(nn.Module):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3, cheap: str = "dw") -> "GhostConv2d":
+    def from_conv(cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3, cheap: str = "dw",
+                  cheap_bias: bool | None = None) -> "GhostConv2d":
         """An uninitialised ``GhostConv2d`` with the geometry of ``conv`` (same device and dtype)."""
         if conv.groups != 1:
             raise ValueError(f"groups={conv.groups} is not supported; Ghost layers replace groups=1 convs")
@@ -126,7 +169,7 @@ class GhostConv2d(nn.Module):
         w = conv.weight
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                    conv.dilation, conv.bias is not None, ratio=ratio, dw_size=dw_size, cheap=cheap,
-                   device=w.device, dtype=w.dtype)
+                   cheap_bias=cheap_bias, device=w.device, dtype=w.dtype)
 
     # -- channel order ------------------------------------------------------------------------
     @property

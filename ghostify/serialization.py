@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -114,10 +113,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
             raise GhostifyError(f"'{path}' records no architecture recipe; pass the original architecture: "
                                 "ghostify.load(path, model=MyNet()), or save with arch='package.module:callable'")
         model = build_arch(meta["arch"])
-    plan = Plan.from_dict(meta["plan"])
-    for e in plan.converted:
-        e.spec = replace(e.spec, init="none")
-    ghost = convert(model, plan=plan, fold=False)
+    ghost = convert(model, plan=Plan.from_dict(meta["plan"]), fold=False, initialize=False)
     info = ghost.ghostify_info
     for name in meta["folded"]:
         ghost.get_submodule(name).emit_internal_order = True
@@ -128,8 +124,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
         raise GhostifyError(f"weights in '{path}' do not fit the rebuilt model: "
                             f"{str(exc).splitlines()[0]}; was it saved from another architecture?") from None
     info.folded, info.layer_info, info.arch = list(meta["folded"]), meta.get("layer_info", {}), meta.get("arch")
-    for e_saved, e in zip(Plan.from_dict(meta["plan"]).entries, info.plan.entries):
-        e.spec = e_saved.spec
     ghost.train(bool(meta.get("training", False)))
     if info.arch is not None:
         ghost.ghostify_arch = info.arch

@@ -99,9 +99,12 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
         ghost.set_channel_map(torch.arange(n))
         return 0.0
     flat = w.detach().reshape(n, -1).float()
-    intrinsic = select_intrinsic(flat, m)
+    gram = flat @ flat.T
+    if ghost.cheap_kind == "mix":
+        return _copy_mix(conv, ghost, gram)
+    intrinsic = select_intrinsic(gram, m)
     rest = sorted(set(range(n)) - set(intrinsic))
-    slots = pair_ghosts(flat, intrinsic, rest, s - 1)  # slots[k] = original channel of ghost slot k
+    slots = pair_ghosts(gram, intrinsic, rest, s - 1)  # slots[k] = original channel of ghost slot k
     parents = torch.as_tensor(intrinsic)[ghost.cheap.parents()]
     kernels, residual = fit_dw_kernels(w, parents, torch.as_tensor(slots), ghost.dw_size,
                                        conv.stride, conv.dilation)
@@ -119,17 +122,40 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
     return residual
 
 
-def select_intrinsic(flat: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
+def _copy_mix(conv: nn.Conv2d, ghost: GhostConv2d, gram: torch.Tensor) -> float:
+    """``mix`` cheap op in weight space: ghost filters as linear mixtures of the intrinsic ones."""
+    from .calibrate import _pivoted_cholesky
+
+    n, m = ghost.out_channels, ghost.intrinsic_channels
+    w = conv.weight.detach()
+    intrinsic = _pivoted_cholesky(gram.double(), m)
+    rest = sorted(set(range(n)) - set(intrinsic))
+    wi, wr = w[intrinsic].reshape(m, -1).double(), w[rest].reshape(len(rest), -1).double()
+    a = wi @ wi.T
+    mix = torch.linalg.solve(a + 1e-8 * a.diagonal().mean() * torch.eye(m, dtype=a.dtype), wi @ wr.T).T
+    ghost.primary.weight.copy_(w[intrinsic])
+    ghost.cheap.load_mix(mix)
+    if conv.bias is not None:
+        b = conv.bias.detach().double()
+        ghost.primary.bias.copy_(b[intrinsic])
+        ghost.cheap.mix.bias.copy_((b[rest] - mix @ b[intrinsic]).to(ghost.cheap.mix.bias.dtype))
+    ghost.set_channel_map(torch.as_tensor(intrinsic + rest))
+    resid = ((wr - mix @ wi) ** 2).sum() / (wr**2).sum().clamp_min(1e-300)
+    return math.sqrt(resid.item())
+
+
+def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
     """Pick ``m`` filters that best explain the others by scaling (greedy facility location).
 
-    ``gain[c, j] = <w_c, w_j>^2 / |w_j|^2`` is the energy of filter ``c`` that a scaled copy
-    of filter ``j`` explains; the objective is ``sum_c max_{j in I} gain[c, j]``. Each of
+    ``gram`` holds inner products: of filters (weight space) or of output channels
+    (their covariance on calibration data). ``gain[c, j] = g[c, j]^2 / g[j, j]`` is the energy
+    of ``c`` that a scaled copy of ``j`` explains; the objective is ``sum_c max_{j in I} gain[c, j]``. Each of
     ``rounds`` rounds computes every candidate's marginal gain at once and then accepts
     about ``m / rounds`` of the best, re-checking each against the picks of the round so
     that near-duplicates are not taken together. Returned in pick order: the least useful
     intrinsic filter comes last.
     """
-    g = flat @ flat.T
+    g = gram.float()
     gain_t = g * g / g.diagonal().clamp_min(1e-30)[None, :]
     gain = gain_t.numpy()
     n = len(gain)
@@ -158,18 +184,19 @@ def select_intrinsic(flat: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
     return chosen
 
 
-def pair_ghosts(flat: torch.Tensor, intrinsic: list[int], rest: list[int], per_parent: int) -> list[int]:
-    """Assign each non-intrinsic filter to a ghost slot (``per_parent`` slots per intrinsic, in order).
+def pair_ghosts(gram: torch.Tensor, intrinsic: list[int], rest: list[int], per_parent: int) -> list[int]:
+    """Assign each non-intrinsic channel to a ghost slot (``per_parent`` slots per intrinsic, in order).
 
-    Minimises the total scalar-fit residual ``|w_c|^2 - <w_c, w_j>^2 / |w_j|^2`` with the
-    Hungarian method; the scalar fit bounds the ``d x d`` fit from above. Returns the
-    original channel of each slot ``0 .. len(rest) - 1``.
+    Minimises the total scalar-fit residual ``g[c, c] - g[c, j]^2 / g[j, j]`` (``gram`` as in
+    :func:`select_intrinsic`) with the Hungarian method; in weight space the scalar fit
+    bounds the ``d x d`` fit from above. Returns the original channel of each slot.
     """
     from scipy.optimize import linear_sum_assignment
 
-    wi, wr = flat[intrinsic], flat[rest]
-    dots = (wr @ wi.T).cpu().numpy()
-    cost = (wr * wr).sum(1).cpu().numpy()[:, None] - dots**2 / np.clip((wi * wi).sum(1).cpu().numpy(), 1e-300, None)
+    g = gram.double()
+    diag = g.diagonal()
+    cross = g[rest][:, intrinsic]
+    cost = (diag[rest][:, None] - cross**2 / diag[intrinsic].clamp_min(1e-300)[None, :]).cpu().numpy()
     slot_parent = np.arange(len(rest)) // per_parent
     rows, cols = linear_sum_assignment(cost[:, slot_parent])
     slots = [0] * len(rest)
@@ -198,6 +225,17 @@ def fit_dw_kernels(w: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor
     (sh, sw), (dh, dw_), r = tuple(stride), tuple(dilation), d // 2
     wd = w.detach().float()
     n, cin, kh, kw = wd.shape
+    if kh == kw == 1:
+        # A 1x1 filter: off-centre cheap taps only reach grid points where the target is zero,
+        # so they fit to 0 and the centre tap is the scalar fit <w_t, w_p> / |w_p|^2.
+        flat = wd.reshape(n, cin).double()
+        wp, wt = flat[parents], flat[targets]
+        scale = (wp * wt).sum(1) / (wp * wp).sum(1).clamp_min(1e-30)
+        k = wd.new_zeros(len(parents), d, d).double()
+        k[:, r, r] = scale
+        tt = (wt * wt).sum()
+        err = ((wt - scale[:, None] * wp) ** 2).sum()
+        return k, math.sqrt(err.item() / tt.item()) if tt > 0 else 0.0
     ph, pw = dh * (kh - 1) + 1, dw_ * (kw - 1) + 1
     g = len(parents)
     if g == 0:
@@ -224,3 +262,6 @@ def fit_dw_kernels(w: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor
     tt = (wd[targets].double() ** 2).sum()
     err = tt - 2 * (k * rhs).sum() + (k.transpose(1, 2) @ gram @ k).sum()
     return k.reshape(g, d, d), math.sqrt(max(err.item(), 0.0) / tt.item()) if tt > 0 else 0.0
+
+
+from . import calibrate  # noqa: E402,F401  (registers "calib"; imports this module)

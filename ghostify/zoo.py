@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ def _torchvision_weights(name: str, weights: str):
     except KeyError:
         raise GhostifyError(f"unknown weights '{weights}' for {name}; choose one of "
                             f"{['DEFAULT'] + [w.name for w in enum] + ['none']} or a file path") from None
+
+
+def _cached(weights_enum) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_enum.url)).is_file()
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -161,6 +166,13 @@ def get_model(spec: str, weights: str | None = "DEFAULT", **kwargs) -> nn.Module
         model = load_weights(torchvision.models.get_model(spec, weights=None, **kwargs), weights)
     else:
         w = _torchvision_weights(spec, weights)
+        if weights == "DEFAULT" and w is not None and not _cached(w):
+            # Offline, DEFAULT falls back to another release of the same weights already in the cache.
+            alt = [o for o in type(w) if o is not w and _cached(o)]
+            if alt:
+                print(f"note: {spec} DEFAULT weights ({w.name}) are not cached; using cached {alt[0].name}",
+                      file=sys.stderr)
+                w = alt[0]
         try:
             with _download_timeout():
                 model = torchvision.models.get_model(spec, weights=w, **kwargs)

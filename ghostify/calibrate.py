@@ -1,0 +1,297 @@
+"""Calibrated weight transfer (``init="calib"``): fit each Ghost layer to the original's outputs on data.
+
+Sequential by default: layers are fitted in execution order; each layer's input comes
+from the partially converted model (so it corrects the error of the layers before it)
+and its target is the original conv's output on the original model. Per layer:
+
+1. statistics, streamed over calibration batches at sub-sampled output positions:
+   ``A = sum p p^T`` over input patches ``p`` (with a bias 1), ``B = sum p y^T``, and the
+   output covariance ``C``;
+2. the intrinsic channels and the intrinsic->ghost pairing are chosen on ``C`` (greedy
+   facility location + Hungarian for the depthwise form, pivoted Cholesky for ``mix``);
+3. the intrinsic filters and biases are refit by ridge least squares ``(A + lI) w = B``;
+4. the cheap op is fitted in closed form on the refit intrinsic maps: per ghost a
+   ``d x d`` kernel and bias for ``dw``, a linear map for ``mix``.
+
+The last ``holdout`` fraction of the calibration batches is never used for fitting; each
+layer's relative output error is measured on it and recorded (``heldout_error``), and a
+layer whose error exceeds ``max_layer_error`` is kept as its original conv.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GhostifyError
+from .modules import GhostConv2d
+from .transfer import Layer, copy_layer, pair_ghosts, register_init, select_intrinsic
+
+__all__ = ["init_calib", "as_input_batches"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def as_input_batches(data: Iterable, limit: int | None = None) -> list[torch.Tensor]:
+    """The input tensors of ``data`` (tensors or ``(x, y)`` pairs), up to ``limit`` examples."""
+    out, seen = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise GhostifyError(f"calibration data must yield tensors or (x, y) pairs, got {type(x).__name__}")
+        if limit is not None and seen + len(x) > limit:
+            x = x[: limit - seen]
+        if len(x):
+            out.append(x)
+            seen += len(x)
+        if limit is not None and seen >= limit:
+            break
+    if not out:
+        raise GhostifyError("calibration data is empty; pass calib_data= a DataLoader or iterable of input batches")
+    return out
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, module: nn.Module, batches, what: str) -> list[torch.Tensor]:
+    """``module``'s input (``what="input"``) or output on each batch; the forward stops right after."""
+    got = []
+
+    def hook(mod, args, output=None):
+        got.append((args[0] if what == "input" else output).detach())
+        raise _Stop
+
+    handle = (module.register_forward_pre_hook(hook) if what == "input"
+              else module.register_forward_hook(hook))
+    try:
+        for x in batches:
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(got) != len(batches):
+        raise GhostifyError("a converted layer was not reached by the forward pass; calibration needs every "
+                            "converted conv to run on the calibration inputs")
+    return got
+
+
+def _pads(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """Explicit (left, right, top, bottom) zero padding of ``conv``, 'same'/'valid' included."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        out = []
+        for k, d in zip(conv.kernel_size[::-1], conv.dilation[::-1]):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def _patches(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Input patches of ``conv`` at output positions ``pos`` (per image), as rows with a trailing 1."""
+    cols = F.unfold(F.pad(x, _pads(conv, x)), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    cols = cols[:, :, pos].permute(0, 2, 1).reshape(-1, cols.shape[1])
+    return torch.cat([cols, cols.new_ones(len(cols), 1)], 1).double()
+
+
+def _positions(total: int, per_image: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.arange(total) if total <= per_image else torch.randperm(total, generator=gen)[:per_image]
+
+
+def _ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
+    lam = ridge * a.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), b)
+
+
+def _pivoted_cholesky(cov: torch.Tensor, m: int) -> list[int]:
+    """Greedy column-subset selection: each step takes the channel with the largest unexplained variance."""
+    n = len(cov)
+    resid = cov.diagonal().clone()
+    factors = cov.new_zeros(n, m)
+    chosen: list[int] = []
+    for i in range(m):
+        r = resid.clone()
+        r[chosen] = -math.inf
+        j = int(torch.argmax(r))
+        chosen.append(j)
+        if resid[j] <= 1e-12 * cov.diagonal().max():
+            continue
+        col = (cov[:, j] - factors[:, :i] @ factors[j, :i]) / resid[j].sqrt()
+        factors[:, i] = col
+        resid = (resid - col**2).clamp_min(0)
+    return chosen
+
+
+@register_init("calib")
+@torch.no_grad()
+def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *, calib_data=None,
+               calib_size: int | None = None, sequential: bool = True, refit_intrinsic: bool = True,
+               positions: int = 256, ridge: float = 1e-4, holdout: float = 0.2, max_layer_error: float | None = None,
+               seed: int = 0, **_) -> dict:
+    """Fit every layer in ``layers`` to the original model's outputs on ``calib_data`` (see the module doc).
+
+    Args:
+        calib_data: an iterable of input batches (tensors or ``(x, y)`` pairs), e.g. a DataLoader.
+        calib_size: use at most this many examples.
+        sequential: take each layer's input from the partially converted model (default) or,
+            if False, from the original model (each layer fitted alone).
+        refit_intrinsic: refit the intrinsic filters by least squares (else copy them).
+        positions: output positions sampled per image for the statistics.
+        ridge: ridge strength, relative to the mean diagonal of the normal matrix.
+        holdout: fraction of the batches kept out of fitting to measure each layer's error.
+        max_layer_error: keep a layer as its original conv when its held-out relative error exceeds this.
+
+    Returns ``{name: {"heldout_error", "calib_error", "kept_conv"}}``.
+
+    Example:
+        >>> import torch, torchvision, ghostify
+        >>> model = torchvision.models.resnet18().eval()
+        >>> data = [torch.randn(8, 3, 64, 64) for _ in range(3)]
+        >>> ghost = ghostify.convert(model, init="calib", calib_data=data)
+        >>> sorted(ghost.ghostify_info.layer_info["layer1.0.conv1"])
+        ['calib_error', 'heldout_error', 'kept_conv']
+    """
+    if calib_data is None:
+        raise GhostifyError("init='calib' needs calibration data: convert(..., init='calib', calib_data=loader) "
+                            "or --calib-data on the command line")
+    if any(original.get_submodule(l.name) is l.ghost for l in layers):
+        raise GhostifyError("init='calib' needs the unmodified original model; convert with inplace=False")
+    batches = as_input_batches(calib_data, calib_size)
+    dev = next(iter(converted.parameters())).device
+    batches = [b.to(dev) for b in batches]
+    n_hold = min(len(batches) - 1, max(1, round(holdout * len(batches)))) if holdout > 0 and len(batches) > 1 else 0
+    fit_b, hold_b = batches[: len(batches) - n_hold], batches[len(batches) - n_hold:]
+    gen = torch.Generator().manual_seed(seed)
+    info = {}
+    for layer in layers:
+        conv, ghost = layer.conv, layer.ghost
+        src = converted if sequential else original
+        src_mod = layer.ghost if sequential else original.get_submodule(layer.name)
+        xs = _capture(src, src_mod, fit_b, "input")
+        ys = _capture(original, original.get_submodule(layer.name), fit_b, "output")
+        _fit_layer(conv, ghost, xs, ys, positions, ridge, refit_intrinsic, gen)
+        rec = {"calib_error": _rel_error(ghost, xs, ys)}
+        if hold_b:
+            hx = _capture(src, src_mod, hold_b, "input")
+            hy = _capture(original, original.get_submodule(layer.name), hold_b, "output")
+            rec["heldout_error"] = _rel_error(ghost, hx, hy)
+        err = rec.get("heldout_error", rec["calib_error"])
+        rec["kept_conv"] = bool(max_layer_error is not None and err > max_layer_error)
+        if rec["kept_conv"]:
+            converted.set_submodule(layer.name, conv)
+        info[layer.name] = rec
+    return info
+
+
+init_calib.cheap_bias = True  # the ghosts' fitted intercepts need a bias in the cheap op
+
+
+def _rel_error(ghost: nn.Module, xs, ys) -> float:
+    num = sum(((ghost(x) - y) ** 2).sum().item() for x, y in zip(xs, ys))
+    den = sum((y**2).sum().item() for y in ys)
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridge: float, refit: bool,
+               gen: torch.Generator) -> None:
+    n, m = ghost.out_channels, ghost.intrinsic_channels
+    if ghost.cheap is None:
+        copy_layer(conv, ghost)
+        return
+    d_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+    a = torch.zeros(d_in, d_in, dtype=torch.float64)
+    b = torch.zeros(d_in, n, dtype=torch.float64)
+    yy = torch.zeros(n, n, dtype=torch.float64)
+    ysum = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    pos_per_batch = []
+    for x, y in zip(xs, ys):
+        pos = _positions(y.shape[2] * y.shape[3], positions, gen)
+        pos_per_batch.append(pos)
+        p = _patches(conv, x.cpu(), pos)
+        t = y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, n).double().cpu()
+        a += p.T @ p
+        b += p.T @ t
+        yy += t.T @ t
+        ysum += t.sum(0)
+        count += len(t)
+    mean = ysum / count
+    cov = yy / count - torch.outer(mean, mean)
+
+    if ghost.cheap_kind == "mix":
+        intrinsic = _pivoted_cholesky(cov, m)
+    else:
+        intrinsic = select_intrinsic(cov.float(), m)
+    rest = sorted(set(range(n)) - set(intrinsic))
+    if refit and conv.bias is not None:
+        w_all = _ridge_solve(a, b, ridge)
+    elif refit:  # no bias in the layer: fit without the intercept column
+        w_all = torch.cat([_ridge_solve(a[:-1, :-1], b[:-1], ridge), a.new_zeros(1, n)])
+    else:
+        w_all = torch.cat([conv.weight.detach().reshape(n, -1).T.double(),
+                           (conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(n)).double()[None]])
+    w_i = w_all[:, intrinsic]
+    prim = ghost.primary
+    prim.weight.copy_(w_i[:-1].T.reshape(prim.weight.shape).to(prim.weight.dtype))
+    if prim.bias is not None:
+        prim.bias.copy_(w_i[-1].to(prim.bias.dtype))
+    if ghost.cheap_kind == "mix":
+        slots = rest
+        _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
+    else:
+        slots = pair_ghosts(cov.float(), intrinsic, rest, ghost.ratio - 1)
+        _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
+    ghost.set_channel_map(torch.as_tensor(intrinsic + slots))
+
+
+def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:
+    """Per ghost slot ``k`` (parent ``p``): ``y_slot ~ K_k * z_p + c_k`` over d x d patches of the intrinsic map."""
+    d = ghost.dw_size
+    parents = ghost.cheap.parents()
+    g = len(slots)
+    q = d * d + 1
+    a = torch.zeros(g, q, q, dtype=torch.float64)
+    b = torch.zeros(g, q, dtype=torch.float64)
+    for x, y, pos in zip(xs, ys, pos_per_batch):
+        z = prim(x)
+        zc = F.unfold(z, d, padding=d // 2)[:, :, pos]  # (N, m*d*d, P)
+        zc = zc.reshape(len(z), z.shape[1], d * d, -1)[:, parents]  # (N, g, d*d, P)
+        zc = torch.cat([zc, zc.new_ones(zc.shape[0], g, 1, zc.shape[-1])], 2).double()
+        t = y.flatten(2)[:, slots][:, :, pos].double()  # (N, g, P)
+        a += torch.einsum("ngip,ngjp->gij", zc, zc)
+        b += torch.einsum("ngip,ngp->gi", zc, t)
+    lam = ridge * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+    sol = torch.linalg.solve(a + lam[:, None, None] * torch.eye(q, dtype=a.dtype), b[..., None])[..., 0]
+    dw = ghost.cheap.conv
+    dw.weight.zero_()
+    dw.weight[:g, 0] = sol[:, :-1].reshape(g, d, d).to(dw.weight.dtype)
+    _set_ghost_bias(ghost, dw, sol[:, -1], g)
+
+
+def _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:
+    """``y_ghosts ~ M z + c`` over the intrinsic maps at sampled positions (ridge least squares)."""
+    m = len(intrinsic)
+    a = torch.zeros(m + 1, m + 1, dtype=torch.float64)
+    b = torch.zeros(m + 1, len(slots), dtype=torch.float64)
+    for x, y, pos in zip(xs, ys, pos_per_batch):
+        z = prim(x).flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, m).double()
+        z = torch.cat([z, z.new_ones(len(z), 1)], 1)
+        t = y.flatten(2)[:, slots][:, :, pos].permute(0, 2, 1).reshape(-1, len(slots)).double()
+        a += z.T @ z
+        b += z.T @ t
+    sol = _ridge_solve(a, b, ridge)
+    ghost.cheap.load_mix(sol[:-1].T)
+    _set_ghost_bias(ghost, ghost.cheap.mix, sol[-1], len(slots))
+
+
+def _set_ghost_bias(ghost: GhostConv2d, conv: nn.Conv2d, bias: torch.Tensor, g: int) -> None:
+    conv.bias.data.zero_()  # calib layers are built with a cheap-op bias (init_calib.cheap_bias)
+    conv.bias.data[:g] = bias.to(conv.bias.dtype)

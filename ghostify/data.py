@@ -1,0 +1,351 @@
+"""Data for calibration and evaluation: one resolver from a spec to batches of ``(x, y)``.
+
+Specs: ``mnist`` (the test split), ``mnist:train``, ``mnist:test``, ``imagefolder:PATH``,
+``cifar10:PATH``, or any iterable of batches passed as is (a ``DataLoader``, a list of
+tensors or of ``(x, y)`` pairs, a map-style ``Dataset``, one tensor of examples). A new
+spec is one function registered with :func:`register_source`.
+
+MNIST is read from the four idx files (``.gz`` or unpacked, in ``ROOT`` or torchvision's
+``ROOT/MNIST/raw``), looked for in: the ``root`` argument, ``$GHOSTIFY_MNIST_ROOT``,
+``~/.cache/ghostify/mnist``, then ``../shared/data/mnist`` and ``shared/data/mnist``
+relative to the current directory and to the repository. Only when none has them is a
+download tried (torchvision, into ``~/.cache/ghostify/mnist``).
+"""
+from __future__ import annotations
+
+import gzip
+import itertools
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import GhostifyError
+
+__all__ = ["DataSource", "resolve_data", "register_source", "SOURCES", "find_mnist",
+           "MNIST_MEAN", "MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD"]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MNIST_CACHE = Path("~/.cache/ghostify/mnist").expanduser()
+
+
+class DataSource:
+    """Batches of ``(x, y)``: ``x`` a float tensor ``(B, *input_size)``, ``y`` a LongTensor of labels or None.
+
+    Each iteration is a new pass (reshuffled when made with ``shuffle=True``); ``len()`` is
+    the number of batches. Attributes: ``name``, ``input_size`` (one example's shape, e.g.
+    ``(1, 28, 28)``), ``num_examples`` (None when unknown, as for a generator).
+
+    Example:
+        >>> src = resolve_data([torch.zeros(4, 1, 28, 28)])
+        >>> src.input_size, src.num_examples, len(src)
+        ((1, 28, 28), 4, 1)
+    """
+
+    def __init__(self, name: str, input_size: tuple[int, ...], num_examples: int | None,
+                 num_batches: int | None, batches: Callable[[], Iterator]):
+        self.name, self.input_size, self.num_examples = name, tuple(input_size), num_examples
+        self._num_batches, self._batches = num_batches, batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return self._batches()
+
+    def __len__(self) -> int:
+        if self._num_batches is None:
+            raise TypeError(f"data source '{self.name}' has no known length (a one-shot iterator)")
+        return self._num_batches
+
+    def __repr__(self) -> str:
+        return (f"DataSource({self.name!r}, input_size={self.input_size}, num_examples={self.num_examples}, "
+                f"batches={self._num_batches})")
+
+
+SourceFn = Callable[..., DataSource]
+SOURCES: dict[str, SourceFn] = {}
+
+
+def register_source(name: str, usage: str | None = None):
+    """Register ``fn(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource`` as the spec ``name[:arg]``.
+
+    A duplicate name is refused. ``usage`` is how the spec is written in error messages.
+
+    Example:
+        >>> @register_source("zeros-demo", "zeros-demo[:N]")
+        ... def zeros(arg, *, batch_size, limit, root, shuffle, seed):
+        ...     return resolve_data(torch.zeros(int(arg or 8), 1, 4, 4), batch_size=batch_size, limit=limit)
+        >>> resolve_data("zeros-demo:6", batch_size=4).num_examples
+        6
+        >>> del SOURCES["zeros-demo"]
+    """
+
+    def add(fn: SourceFn) -> SourceFn:
+        if name in SOURCES:
+            raise ValueError(f"data source {name!r} is already registered")
+        fn.usage = usage or f"{name}:ARG"
+        SOURCES[name] = fn
+        return fn
+
+    return add
+
+
+def resolve_data(spec: Any, *, batch_size: int = 64, limit: int | None = None, root: str | os.PathLike | None = None,
+                 shuffle: bool = False, seed: int = 0) -> DataSource:
+    """Resolve ``spec`` to a :class:`DataSource` of ``(x, y)`` batches.
+
+    Args:
+        spec: ``mnist`` / ``mnist:test`` / ``mnist:train``, ``imagefolder:PATH`` (resize 256,
+            centre crop 224, ImageNet normalisation), ``cifar10:PATH`` (test split), or an
+            iterable of batches: tensors or ``(x, y)`` pairs (bare tensors give ``y=None``).
+        batch_size: examples per batch; an iterable of ready batches keeps its own.
+        limit: use at most this many examples (the first ones, before any shuffling).
+        root: a folder holding the MNIST files, searched first.
+        shuffle, seed: a new seeded order on every pass (for training).
+
+    Example:
+        >>> src = resolve_data([(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))] * 3, limit=5)
+        >>> [tuple(x.shape) for x, y in src]
+        [(2, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8)]
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise GhostifyError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise GhostifyError(f"limit must be an integer >= 1 or None (got {limit!r})")
+    if isinstance(spec, (str, os.PathLike)):
+        name, _, arg = str(spec).partition(":")
+        if name not in SOURCES:
+            hint = f" (a folder of images? write imagefolder:{spec})" if Path(spec).is_dir() else ""
+            raise GhostifyError(f"unknown data source '{spec}'{hint}; use one of "
+                                f"{', '.join(fn.usage for fn in SOURCES.values())}, or pass an iterable of batches")
+        return SOURCES[name](arg, batch_size=batch_size, limit=limit, root=root, shuffle=shuffle, seed=seed)
+    if isinstance(spec, DataSource) and limit is None:
+        return spec
+    if isinstance(spec, torch.Tensor):
+        if spec.dim() < 2:
+            raise GhostifyError(f"a data tensor must be a batch of examples (N, ...); got shape {tuple(spec.shape)}")
+        x = spec[:limit]
+        return _tensor_source("tensor", x, None, tuple(x.shape[1:]), batch_size, shuffle, seed)
+    from torch.utils.data import Dataset, IterableDataset
+
+    if isinstance(spec, Dataset) and not isinstance(spec, IterableDataset) and hasattr(spec, "__len__"):
+        return _dataset_source(type(spec).__name__, spec, None, batch_size, limit, shuffle, seed)
+    if isinstance(spec, Iterable) and not isinstance(spec, (dict, bytes)):
+        return _iterable_source(spec, limit, type(spec).__name__)
+    raise GhostifyError(f"cannot use a {type(spec).__name__} as data; give a spec such as mnist:test or "
+                        "imagefolder:PATH, or an iterable of tensors or (x, y) batches (e.g. a DataLoader)")
+
+
+# -- building blocks -------------------------------------------------------------------------------
+
+
+def _as_pair(batch: Any, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor):
+        y = batch[1] if len(batch) == 2 else None
+        return batch[0], None if y is None else torch.as_tensor(y).long()
+    raise GhostifyError(f"batch {i} is a {type(batch).__name__}; a data iterable must yield tensors "
+                        "or (x, y) pairs of tensors")
+
+
+def _tensor_source(name, x, y, input_size, batch_size, shuffle, seed, transform=None) -> DataSource:
+    """Examples held in memory, batched (and transformed, e.g. uint8 -> normalised float) on the fly."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches():
+        order = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
+        for idx in order.split(batch_size):
+            xb = x[idx]
+            yield (transform(xb) if transform else xb), (None if y is None else y[idx])
+
+    return DataSource(name, input_size, len(x), math.ceil(len(x) / batch_size), batches)
+
+
+def _dataset_source(name, dataset, input_size, batch_size, limit, shuffle, seed) -> DataSource:
+    from torch.utils.data import DataLoader, Subset
+
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(seed))
+    return _iterable_source(loader, None, name, input_size)
+
+
+def _iterable_source(data: Iterable, limit: int | None, name: str, input_size=None) -> DataSource:
+    if isinstance(data, Iterator):  # one pass only: put back the batch peeked at
+        first = next(data, None)
+        once = itertools.chain([] if first is None else [first], data)
+        raw = lambda: once
+    else:
+        first = next(iter(data), None) if input_size is None else None
+        raw = lambda: iter(data)
+    if input_size is None:
+        if first is None:
+            raise GhostifyError(f"the data ({name}) is empty")
+        input_size = tuple(_as_pair(first, 0)[0].shape[1:])
+
+    def batches():
+        seen = 0
+        for i, batch in enumerate(raw()):
+            x, y = _as_pair(batch, i)
+            if limit is not None:
+                if seen >= limit:
+                    return
+                x, y = x[: limit - seen], None if y is None else y[: limit - seen]
+            seen += len(x)
+            yield x, y
+
+    num_examples = num_batches = None
+    if isinstance(data, (list, tuple)):
+        sizes = [len(_as_pair(b, i)[0]) for i, b in enumerate(data)]
+        cum = np.cumsum(sizes) if sizes else np.zeros(0, int)
+        num_examples = int(cum[-1]) if sizes else 0
+        if limit is not None and num_examples > limit:
+            num_examples, num_batches = limit, int(np.searchsorted(cum, limit) + 1)
+        else:
+            num_batches = len(sizes)
+    elif hasattr(data, "__len__"):
+        num_batches = len(data)
+        dataset = getattr(data, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__"):
+            num_examples = len(dataset) if limit is None else min(limit, len(dataset))
+            if getattr(data, "batch_size", None):
+                num_batches = min(num_batches, math.ceil(num_examples / data.batch_size))
+    return DataSource(name, input_size, num_examples, num_batches, batches)
+
+
+# -- MNIST -----------------------------------------------------------------------------------------
+
+
+def _mnist_names(split: str) -> tuple[str, str]:
+    prefix = "train" if split == "train" else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _mnist_dirs(root) -> list[Path]:
+    repo = Path(__file__).resolve().parent.parent
+    dirs = [Path(root)] if root else []
+    if os.environ.get("GHOSTIFY_MNIST_ROOT"):
+        dirs.append(Path(os.environ["GHOSTIFY_MNIST_ROOT"]))
+    dirs.append(MNIST_CACHE)
+    for base in (Path.cwd(), repo):
+        dirs += [base.parent / "shared" / "data" / "mnist", base / "shared" / "data" / "mnist"]
+    return list(dict.fromkeys(d.expanduser().resolve() for d in dirs))
+
+
+def _files_in(folder: Path, split: str) -> tuple[Path, Path] | None:
+    for d in (folder, folder / "MNIST" / "raw"):
+        found = []
+        for stem in _mnist_names(split):
+            path = next((p for p in (d / f"{stem}.gz", d / stem) if p.is_file()), None)
+            found.append(path)
+        if all(found):
+            return found[0], found[1]
+    return None
+
+
+def find_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The (images, labels) idx files of an MNIST split, searched for as the module docstring says.
+
+    Example:
+        >>> images, labels = find_mnist("test")      # doctest: +SKIP
+        >>> images.name
+        't10k-images-idx3-ubyte.gz'
+    """
+    dirs = _mnist_dirs(root)
+    for d in dirs:
+        found = _files_in(d, split)
+        if found:
+            return found
+    from .zoo import _download_timeout
+
+    try:
+        import torchvision
+
+        with _download_timeout():
+            torchvision.datasets.MNIST(str(MNIST_CACHE), train=split == "train", download=True)
+        found = _files_in(MNIST_CACHE, split)
+        if found:
+            return found
+        reason = "the download left no files"
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    images, labels = _mnist_names(split)
+    raise GhostifyError(f"MNIST {split} files not found; looked in {', '.join(map(str, dirs))} (and their "
+                        f"MNIST/raw/), and the download failed ({reason}). Put {images}.gz and {labels}.gz "
+                        f"(or unpacked) in a folder and pass root=FOLDER or set GHOSTIFY_MNIST_ROOT=FOLDER, "
+                        f"or copy them to {MNIST_CACHE}")
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An idx file (LeCun's format: big-endian magic, dims, then unsigned bytes) as a uint8 array."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise GhostifyError(f"cannot read '{path}' ({type(exc).__name__}: {exc}); is the file complete?") from None
+    ndim = data[3] if len(data) >= 4 else 0
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise GhostifyError(f"'{path}' is not an MNIST idx file (bad magic number); replace it")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) - header != math.prod(dims):
+        raise GhostifyError(f"'{path}' holds {len(data) - header} bytes of data, expected {math.prod(dims)} "
+                            f"for shape {tuple(dims)}; the file is truncated or corrupt, replace it")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+@register_source("mnist", "mnist[:test|:train]")
+def _mnist(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
+    split = arg or "test"
+    if split not in ("train", "test"):
+        raise GhostifyError(f"unknown MNIST split '{split}'; use mnist:train or mnist:test")
+    images_path, labels_path = find_mnist(split, root)
+    images, labels = _read_idx(images_path, 2051)[:limit], _read_idx(labels_path, 2049)[:limit]
+    if len(images) != len(labels):
+        raise GhostifyError(f"'{images_path}' and '{labels_path}' hold different numbers of examples")
+    x = torch.from_numpy(images.copy())
+    y = torch.from_numpy(labels.astype(np.int64))
+    normalise = lambda b: b.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+    return _tensor_source(f"mnist:{split}", x, y, (1, 28, 28), batch_size, shuffle, seed, normalise)
+
+
+# -- torchvision datasets --------------------------------------------------------------------------
+
+
+@register_source("imagefolder", "imagefolder:PATH")
+def _imagefolder(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
+    from torchvision import datasets, transforms
+
+    path = Path(arg or "").expanduser()
+    if not arg or not path.is_dir():
+        raise GhostifyError(f"image folder '{arg}' does not exist; write imagefolder:PATH with PATH a folder "
+                            "holding one subfolder of images per class")
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    try:
+        dataset = datasets.ImageFolder(str(path), transform=tf)
+    except (FileNotFoundError, OSError) as exc:
+        raise GhostifyError(f"image folder '{path}': {exc}; it needs one subfolder of images per class") from None
+    return _dataset_source(f"imagefolder:{path}", dataset, (3, 224, 224), batch_size, limit, shuffle, seed)
+
+
+@register_source("cifar10", "cifar10:PATH")
+def _cifar10(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
+    from torchvision import datasets, transforms
+
+    path = Path(arg or root or "").expanduser()
+    if path.name == "cifar-10-batches-py":  # torchvision wants the folder above it
+        path = path.parent
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    try:
+        dataset = datasets.CIFAR10(str(path), train=False, transform=tf, download=False)
+    except RuntimeError:
+        raise GhostifyError(f"no CIFAR-10 at '{arg or root}': expected {path / 'cifar-10-batches-py'}/ (the "
+                            "python version, unpacked); write cifar10:PATH with PATH the folder holding it") from None
+    return _dataset_source(f"cifar10:{path}", dataset, (3, 32, 32), batch_size, limit, shuffle, seed)
