@@ -134,7 +134,7 @@ def _pivoted_cholesky(cov: torch.Tensor, m: int) -> list[int]:
 @torch.no_grad()
 def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *, calib_data=None,
                calib_size: int | None = None, sequential: bool = True, refit_intrinsic: bool = True,
-               positions: int = 256, ridge: float = 1e-4, holdout: float = 0.2, max_layer_error: float | None = None,
+               positions: int = 256, ridge: float = 1e-6, holdout: float = 0.2, max_layer_error: float | None = None,
                seed: int = 0, **_) -> dict:
     """Fit every layer in ``layers`` to the original model's outputs on ``calib_data`` (see the module doc).
 

@@ -88,6 +88,7 @@ def init_copy(original, converted, layers, **options) -> dict:
     return info
 
 
+@torch.no_grad()
 def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
     """Initialise ``ghost`` from ``conv`` (see :func:`init_copy`); returns the relative ghost-filter residual."""
     w = conv.weight.detach()

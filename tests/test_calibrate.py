@@ -1,0 +1,156 @@
+"""Calibrated init (init="calib") and the mix cheap op."""
+import pytest
+import torch
+from torch import nn
+
+import ghostify
+from ghostify.modules import GhostConv2d, MixCheap
+
+
+class Planted(nn.Module):
+    """stem (kept) -> ReLU -> a conv whose 8 filters are 4 filters and scaled copies of them, shuffled."""
+
+    def __init__(self, scale_only=True):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        base = torch.randn(4, 6, 3, 3, generator=g)
+        scales = torch.tensor([1.7, -0.6, 2.3, 0.9])
+        w = torch.cat([base, base * scales[:, None, None, None]])
+        self.perm = torch.randperm(8, generator=g)
+        with torch.no_grad():
+            self.conv.weight.copy_(w[self.perm])
+
+    def forward(self, x):
+        return self.conv(self.act(self.stem(x)))
+
+
+@pytest.mark.parametrize("init", ["calib", "copy"])
+def test_planted_ghosts_are_found_and_reproduced(init):
+    torch.manual_seed(0)
+    model = Planted().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(4)]
+    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, calib_data=data).eval()
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), model(x), rtol=1e-4, atol=1e-4)
+    # the pairing found: each ghost's parent is the filter it is a scaled copy of
+    g = ghost.get_submodule("conv")
+    cmap = g.channel_map.tolist()
+    base_of = {int(c): int(c) % 4 for c in range(8)}  # planted row r is base r % 4
+    orig_row = {int(model.perm[i]): i for i in range(8)}  # channel i holds planted row perm[i]
+    parents = g.cheap.parents().tolist()
+    for slot, ch in enumerate(cmap[g.intrinsic_channels:]):
+        parent_ch = cmap[parents[slot]]
+        assert base_of[int(model.perm[ch])] == base_of[int(model.perm[parent_ch])]
+    assert orig_row  # sanity: permutation is a bijection
+
+
+def test_largest_norm_selection_fails_on_planted_case():
+    """Why selection uses the covariance: the 4 largest-norm filters are not one of each pair."""
+    model = Planted()
+    norms = model.conv.weight.flatten(1).norm(dim=1)
+    top = set(norms.argsort(descending=True)[:4].tolist())
+    bases = {int(model.perm[c]) % 4 for c in top}
+    assert len(bases) < 4
+
+
+def _small_net():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_sequential_is_no_worse_than_per_layer():
+    model = _small_net()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(6)]
+    test = torch.randn(16, 3, 16, 16, generator=gen)
+    errs = {}
+    for seq in (True, False):
+        g = ghostify.convert(model, ratio=2, init="calib", calib_data=data, sequential=seq).eval()
+        with torch.no_grad():
+            errs[seq] = _rel(g(test), model(test))
+    assert errs[True] <= errs[False] + 1e-6, errs
+
+
+def test_calib_beats_copy_and_records_heldout_error():
+    model = _small_net()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(6)]
+    test = torch.randn(16, 3, 16, 16, generator=gen)
+    calib = ghostify.convert(model, init="calib", calib_data=data).eval()
+    copy = ghostify.convert(model, init="copy").eval()
+    with torch.no_grad():
+        assert _rel(calib(test), model(test)) < _rel(copy(test), model(test))
+    info = calib.ghostify_info.layer_info
+    assert set(info) == {e.name for e in calib.ghostify_info.plan.converted}
+    for rec in info.values():
+        assert 0 <= rec["heldout_error"] and 0 <= rec["calib_error"]
+
+
+def test_max_layer_error_keeps_convs_and_saved_model_round_trips(tmp_path):
+    model = _small_net()
+    data = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    ghost = ghostify.convert(model, init="calib", calib_data=data, max_layer_error=0.0).eval()
+    plan = ghost.ghostify_info.plan
+    assert not plan.converted
+    assert all("kept as conv" in e.reason for e in plan.entries[1:])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), model(x))
+    # a calib model (cheap-op biases) saves and loads
+    ghost = ghostify.convert(model, init="calib", calib_data=data).eval()
+    path = ghostify.save(ghost, tmp_path / "m.safetensors")
+    with pytest.raises(ghostify.GhostifyError, match="model=MyNet"):
+        ghostify.load(path)  # nn.Sequential of layers: no recipe can rebuild it
+    again = ghostify.load(path, model=_small_net())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ghost(x), rtol=0, atol=0)
+
+
+def test_calib_without_data_names_the_fix():
+    with pytest.raises(ghostify.GhostifyError, match="calib_data"):
+        ghostify.convert(_small_net(), init="calib")
+
+
+def test_mix_cheap_op_shapes_and_grouping():
+    op = MixCheap(8, 12, groups=4, dw_size=3)
+    assert op(torch.randn(2, 8, 5, 5)).shape == (2, 12, 5, 5)
+    m = torch.randn(12, 8)
+    op.load_mix(m)
+    x = torch.randn(1, 8, 5, 5)
+    # block-diagonal part of m applied per position (dw conv set to identity)
+    mask = torch.zeros(12, 8)
+    for i in range(4):
+        mask[i * 3:(i + 1) * 3, i * 2:(i + 1) * 2] = 1
+    ref = torch.einsum("gc,nchw->nghw", m * mask, x)
+    torch.testing.assert_close(op(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        MixCheap(6, 9, groups=4)
+
+
+def test_mix_copy_is_exact_on_low_rank_filters():
+    """Filters spanning a rank-4 space: mix reproduces all 8 channels from 4 intrinsic ones."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 8, 3, padding=1, bias=True)
+    with torch.no_grad():
+        base = torch.randn(4, 5 * 9)
+        conv.weight.copy_((torch.randn(8, 4) @ base).reshape(8, 5, 3, 3))
+    ghost = GhostConv2d.from_conv(conv, ratio=2, dw_size=1, cheap="mix")
+    from ghostify.transfer import copy_layer
+
+    copy_layer(conv, ghost)
+    x = torch.randn(2, 5, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), conv(x), rtol=1e-4, atol=1e-4)
