@@ -19,7 +19,7 @@ from .modules import GhostConv2d
 from .plan import GhostConfig, LayerSpec, Plan, make_plan
 from .transfer import INITS, Layer
 
-__all__ = ["convert", "ConversionInfo", "build_config"]
+__all__ = ["convert", "ConversionInfo", "build_config", "conversion_info"]
 
 
 @dataclass
@@ -133,9 +133,21 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     result.train(was_training)
     model.train(was_training)
     result.ghostify_info = info
+    if isinstance(result, fx.GraphModule):
+        result.meta["ghostify_info"] = info  # GraphModule's deepcopy keeps .meta, not other attributes
     if info.arch is not None:
         result.ghostify_arch = info.arch
     return result
+
+
+def conversion_info(model: nn.Module) -> ConversionInfo | None:
+    """The :class:`ConversionInfo` of a model made by :func:`convert` (also after ``copy.deepcopy``), or None."""
+    info = getattr(model, "ghostify_info", None)
+    if info is None and isinstance(getattr(model, "meta", None), dict):
+        info = model.meta.get("ghostify_info")
+        if info is not None:
+            model.ghostify_info = info
+    return info
 
 
 def _rewrite_graph(root: nn.Module, graph: fx.Graph, targets: set[str]) -> fx.GraphModule:

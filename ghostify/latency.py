@@ -57,7 +57,7 @@ def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmu
             m.train(modes[k])
     out = {}
     for k, ts in times.items():
-        q = statistics.quantiles(ts, n=10) if len(ts) > 1 else [ts[0]] * 9
+        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
         out[k] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(ts),
                   "max_ms": max(ts), "repeats": len(ts)}
     return out

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .convert import conversion_info
 from .counting import count, format_size
 from .errors import GhostifyError
 
@@ -126,7 +127,7 @@ def report(model: nn.Module, ghost: nn.Module, input_size=(1, 3, 224, 224), *, l
         >>> rep.macs_after < rep.macs_before
         True
     """
-    info = getattr(ghost, "ghostify_info", None)
+    info = conversion_info(ghost)
     if info is None:
         raise GhostifyError("the second model was not made by ghostify.convert (no ghostify_info); "
                             "pass the result of ghostify.convert or ghostify.load")

@@ -40,9 +40,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, arch
     """
     from safetensors.torch import save_file
 
+    from .convert import conversion_info
     from .zoo import infer_arch_from
 
-    info = getattr(model, "ghostify_info", None)
+    info = conversion_info(model)
     if info is None:
         raise GhostifyError("this model was not made by ghostify.convert (no ghostify_info); "
                             "save plain models with torch.save or safetensors")
