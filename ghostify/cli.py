@@ -193,12 +193,21 @@ def _default_input(model_spec: str):
     """The input size a checkpoint recorded, else ImageNet's."""
     from pathlib import Path
 
-    if Path(model_spec).suffix == ".safetensors" and Path(model_spec).is_file():
+    path = Path(model_spec)
+    arch = {}
+    if path.suffix == ".safetensors" and path.is_file():
         from .serialization import read_metadata
 
-        arch = read_metadata(model_spec).get("arch") or {}
-        return tuple(arch.get("input_size", (1, 3, 224, 224)))
-    return (1, 3, 224, 224)
+        arch = read_metadata(path).get("arch") or {}
+    elif path.suffix in (".pt", ".pth") and path.is_file():
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            arch = obj.get("arch") or {} if isinstance(obj, dict) else {}
+        except Exception:  # a full pickled model or a corrupt file: get_model reports it
+            arch = {}
+    return tuple(arch.get("input_size", (1, 3, 224, 224)))
 
 
 def _check_input(model, size):

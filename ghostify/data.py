@@ -253,8 +253,8 @@ def find_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tu
     """The (images, labels) idx files of an MNIST split, searched for as the module docstring says.
 
     Example:
-        >>> images, labels = find_mnist("test")      # doctest: +SKIP
-        >>> images.name
+        >>> images, labels = find_mnist("test")                       # doctest: +SKIP
+        >>> images.name                                               # doctest: +SKIP
         't10k-images-idx3-ubyte.gz'
     """
     dirs = _mnist_dirs(root)

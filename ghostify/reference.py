@@ -4,7 +4,7 @@
 ``ghostify.convert`` converts every conv but the stem. Train one and write a checkpoint
 that ``ghostify.get_model(PATH)`` loads::
 
-    python -m ghostify.reference --arch resnet20 --epochs 2 -o checkpoints/resnet20_mnist.pt
+    python -m ghostify.reference --arch resnet20 --epochs 1 -o checkpoints/resnet20_mnist.pt
 """
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         device = next(model.parameters()).device
         metrics = {"test_acc": acc, "epochs": args.epochs, "seconds": round(seconds, 1), "command": command,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__}
+                   "torch": str(torch.__version__)}
         save_checkpoint(model, output, name=f"{args.arch}_mnist", metrics=metrics, force=args.force)
     except GhostifyError as exc:
         sys.exit(f"error: {exc}")

@@ -1,0 +1,216 @@
+"""Data sources (``ghostify.data``) and the MNIST reference models (``ghostify.reference``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx
+
+import ghostify
+from ghostify.data import MNIST_MEAN, MNIST_STD, SOURCES, register_source, resolve_data
+from ghostify.errors import GhostifyError
+from ghostify.reference import evaluate, resnet20, save_checkpoint, train, vgg_small
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST_DIRS = [Path("/work/shared/data/mnist"), REPO.parent / "shared" / "data" / "mnist"]
+MNIST_ROOT = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()), None)
+needs_mnist = pytest.mark.skipif(MNIST_ROOT is None, reason=f"full MNIST not found in {', '.join(map(str, MNIST_DIRS))}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a busy 2-core machine two threads wait on each other (a step took 50x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- MNIST -----------------------------------------------------------------------------------------
+
+
+@needs_mnist
+def test_mnist_test_split_shapes_labels_and_normalisation():
+    src = resolve_data("mnist", root=MNIST_ROOT, batch_size=500)
+    assert (src.name, src.input_size, src.num_examples, len(src)) == ("mnist:test", (1, 28, 28), 10000, 20)
+    xs, ys = zip(*src)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.long and y[:5].tolist() == [7, 2, 1, 0, 4]  # the canonical first test labels
+    assert torch.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    # normalised with the training set's statistics: the test set comes out near mean 0, std 1
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.1
+    assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-5)
+
+
+@needs_mnist
+def test_mnist_train_limit_and_seeded_shuffle():
+    src = resolve_data("mnist:train", root=MNIST_ROOT, limit=300, batch_size=128, shuffle=True, seed=1)
+    assert (src.num_examples, len(src)) == (300, 3)
+    first, second = [torch.cat([y for _, y in src]) for _ in range(2)]
+    assert [len(x) for x, _ in src] == [128, 128, 44]
+    assert sorted(first.tolist()) == sorted(second.tolist()) and not torch.equal(first, second)  # reshuffled
+    again = resolve_data("mnist:train", root=MNIST_ROOT, limit=300, batch_size=128, shuffle=True, seed=1)
+    assert torch.equal(torch.cat([y for _, y in again]), first)  # same seed, same order
+
+
+@needs_mnist
+def test_mnist_found_via_env_and_torchvision_layout(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    import gzip
+
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # unpacked, as torchvision keeps them
+        (raw / stem).write_bytes(gzip.decompress((MNIST_ROOT / f"{stem}.gz").read_bytes()))
+    monkeypatch.setenv("GHOSTIFY_MNIST_ROOT", str(tmp_path))
+    monkeypatch.setattr("ghostify.data.MNIST_CACHE", tmp_path / "empty-cache")
+    x, y = next(iter(resolve_data("mnist:test", limit=3)))
+    assert x.shape == (3, 1, 28, 28) and y.tolist() == [7, 2, 1]
+
+
+def test_mnist_truncated_file_is_a_clear_error(tmp_path):
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") * 3 + b"\0" * 7)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\0" * 10)
+    with pytest.raises(GhostifyError, match="truncated"):
+        resolve_data("mnist:test", root=tmp_path)
+
+
+def test_mnist_missing_everywhere_says_where_it_looked(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("ghostify.data._mnist_dirs", lambda root: [tmp_path / "a", tmp_path / "cache"])
+    monkeypatch.setattr("ghostify.data.MNIST_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(GhostifyError, match=r"looked in .*a, .*cache .*no network.*GHOSTIFY_MNIST_ROOT"):
+        resolve_data("mnist:train")
+
+
+def test_unknown_mnist_split():
+    with pytest.raises(GhostifyError, match="mnist:train or mnist:test"):
+        resolve_data("mnist:val")
+
+
+# -- iterables, errors, registry --------------------------------------------------------------------
+
+
+def test_iterable_of_bare_tensors_gives_unlabelled_batches():
+    src = resolve_data([torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)], limit=6)
+    batches = list(src)
+    assert (src.input_size, src.num_examples, len(src)) == ((3, 8, 8), 6, 2)
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 8, 8), (2, 3, 8, 8)]
+    assert all(y is None for _, y in batches)
+
+
+def test_iterable_of_pairs_and_dataloader_and_generator():
+    pairs = [(torch.randn(2, 1, 5, 5), [0, 1]), [torch.randn(2, 1, 5, 5), torch.tensor([2, 3], dtype=torch.int32)]]
+    ys = [y for _, y in resolve_data(pairs)]
+    assert all(y.dtype == torch.long for y in ys) and torch.cat(ys).tolist() == [0, 1, 2, 3]
+
+    dataset = torch.utils.data.TensorDataset(torch.randn(10, 1, 5, 5), torch.arange(10))
+    src = resolve_data(torch.utils.data.DataLoader(dataset, batch_size=4), limit=5)
+    assert (src.num_examples, len(src), src.name) == (5, 2, "DataLoader")
+    assert torch.cat([y for _, y in src]).tolist() == [0, 1, 2, 3, 4]
+    assert resolve_data(dataset, batch_size=3).num_examples == 10  # a map-style Dataset is batched for you
+
+    gen = resolve_data(torch.randn(3, 1, 5, 5) for _ in range(2))  # one pass, nothing lost to the peek
+    assert gen.input_size == (1, 5, 5) and sum(len(x) for x, _ in gen) == 6
+
+
+def test_bad_items_and_unknown_spec_are_clear_errors(tmp_path):
+    with pytest.raises(GhostifyError, match="batch 0 is a str"):
+        list(resolve_data(["not a tensor"]))
+    with pytest.raises(GhostifyError, match=r"unknown data source 'imagenet'.*mnist\[:test\|:train\].*imagefolder:PATH"):
+        resolve_data("imagenet")
+    with pytest.raises(GhostifyError, match=f"imagefolder:{tmp_path}"):  # a bare folder: suggest the spec
+        resolve_data(str(tmp_path))
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(GhostifyError, match=f"image folder '{missing}' does not exist"):
+        resolve_data(f"imagefolder:{missing}")
+    with pytest.raises(GhostifyError, match="cifar-10-batches-py"):
+        resolve_data(f"cifar10:{missing}")
+    with pytest.raises(GhostifyError, match="limit"):
+        resolve_data([torch.zeros(1, 1, 2, 2)], limit=0)
+
+
+def test_imagefolder_reads_a_class_folder(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (300, 260), (200, 10, 10)).save(tmp_path / cls / "a.png")
+    src = resolve_data(f"imagefolder:{tmp_path}", batch_size=2)
+    (x, y), = list(src)
+    assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1] and src.num_examples == 2
+
+
+def test_registry_refuses_a_duplicate_name():
+    with pytest.raises(ValueError, match="already registered"):
+        register_source("mnist")(lambda arg, **kw: None)
+    assert {"mnist", "imagefolder", "cifar10"} <= set(SOURCES)
+
+
+# -- reference models ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build, n_convs", [(resnet20, 21), (vgg_small, 6)])
+def test_reference_models_trace_and_convert(build, n_convs):
+    model = build().eval()
+    x = torch.randn(2, 1, 28, 28)
+    gm = fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+    ghost = ghostify.convert(model)
+    entries = ghost.ghostify_info.plan.entries
+    assert len(entries) == n_convs and ghost.ghostify_info.mode == "fx"
+    skipped = [e.name for e in entries if e.action == "skip"]
+    assert skipped == [entries[0].name] and entries[0].name in ("conv1", "features.0")  # only the stem
+    assert ghost(x).shape == (2, 10)
+    assert ghost.ghostify_arch["target"] == f"ghostify.reference:{build.__name__}"
+
+
+def test_resnet20_shape():
+    model = resnet20()
+    assert sum(p.numel() for p in model.parameters()) == 272_186  # He et al. (2016): 0.27 M
+    assert [type(b.downsample).__name__ for b in (model.layer1[0], model.layer2[0], model.layer3[0])] == \
+        ["Identity", "Sequential", "Sequential"]
+
+
+def test_checkpoint_round_trips_through_get_model(tmp_path):
+    model = vgg_small().eval()
+    path = save_checkpoint(model, tmp_path / "ck" / "v.pt", name="vgg_small_mnist", metrics={"test_acc": 0.5})
+    loaded = ghostify.get_model(str(path))
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert loaded.ghostify_arch["name"] == "vgg_small_mnist" and loaded.ghostify_arch["input_size"] == [1, 1, 28, 28]
+    assert torch.load(path, weights_only=True)["metrics"] == {"test_acc": 0.5}
+    with pytest.raises(GhostifyError, match="--force"):
+        save_checkpoint(model, path)
+    save_checkpoint(model, path, force=True)
+    assert [p.name for p in path.parent.iterdir()] == ["v.pt"]  # no temp file left behind
+
+
+def test_cli_refuses_to_overwrite(tmp_path):
+    from ghostify.reference import main
+
+    out = tmp_path / "x.pt"
+    out.write_bytes(b"")
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        main(["--arch", "vgg_small", "--epochs", "1", "-o", str(out)])
+
+
+def test_training_a_few_steps_reduces_the_loss_and_evaluate_restores_mode():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 12, 12, generator=gen)  # small inputs keep this fast; the nets pool globally
+    y = torch.arange(32) % 4
+    x[:, :, :4] += y.view(-1, 1, 1, 1).float()  # a learnable signal
+    data = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    model = vgg_small(num_classes=4)
+    losses = train(model, data, epochs=3, lr=0.05, schedule="cosine", progress=False, device="cpu")
+    assert len(losses) == 12 and sum(losses[-4:]) / 4 < 0.7 * losses[0]
+    model.train()
+    assert 0.0 <= evaluate(model, data) <= 1.0 and model.training
+    with pytest.raises(GhostifyError, match="needs labels"):
+        evaluate(model, [x])
