@@ -113,6 +113,12 @@ def _selection_options(fn):
                      help="Per-layer settings, e.g. 'layer4.*:ratio=4' or 'fc:skip' (exact name beats glob)."),
         click.option("--leaf", multiple=True, metavar="NAME", help="Module name the tracer must not trace through."),
         click.option("--input-size", default=None, help="224, C,H,W or N,C,H,W (default 1,3,224,224)."),
+        click.option("--calib-data", default=None, metavar="SPEC",
+                     help="Calibration data for --init calib: mnist, imagefolder:PATH, cifar10:PATH, ..."),
+        click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Calibration examples."),
+        click.option("--max-layer-error", type=click.FloatRange(min=0), default=None,
+                     help="With --init calib: keep a layer as a conv when its held-out relative error exceeds this."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -141,7 +147,8 @@ def cli():
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_user_errors
-def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, as_json):
+def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
+            calib_size, max_layer_error, as_json):
     """Show which convs of MODEL convert and which are kept, and why."""
     _, _, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
     click.echo(plan.to_json(indent=2) if as_json else plan.table())
@@ -156,8 +163,8 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
 @click.option("--latency", is_flag=True, help="Measure CPU latency before/after (batch 1).")
 @click.option("--no-fold", is_flag=True, help="Keep run-time channel reordering instead of folding it into consumers.")
 @_user_errors
-def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, output,
-            force, as_json, latency, no_fold):
+def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
+            calib_size, max_layer_error, output, force, as_json, latency, no_fold):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
     import json
     import os
@@ -173,7 +180,16 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
     _check_input(original, size)
     t0 = time.perf_counter()
-    ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, leaf_modules=leaf)
+    options = {}
+    if calib_data is not None:
+        from .data import resolve_data
+
+        options["calib_data"] = resolve_data(_calibration_split(calib_data), batch_size=64, limit=calib_size,
+                                             shuffle=False)
+        options["max_layer_error"] = max_layer_error
+    elif any(e.spec.init == "calib" for e in plan.converted):
+        raise GhostifyError("--init calib needs --calib-data (e.g. mnist, imagefolder:PATH)")
+    ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, leaf_modules=leaf, **options)
     seconds = time.perf_counter() - t0
     click.echo(f"converted {len(plan.converted)} of {len(plan.entries)} convs in {seconds:.2f} s", err=True)
     rep = report(original, ghost, input_size=size, latency=latency, name=model)
@@ -187,6 +203,40 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
         click.echo(json.dumps(d, indent=2))
     else:
         click.echo(rep.table())
+
+
+def _calibration_split(spec: str) -> str:
+    """Calibrate on a source's training split unless the user named one."""
+    return {"mnist": "mnist:train"}.get(spec, spec)
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", "data_spec", required=True, metavar="SPEC", help="mnist:test, imagefolder:PATH, ...")
+@click.option("--baseline", default=None, metavar="MODEL",
+              help="Original model to measure agreement against (name, module:callable or checkpoint).")
+@click.option("--weights", default="DEFAULT", show_default=True, help="Weights of MODEL when it is a name.")
+@click.option("--baseline-weights", default="DEFAULT", show_default=True, help="Weights of --baseline.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate on at most this many examples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@_user_errors
+def eval_(model, data_spec, baseline, weights, baseline_weights, batch_size, limit, as_json):
+    """Accuracy of MODEL on labelled data, or its agreement with --baseline."""
+    import json
+
+    from .data import resolve_data
+    from .evaluate import evaluate
+    from .zoo import get_model
+
+    net = get_model(model, weights=weights)
+    ref = get_model(baseline, weights=baseline_weights) if baseline else None
+    res = evaluate(net, resolve_data(data_spec, batch_size=batch_size, limit=limit), baseline=ref)
+    res = {"model": model, "baseline": baseline, "data": data_spec, **res}
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items()))
 
 
 def _default_input(model_spec: str):
