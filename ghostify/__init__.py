@@ -14,14 +14,14 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "convert": "convert", "build_config": "convert", "ConversionInfo": "convert",
+    "convert": "conversion", "build_config": "conversion", "ConversionInfo": "conversion", "conversion_info": "conversion",
     "make_plan": "plan", "GhostConfig": "plan", "LayerSpec": "plan", "Plan": "plan", "PlanEntry": "plan",
     "GhostConv2d": "modules", "GhostModule": "modules", "DepthwiseCheap": "modules", "CHEAP_OPS": "modules",
     "register_cheap_op": "modules",
     "INITS": "transfer", "register_init": "transfer",
     "fold_channel_order": "fold",
-    "report": "report", "ConversionReport": "report",
-    "count": "counting", "measure_latency": "latency",
+    "report": "reporting", "ConversionReport": "reporting",
+    "count": "counting", "measure_latency": "latency", "evaluate": "evaluation", "resolve_data": "data",
     "save": "serialization", "load": "serialization",
     "get_model": "zoo", "list_models": "zoo", "install_offline_weights": "zoo",
     "trace": "tracing", "GhostTracer": "tracing",

@@ -126,7 +126,7 @@ def _selection_options(fn):
 
 
 def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf):
-    from .convert import build_config
+    from .conversion import build_config
     from .plan import make_plan
     from .zoo import get_model
 
@@ -170,8 +170,8 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     import os
     import time
 
-    from .convert import convert as do_convert
-    from .report import report
+    from .conversion import convert as do_convert
+    from .reporting import report
     from .serialization import save
 
     if output and os.path.exists(output) and not force:
@@ -226,7 +226,7 @@ def eval_(model, data_spec, baseline, weights, baseline_weights, batch_size, lim
     import json
 
     from .data import resolve_data
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .zoo import get_model
 
     net = get_model(model, weights=weights)

@@ -40,7 +40,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, arch
     """
     from safetensors.torch import save_file
 
-    from .convert import conversion_info
+    from .conversion import conversion_info
     from .zoo import infer_arch_from
 
     info = conversion_info(model)
@@ -61,6 +61,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, arch
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"ghostify": json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the temp file is 0600; a saved model gets ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -104,7 +107,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
     """
     from safetensors.torch import load_file
 
-    from .convert import convert
+    from .conversion import convert
     from .plan import Plan
     from .zoo import build_arch
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .convert import conversion_info
+from .conversion import conversion_info
 from .counting import count, format_size
 from .errors import GhostifyError
 

@@ -93,7 +93,13 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     work = model if inplace else copy.deepcopy(model)
     traced = tracing.trace(work, leaf_modules)
     plan = copy.deepcopy(plan) if plan is not None else make_plan(work, cfg, traced=traced)
-    originals = {e.name: work.get_submodule(e.name) for e in plan.converted}
+    originals = {}
+    for e in plan.converted:
+        try:
+            originals[e.name] = work.get_submodule(e.name)
+        except AttributeError:
+            raise GhostifyError(f"layer '{e.name}': the plan converts it but the model has no such module; "
+                                "make the plan from this model (ghostify.make_plan)") from None
 
     layers = []
     for e in plan.converted:
