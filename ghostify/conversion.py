@@ -73,7 +73,7 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
         plan: a ready :class:`Plan` (from :func:`make_plan` or a saved model) to execute as is.
         fold: permute the consumers (BN, next conv) instead of reordering channels at run time.
         leaf_modules: module types or names the tracer must not trace through.
-        initialize: run the init strategies (False: leave the new layers as built, e.g. to load weights).
+        initialize: run the init strategies (False: new layers stay uninitialised, for loading weights).
         **init_options: passed to the init strategies (e.g. ``calib_data`` for ``init="calib"``).
 
     Returns:

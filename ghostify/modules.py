@@ -161,15 +161,22 @@ class GhostConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3, cheap: str = "dw",
                   cheap_bias: bool | None = None) -> "GhostConv2d":
-        """An uninitialised ``GhostConv2d`` with the geometry of ``conv`` (same device and dtype)."""
+        """An uninitialised ``GhostConv2d`` with the geometry of ``conv`` (same device and dtype).
+
+        Its weights hold arbitrary values until an init strategy (``ghostify.transfer``) or
+        ``load_state_dict`` sets them; the channel order starts as the identity.
+        """
         if conv.groups != 1:
             raise ValueError(f"groups={conv.groups} is not supported; Ghost layers replace groups=1 convs")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
         w = conv.weight
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                   conv.dilation, conv.bias is not None, ratio=ratio, dw_size=dw_size, cheap=cheap,
-                   cheap_bias=cheap_bias, device=w.device, dtype=w.dtype)
+        ghost = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.bias is not None, ratio=ratio, dw_size=dw_size, cheap=cheap,
+                    cheap_bias=cheap_bias, device="meta", dtype=w.dtype)
+        ghost.to_empty(device=w.device)  # skips a random init that every strategy overwrites
+        ghost.channel_map.copy_(torch.arange(conv.out_channels))
+        return ghost
 
     # -- channel order ------------------------------------------------------------------------
     @property

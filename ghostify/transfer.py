@@ -59,7 +59,7 @@ def register_init(name: str):
 
 @register_init("none")
 def init_none(original, converted, layers, **options) -> dict:
-    """Leave the freshly built layers as they are (used when weights are loaded afterwards)."""
+    """Leave the new layers uninitialised: for weights loaded afterwards (``ghostify.load``)."""
     return {}
 
 
@@ -145,7 +145,7 @@ def _copy_mix(conv: nn.Conv2d, ghost: GhostConv2d, gram: torch.Tensor) -> float:
     return math.sqrt(resid.item())
 
 
-def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
+def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 12) -> list[int]:
     """Pick ``m`` filters that best explain the others by scaling (greedy facility location).
 
     ``gram`` holds inner products: of filters (weight space) or of output channels
@@ -157,7 +157,7 @@ def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
     intrinsic filter comes last.
     """
     g = gram.float()
-    gain_t = g * g / g.diagonal().clamp_min(1e-30)[None, :]
+    gain_t = g * g / g.diagonal().clamp_min(1e-30)[:, None]  # row j: gain of every channel from j
     gain = gain_t.numpy()
     n = len(gain)
     best_t = torch.zeros(n)
@@ -165,8 +165,9 @@ def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
     alive = np.ones(n, bool)
     chosen: list[int] = []
     per_round = max(1, -(-m // rounds))
+    buf = torch.empty_like(gain_t)
     while len(chosen) < m:
-        marginal = (gain_t - best_t[:, None]).clamp_min_(0).sum(0).numpy()
+        marginal = torch.sub(gain_t, best_t[None, :], out=buf).clamp_min_(0).sum(1).numpy()
         marginal[~alive] = -np.inf
         want = min(per_round, m - len(chosen))
         order = np.argsort(-marginal)[: 2 * want + 1]
@@ -174,11 +175,12 @@ def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 32) -> list[int]:
         for j in order:
             if not alive[j]:
                 continue
-            fresh = np.maximum(gain[:, j] - best, 0).sum()
+            row = gain[j]
+            fresh = np.maximum(row - best, 0).sum()
             if took == 0 or fresh >= 0.5 * marginal[j]:
                 chosen.append(int(j))
                 alive[j] = False
-                np.maximum(best, gain[:, j], out=best)
+                np.maximum(best, row, out=best)
                 took += 1
                 if took == want:
                     break
@@ -198,8 +200,8 @@ def pair_ghosts(gram: torch.Tensor, intrinsic: list[int], rest: list[int], per_p
     diag = g.diagonal()
     cross = g[rest][:, intrinsic]
     cost = (diag[rest][:, None] - cross**2 / diag[intrinsic].clamp_min(1e-300)[None, :]).cpu().numpy()
-    slot_parent = np.arange(len(rest)) // per_parent
-    rows, cols = linear_sum_assignment(cost[:, slot_parent])
+    cost = cost[:, np.arange(len(rest)) // per_parent] if per_parent > 1 else cost[:, : len(rest)]
+    rows, cols = linear_sum_assignment(cost)
     slots = [0] * len(rest)
     for r, c in zip(rows, cols):
         slots[c] = rest[r]
@@ -247,14 +249,14 @@ def fit_dw_kernels(w: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor
         out[:, :, pad_h: pad_h + ph: dh, pad_w: pad_w + pw: dw_] = wd[idx]
         return out
 
-    tg = on_grid(targets, sh * r, sw * r)
-    rhs = F.conv2d(tg.reshape(1, g * cin, *tg.shape[-2:]), on_grid(parents, 0, 0), stride=(sh, sw), groups=g)
-    rhs = rhs.double().reshape(g, d * d, 1)
+    def correlate(big, small):  # per filter i: sum_y small_i(y) big_i(y + S v), for every shift v (grouped conv)
+        out = F.conv2d(big.reshape(1, -1, *big.shape[-2:]), small, stride=(sh, sw), groups=len(small))
+        return out.reshape(len(small), -1).double()
+
+    rhs = correlate(on_grid(targets, sh * r, sw * r), on_grid(parents, 0, 0)).reshape(g, d * d, 1)
     uniq, inv = torch.unique(parents, return_inverse=True)
-    pp = on_grid(uniq, sh * (d - 1), sw * (d - 1))
-    auto = F.conv2d(pp.reshape(1, len(uniq) * cin, *pp.shape[-2:]), on_grid(uniq, 0, 0), stride=(sh, sw),
-                    groups=len(uniq))
-    auto = auto.double().reshape(len(uniq), 2 * d - 1, 2 * d - 1)
+    auto = correlate(on_grid(uniq, sh * (d - 1), sw * (d - 1)), on_grid(uniq, 0, 0))
+    auto = auto.reshape(len(uniq), 2 * d - 1, 2 * d - 1)
     vh, vw = torch.meshgrid(torch.arange(d), torch.arange(d), indexing="ij")
     vh, vw = vh.reshape(-1), vw.reshape(-1)
     gram = auto[:, vh[:, None] - vh[None, :] + d - 1, vw[:, None] - vw[None, :] + d - 1][inv]
