@@ -177,7 +177,7 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         src_mod = layer.ghost if sequential else original.get_submodule(layer.name)
         xs = _capture(src, src_mod, fit_b, "input")
         ys = _capture(original, original.get_submodule(layer.name), fit_b, "output")
-        _fit_layer(conv, ghost, xs, ys, positions, ridge, refit_intrinsic, gen)
+        _fit_layer(conv, ghost, xs, ys, positions, ridge, refit_intrinsic, gen, layer.fixed_order)
         rec = {"calib_error": _rel_error(ghost, xs, ys)}
         if hold_b:
             hx = _capture(src, src_mod, hold_b, "input")
@@ -201,10 +201,10 @@ def _rel_error(ghost: nn.Module, xs, ys) -> float:
 
 
 def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridge: float, refit: bool,
-               gen: torch.Generator) -> None:
+               gen: torch.Generator, fixed_order: bool = False) -> None:
     n, m = ghost.out_channels, ghost.intrinsic_channels
     if ghost.cheap is None:
-        copy_layer(conv, ghost)
+        copy_layer(conv, ghost, fixed_order)
         return
     d_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
     a = torch.zeros(d_in, d_in, dtype=torch.float64)
@@ -226,7 +226,9 @@ def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridg
     mean = ysum / count
     cov = yy / count - torch.outer(mean, mean)
 
-    if ghost.cheap_kind == "mix":
+    if fixed_order:
+        intrinsic = list(range(m))
+    elif ghost.cheap_kind == "mix":
         intrinsic = _pivoted_cholesky(cov, m)
     else:
         intrinsic = select_intrinsic(cov.float(), m)
@@ -247,7 +249,7 @@ def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridg
         slots = rest
         _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
     else:
-        slots = pair_ghosts(cov.float(), intrinsic, rest, ghost.ratio - 1)
+        slots = rest if fixed_order else pair_ghosts(cov.float(), intrinsic, rest, ghost.ratio - 1)
         _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
     ghost.set_channel_map(torch.as_tensor(intrinsic + slots))
 

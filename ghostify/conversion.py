@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from . import tracing
 from .errors import GhostifyError
-from .fold import fold_channel_order
+from .fold import fold_channel_order, foldable_layers
 from .modules import GhostConv2d
 from .plan import GhostConfig, LayerSpec, Plan, make_plan
 from .transfer import INITS, Layer
@@ -59,8 +59,8 @@ def build_config(ratio: int = 2, dw_size: int = 3, init: str = "copy", cheap: st
 def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "copy", cheap: str = "dw",
             include: Iterable[str] = (), exclude: Iterable[str] = (), overrides: dict | None = None,
             config: GhostConfig | None = None, plan: Plan | None = None, inplace: bool = False,
-            fold: bool = True, leaf_modules: Iterable[type | str] = (), initialize: bool = True,
-            **init_options) -> nn.Module:
+            fold: bool = True, scatter: bool = False, leaf_modules: Iterable[type | str] = (),
+            initialize: bool = True, **init_options) -> nn.Module:
     """Replace the selected ``nn.Conv2d`` layers of ``model`` with :class:`GhostConv2d` and carry the weights over.
 
     Args:
@@ -72,6 +72,11 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
         config: a ready :class:`GhostConfig` (the keyword settings above are added to a copy).
         plan: a ready :class:`Plan` (from :func:`make_plan` or a saved model) to execute as is.
         fold: permute the consumers (BN, next conv) instead of reordering channels at run time.
+        scatter: where the order cannot be folded (the output meets a residual add, a concat or
+            the model output, or the model did not trace), still choose the intrinsic channels
+            freely and scatter the channels into place at run time (a better fit, a slower
+            layer). By default such layers keep intrinsic channels ``0..m-1`` and run as a
+            plain ``cat``. With ``fold=False`` the foldable layers scatter too (same outputs).
         leaf_modules: module types or names the tracer must not trace through.
         initialize: run the init strategies (False: new layers stay uninitialised, for loading weights).
         **init_options: passed to the init strategies (e.g. ``calib_data`` for ``init="calib"``).
@@ -120,6 +125,9 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
         mode = "fx"
     else:
         result, mode = work, "swap"
+    foldable = foldable_layers(result) if mode == "fx" else set()
+    for layer in layers:
+        layer.fixed_order = not scatter and layer.name not in foldable
 
     info = ConversionInfo(plan, mode, arch=getattr(model, "ghostify_arch", None),
                           source=source)

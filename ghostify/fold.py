@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from .modules import GhostConv2d
 
-__all__ = ["fold_channel_order"]
+__all__ = ["fold_channel_order", "foldable_layers"]
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh,
                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
@@ -132,6 +132,20 @@ class _Fold:
                 idx = (perm[:, None] * b + torch.arange(b, device=perm.device)).reshape(-1)
                 mod.weight.data = mod.weight.data[:, idx].clone()
         ghost.emit_internal_order = True
+
+
+def foldable_layers(gm: fx.GraphModule) -> set[str]:
+    """Names of the Ghost layers of ``gm`` whose channel order the graph lets this pass fold."""
+    f = _Fold(gm)
+    out = set()
+    for node in gm.graph.nodes:
+        mod = f.mods.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, GhostConv2d) and f.calls[node.target] == 1:
+            edits = f.plan(node)
+            if edits is not None and not any(k == "linear_in" and f.mods[n.target].in_features % mod.out_channels
+                                             for k, n in edits):
+                out.add(node.target)
+    return out
 
 
 def fold_channel_order(gm: fx.GraphModule) -> list[str]:

@@ -26,6 +26,7 @@ class LayerRow:
     init: str | None = None
     cheap: str | None = None
     folded: bool = False
+    order: str = ""  # folded (into consumers), cat (identity layout) or scatter (reordered at run time)
     macs_before: int = 0
     macs_after: int = 0
     params_before: int = 0
@@ -98,7 +99,7 @@ class ConversionReport:
             rows = [("layer", "action", "ratio", "dw", "init", "MACs", "after", "params", "after", "note")]
             for r in self.layers:
                 conv = r.action == "convert"
-                note = r.reason if not conv else ("order folded" if r.folded else "")
+                note = r.reason if not conv else f"order: {r.order}"
                 if conv and "weight_residual" in r.info:
                     note = (note + f" fit residual {r.info['weight_residual']:.3f}").strip()
                 rows.append((r.name, r.action, str(r.ratio or ""), str(r.dw_size or ""), r.init or "",
@@ -138,8 +139,12 @@ def report(model: nn.Module, ghost: nn.Module, input_size=(1, 3, 224, 224), *, l
     rows = []
     for e in info.plan.entries:
         s = e.spec
+        order = ""
+        if e.action == "convert":
+            layer = ghost.get_submodule(e.name)
+            order = "folded" if layer.emit_internal_order else "cat" if layer._identity_order else "scatter"
         rows.append(LayerRow(e.name, e.action, e.reason, s and s.ratio, s and s.dw_size, s and s.init, s and s.cheap,
-                             e.name in folded, before.macs_by_module.get(e.name, 0),
+                             e.name in folded, order, before.macs_by_module.get(e.name, 0),
                              after.macs_by_module.get(e.name, 0), before.params_by_module.get(e.name, 0),
                              after.params_by_module.get(e.name, 0), dict(info.layer_info.get(e.name, {}))))
     uncounted = dict(after.uncounted)

@@ -25,11 +25,18 @@ __all__ = ["Layer", "INITS", "register_init", "select_intrinsic", "pair_ghosts",
 
 @dataclass
 class Layer:
-    """One conversion: the layer's qualified name, the original conv and its replacement."""
+    """One conversion: the layer's qualified name, the original conv and its replacement.
+
+    ``fixed_order``: the layer's channel order cannot be folded into its consumers (its
+    output meets a residual add, a concat or the model output), so the strategy must keep
+    the identity layout - intrinsic channels ``0..m-1``, ghost ``k`` = channel ``m + k`` - and
+    the layer runs as a plain ``cat`` with no reordering.
+    """
 
     name: str
     conv: nn.Conv2d
     ghost: GhostConv2d
+    fixed_order: bool = False
 
 
 InitFn = Callable[..., dict]
@@ -86,13 +93,17 @@ def init_copy(original, converted, layers, **options) -> dict:
 
     # Layers are independent; two threads overlap the GIL-free parts (BLAS, Hungarian, numpy).
     with ThreadPoolExecutor(max_workers=2) as pool:
-        residuals = list(pool.map(lambda l: copy_layer(l.conv, l.ghost), layers))
+        residuals = list(pool.map(lambda l: copy_layer(l.conv, l.ghost, l.fixed_order), layers))
     return {l.name: {"weight_residual": r} for l, r in zip(layers, residuals)}
 
 
 @torch.no_grad()
-def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
-    """Initialise ``ghost`` from ``conv`` (see :func:`init_copy`); returns the relative ghost-filter residual."""
+def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d, fixed_order: bool = False) -> float:
+    """Initialise ``ghost`` from ``conv`` (see :func:`init_copy`); returns the relative ghost-filter residual.
+
+    ``fixed_order`` keeps the identity layout (see :class:`Layer`) instead of choosing the
+    intrinsic filters and the pairing.
+    """
     w = conv.weight.detach()
     n, m, s = ghost.out_channels, ghost.intrinsic_channels, ghost.ratio
     if ghost.cheap is None:
@@ -104,10 +115,13 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
     flat = w.detach().reshape(n, -1).float()
     gram = flat @ flat.T
     if ghost.cheap_kind == "mix":
-        return _copy_mix(conv, ghost, gram)
-    intrinsic = select_intrinsic(gram, m)
-    rest = sorted(set(range(n)) - set(intrinsic))
-    slots = pair_ghosts(gram, intrinsic, rest, s - 1)  # slots[k] = original channel of ghost slot k
+        return _copy_mix(conv, ghost, gram, fixed_order)
+    if fixed_order:
+        intrinsic, slots = list(range(m)), list(range(m, n))
+    else:
+        intrinsic = select_intrinsic(gram, m)
+        rest = sorted(set(range(n)) - set(intrinsic))
+        slots = pair_ghosts(gram, intrinsic, rest, s - 1)  # slots[k] = original channel of ghost slot k
     parents = torch.as_tensor(intrinsic)[ghost.cheap.parents()]
     kernels, residual = fit_dw_kernels(w, parents, torch.as_tensor(slots), ghost.dw_size,
                                        conv.stride, conv.dilation)
@@ -125,13 +139,13 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d) -> float:
     return residual
 
 
-def _copy_mix(conv: nn.Conv2d, ghost: GhostConv2d, gram: torch.Tensor) -> float:
+def _copy_mix(conv: nn.Conv2d, ghost: GhostConv2d, gram: torch.Tensor, fixed_order: bool = False) -> float:
     """``mix`` cheap op in weight space: ghost filters as linear mixtures of the intrinsic ones."""
     from .calibrate import _pivoted_cholesky
 
     n, m = ghost.out_channels, ghost.intrinsic_channels
     w = conv.weight.detach()
-    intrinsic = _pivoted_cholesky(gram.double(), m)
+    intrinsic = list(range(m)) if fixed_order else _pivoted_cholesky(gram.double(), m)
     rest = sorted(set(range(n)) - set(intrinsic))
     wi, wr = w[intrinsic].reshape(m, -1).double(), w[rest].reshape(len(rest), -1).double()
     a = wi @ wi.T

@@ -32,7 +32,10 @@ def test_planted_ghosts_are_found_and_reproduced(init):
     torch.manual_seed(0)
     model = Planted().eval()
     data = [torch.randn(4, 3, 12, 12) for _ in range(4)]
-    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, calib_data=data).eval()
+    # the planted conv feeds the model output, so its order cannot be folded: scatter=True lets
+    # the conversion choose the intrinsic filters freely and reorder at run time
+    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, calib_data=data, scatter=True).eval()
+    assert not ghost.get_submodule("conv")._identity_order  # reordered at run time
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(ghost(x), model(x), rtol=1e-4, atol=1e-4)
@@ -154,3 +157,16 @@ def test_mix_copy_is_exact_on_low_rank_filters():
     x = torch.randn(2, 5, 7, 7)
     with torch.no_grad():
         torch.testing.assert_close(ghost(x), conv(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["calib", "copy"])
+def test_unfoldable_layers_keep_the_identity_order_by_default(init):
+    """Without scatter=True a layer whose output meets the model output runs as a plain cat."""
+    model = Planted().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(4)]
+    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, calib_data=data).eval()
+    g = ghost.get_submodule("conv")
+    torch.testing.assert_close(g.channel_map, torch.arange(8))
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():  # intrinsic channels 0..3 are the original's (copied or refit exactly)
+        torch.testing.assert_close(ghost(x)[:, :4], model(x)[:, :4], rtol=1e-4, atol=1e-4)

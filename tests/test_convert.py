@@ -145,9 +145,11 @@ def test_fx_and_swap_give_the_same_outputs(fixture, size, request, monkeypatch, 
     model = build("resnet18") if fixture == "resnet18" else request.getfixturevalue(fixture)
     bn_randomizer(model)
     x = torch.randn(2, 3, size, size)
-    fx_ghost = convert(model)
+    # scatter=True: layers that cannot fold choose their intrinsic channels freely in both paths
+    # (by default they keep the identity layout, and the swap path cannot fold any)
+    fx_ghost = convert(model, scatter=True)
     force_swap(monkeypatch)
-    swap_ghost = convert(model)
+    swap_ghost = convert(model, scatter=True)
     assert fx_ghost.ghostify_info.mode == "fx" and swap_ghost.ghostify_info.mode == "swap"
     assert swap_ghost.ghostify_info.plan.trace_error == "forced"
     assert type(swap_ghost) is type(model) and swap_ghost.ghostify_info.folded == []
@@ -364,3 +366,21 @@ def test_public_names_survive_submodule_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_no_layer_reorders_at_run_time_by_default(bn_randomizer):
+    """Foldable layers fold; the others (meeting a residual add) keep the identity layout: only cats run."""
+    model = bn_randomizer(build("resnet18"))
+    ghost = convert(model)
+    info = ghost.ghostify_info
+    for e in info.plan.converted:
+        layer = ghost.get_submodule(e.name)
+        if e.name in info.folded:
+            assert layer.emit_internal_order
+        else:
+            assert e.name.endswith(("conv2", "downsample.0")) and layer._identity_order
+    scattered = convert(model, scatter=True)
+    assert any(not scattered.get_submodule(e.name)._identity_order
+               for e in info.plan.converted if e.name not in info.folded)
+    rows = {r.name: r.order for r in ghostify.report(model, ghost, input_size=(1, 3, 32, 32)).layers}
+    assert rows["layer1.0.conv1"] == "folded" and rows["layer1.0.conv2"] == "cat"
