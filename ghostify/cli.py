@@ -162,9 +162,11 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--latency", is_flag=True, help="Measure CPU latency before/after (batch 1).")
 @click.option("--no-fold", is_flag=True, help="Keep run-time channel reordering instead of folding it into consumers.")
+@click.option("--scatter", is_flag=True,
+              help="Let layers whose order cannot fold choose intrinsic channels freely (reordered at run time).")
 @_user_errors
 def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, max_layer_error, output, force, as_json, latency, no_fold):
+            calib_size, max_layer_error, output, force, as_json, latency, no_fold, scatter):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
     import json
     import os
@@ -189,7 +191,8 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
         options["max_layer_error"] = max_layer_error
     elif any(e.spec.init == "calib" for e in plan.converted):
         raise GhostifyError("--init calib needs --calib-data (e.g. mnist, imagefolder:PATH)")
-    ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, leaf_modules=leaf, **options)
+    ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, scatter=scatter, leaf_modules=leaf,
+                       **options)
     seconds = time.perf_counter() - t0
     click.echo(f"converted {len(plan.converted)} of {len(plan.entries)} convs in {seconds:.2f} s", err=True)
     rep = report(original, ghost, input_size=size, latency=latency, name=model)

@@ -101,7 +101,9 @@ class ConversionReport:
                 conv = r.action == "convert"
                 note = r.reason if not conv else f"order: {r.order}"
                 if conv and "weight_residual" in r.info:
-                    note = (note + f" fit residual {r.info['weight_residual']:.3f}").strip()
+                    note += f", weight fit residual {r.info['weight_residual']:.3f}"
+                if conv and "heldout_error" in r.info:
+                    note += f", held-out error {r.info['heldout_error']:.3f}"
                 rows.append((r.name, r.action, str(r.ratio or ""), str(r.dw_size or ""), r.init or "",
                              format_size(r.macs_before), format_size(r.macs_after) if conv else "",
                              format_size(r.params_before), format_size(r.params_after) if conv else "", note))
