@@ -9,7 +9,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import torch
 from torch import fx, nn
 
 from . import tracing

@@ -16,7 +16,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["GhostConv2d", "GhostModule", "DepthwiseCheap", "MixCheap", "CHEAP_OPS", "register_cheap_op"]

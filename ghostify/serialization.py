@@ -13,7 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .errors import GhostifyError

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-import torch
 from torch import fx, nn
 
 from .modules import GhostConv2d, GhostModule

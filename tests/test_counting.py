@@ -8,7 +8,6 @@ import torch
 import torchvision
 from torch import nn
 
-import ghostify
 from ghostify import GhostConv2d, GhostifyError, convert, count, report
 from ghostify.counting import format_size
 
