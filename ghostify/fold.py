@@ -90,6 +90,8 @@ class _Fold:
             if block == 1 and isinstance(mod, GhostConv2d):
                 edits.append(("ghost_in", node))
                 return False
+            if isinstance(mod, nn.Flatten) and block == 1 and mod.start_dim == 1 and mod.end_dim == -1:
+                return 0
             if isinstance(mod, nn.Linear) and block == 0:
                 edits.append(("linear_in", node))
                 return False

@@ -384,3 +384,16 @@ def test_no_layer_reorders_at_run_time_by_default(bn_randomizer):
                for e in info.plan.converted if e.name not in info.folded)
     rows = {r.name: r.order for r in ghostify.report(model, ghost, input_size=(1, 3, 32, 32)).layers}
     assert rows["layer1.0.conv1"] == "folded" and rows["layer1.0.conv2"] == "cat"
+
+
+def test_fold_through_flatten_module_into_linear(bn_randomizer):
+    """nn.Flatten (start_dim=1) then Linear absorbs the order: columns permuted in blocks of H*W."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(), nn.Linear(64, 10))
+    net = bn_randomizer(net).eval()
+    folded, unfolded = convert(net), convert(net, fold=False)
+    assert folded.ghostify_info.folded == ["3"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_close(folded(x), unfolded(x), rtol=1e-5, atol=1e-5)
