@@ -1,9 +1,11 @@
 """Data for calibration and evaluation: one resolver from a spec to batches of ``(x, y)``.
 
 Specs: ``mnist`` (the test split), ``mnist:train``, ``mnist:test``, ``imagefolder:PATH``,
-``cifar10:PATH``, or any iterable of batches passed as is (a ``DataLoader``, a list of
-tensors or of ``(x, y)`` pairs, a map-style ``Dataset``, one tensor of examples). A new
-spec is one function registered with :func:`register_source`.
+``cifar10:PATH``, ``photos[:calib|:heldout|:all]`` (crops of natural photographs shipped
+with scikit-learn and scikit-image, split by whole photo; see ``_photos``), or any iterable
+of batches passed as is (a ``DataLoader``, a list of tensors or of ``(x, y)`` pairs, a
+map-style ``Dataset``, one tensor of examples). A new spec is one function registered with
+:func:`register_source`.
 
 MNIST is read from the four idx files (``.gz`` or unpacked, in ``ROOT`` or torchvision's
 ``ROOT/MNIST/raw``), looked for in: the ``root`` argument, ``$GHOSTIFY_MNIST_ROOT``,
@@ -349,3 +351,131 @@ def _cifar10(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
         raise GhostifyError(f"no CIFAR-10 at '{arg or root}': expected {path / 'cifar-10-batches-py'}/ (the "
                             "python version, unpacked); write cifar10:PATH with PATH the folder holding it") from None
     return _dataset_source(f"cifar10:{path}", dataset, (3, 32, 32), batch_size, limit, shuffle, seed)
+
+
+# -- photos ----------------------------------------------------------------------------------------
+
+PHOTOS_DIRS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
+_SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "motorcycle_left", "rocket")
+_PHOTO_SIDE, _CROP, _CROPS_PER_PHOTO = 512, 224, 16
+
+
+def _builtin_photos() -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """scikit-learn's two sample photos and scikit-image's colour photographs, where installed."""
+    found = []
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        pass
+    else:
+        bunch = load_sample_images()
+        found += [(Path(f).stem, lambda im=im: im) for f, im in zip(bunch.filenames, bunch.images)]
+    try:
+        import skimage.data as skd
+    except ImportError:
+        pass
+    else:
+        for name in _SKIMAGE_PHOTOS:
+            load = (lambda: skd.stereo_motorcycle()[0]) if name == "motorcycle_left" else getattr(skd, name)
+            found.append((name, load))
+    return found
+
+
+def _folder_photos(folder: Path) -> dict[str, Path]:
+    """The JPEGs under ``folder`` by relative name; a wallpaper ``NAME/contents/...`` counts once (its largest)."""
+    groups: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in (".jpg", ".jpeg") or path.stem == "screenshot" or not path.is_file():
+            continue
+        parts = path.relative_to(folder).parts
+        key = "/".join(parts[: parts.index("contents")]) if "contents" in parts[:-1] else "/".join(parts)
+        if key not in groups or path.stat().st_size > groups[key].stat().st_size:
+            groups[key] = path
+    return groups
+
+
+def _load_jpeg(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (_PHOTO_SIDE, _PHOTO_SIDE))  # JPEG decodes straight to a smaller size
+            return np.array(im.convert("RGB"))
+    except OSError as exc:
+        raise GhostifyError(f"cannot read the photo '{path}' ({exc}); remove it or set GHOSTIFY_PHOTOS_DIR "
+                            "to another folder") from None
+
+
+def _photo_crops(image: np.ndarray, n: int, seed: int) -> torch.Tensor:
+    """``n`` seeded random resized crops (area 25-100 %, aspect 3/4-4/3) as uint8 ``(n, 3, 224, 224)``."""
+    from torchvision.transforms.v2 import functional as TF
+
+    img = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)
+    h, w = img.shape[1:]
+    if min(h, w) > _PHOTO_SIDE:  # photo-sized detail: shorter side at most 512
+        img = TF.resize(img, _PHOTO_SIDE, antialias=True)
+        h, w = img.shape[1:]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        u = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+        area = h * w * (0.25 + 0.75 * u[0])
+        aspect = math.exp(math.log(3 / 4) + u[1] * math.log(16 / 9))
+        ch, cw = min(h, round(math.sqrt(area / aspect))), min(w, round(math.sqrt(area * aspect)))
+        top = int(u[2] * (h - ch + 1))
+        left = int(torch.randint(w - cw + 1, (1,), generator=gen))
+        out.append(TF.resized_crop(img, top, left, ch, cw, [_CROP, _CROP], antialias=True))
+    return torch.stack(out)
+
+
+@register_source("photos", "photos[:calib|:heldout|:all]")
+def _photos(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
+    """Natural photographs shipped with installed packages, as 224x224 crops; no labels.
+
+    Photos: scikit-learn's ``load_sample_images()`` (china, flower) and scikit-image's
+    astronaut, chelsea, coffee, hubble_deep_field, motorcycle_left and rocket; then the JPEGs
+    under ``root``, ``$GHOSTIFY_PHOTOS_DIR`` (``os.pathsep``-separated folders) and
+    ``/usr/share/wallpapers`` and ``/usr/share/backgrounds`` (Debian's wallpaper packages,
+    where installed; a ``NAME/contents/images/`` wallpaper counts once). Each group (the
+    packaged photos; the folders' photos) is sorted by name, and its 2nd, 5th, 8th, ... photo
+    is held out: ``photos:calib`` has the others, ``photos:heldout`` those, ``photos:all``
+    (or ``photos``) all. Each photo, shorter side shrunk to at most 512, gives 16 seeded random
+    resized crops (``limit``: that many crops in all, spread evenly over the photos), photo
+    after photo, ImageNet-normalised. ``src.photos`` names the photos used.
+
+    Example:
+        >>> src = resolve_data("photos:heldout", batch_size=8, limit=12)   # doctest: +SKIP
+        >>> src.photos, next(iter(src))[0].shape                            # doctest: +SKIP
+        (('chelsea', 'flower', 'rocket'), torch.Size([8, 3, 224, 224]))
+    """
+    import zlib
+
+    part = arg or "all"
+    if part not in ("calib", "heldout", "all"):
+        raise GhostifyError(f"unknown photos split '{arg}'; use photos:calib, photos:heldout or photos:all")
+    folders = [Path(root)] if root else []
+    folders += [Path(p) for p in os.environ.get("GHOSTIFY_PHOTOS_DIR", "").split(os.pathsep) if p]
+    folders += [Path(p) for p in PHOTOS_DIRS]
+    extra, seen = {}, set()
+    for folder in dict.fromkeys(f.expanduser().resolve() for f in folders):
+        for key, path in (_folder_photos(folder) if folder.is_dir() else {}).items():
+            ident = (key.rsplit("/", 1)[-1], path.stat().st_size)  # the same file reached from two folders
+            if key not in extra and ident not in seen:
+                seen.add(ident)
+                extra[key] = lambda p=path: _load_jpeg(p)
+    chosen = []
+    for group in (_builtin_photos(), list(extra.items())):
+        for i, (name, load) in enumerate(sorted(group, key=lambda t: t[0])):
+            if part == "all" or (i % 3 == 1) == (part == "heldout"):
+                chosen.append((name, load))
+    if not chosen:
+        raise GhostifyError(f"no photos found for photos:{part}; pip install scikit-learn scikit-image, or set "
+                            "GHOSTIFY_PHOTOS_DIR=FOLDER to a folder of JPEG photos")
+    per = _CROPS_PER_PHOTO if limit is None else math.ceil(limit / len(chosen))
+    x = torch.cat([_photo_crops(load(), per, seed * 1_000_003 + zlib.crc32(name.encode())) for name, load in chosen])
+    x = x[:limit]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    normalise = lambda b: (b.float() / 255 - mean) / std
+    src = _tensor_source(f"photos:{part}", x, None, (3, _CROP, _CROP), batch_size, shuffle, seed, normalise)
+    src.photos = tuple(name for name, _ in chosen)
+    return src
