@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import GhostifyError
+from .errors import GhostifyError, describe
 
 __all__ = ["DataSource", "resolve_data", "register_source", "SOURCES", "find_mnist",
            "MNIST_MEAN", "MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD"]
@@ -276,7 +276,7 @@ def find_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tu
             return found
         reason = "the download left no files"
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        reason = describe(exc)
     images, labels = _mnist_names(split)
     raise GhostifyError(f"MNIST {split} files not found; looked in {', '.join(map(str, dirs))} (and their "
                         f"MNIST/raw/), and the download failed ({reason}). Put {images}.gz and {labels}.gz "

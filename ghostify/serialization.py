@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import GhostifyError
+from .errors import GhostifyError, describe
 
 __all__ = ["save", "load", "read_metadata", "FORMAT"]
 
@@ -81,8 +81,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise GhostifyError(f"'{path}' is not a readable safetensors file ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); it may be truncated or corrupt") from None
+        raise GhostifyError(f"'{path}' is not a readable safetensors file ({describe(exc)}); "
+                            "it may be truncated or corrupt") from None
     if "ghostify" not in meta:
         raise GhostifyError(f"'{path}' is a safetensors file but not one written by ghostify.save; "
                             "load plain weights with --weights PATH on the original model")

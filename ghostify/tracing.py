@@ -6,6 +6,7 @@ from typing import Iterable
 
 from torch import fx, nn
 
+from .errors import describe
 from .modules import GhostConv2d, GhostModule
 
 __all__ = ["GhostTracer", "TraceResult", "trace"]
@@ -56,7 +57,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> TraceRes
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # any tracing failure means: use the swap fallback
-        return TraceResult(None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return TraceResult(None, describe(exc))
     name = type(model).__name__
     return TraceResult(fx.GraphModule(tracer.root, graph, name))
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GhostifyError
+from .errors import GhostifyError, describe
 
 __all__ = ["get_model", "list_models", "build_arch", "infer_arch", "import_object", "load_weights",
            "install_offline_weights", "OFFLINE_WEIGHTS"]
@@ -94,8 +94,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise GhostifyError(f"cannot read weights from '{path}': {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}; is the file complete?") from None
+        raise GhostifyError(f"cannot read weights from '{path}': {describe(exc)}; "
+                            "is the file complete?") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -178,8 +178,8 @@ def get_model(spec: str, weights: str | None = "DEFAULT", **kwargs) -> nn.Module
                 model = torchvision.models.get_model(spec, weights=w, **kwargs)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; a truncated cache file a RuntimeError
             raise GhostifyError(
-                f"could not get the {weights} weights of {spec} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}): no network? Use --weights none for "
+                f"could not get the {weights} weights of {spec} ({describe(exc)}): "
+                f"no network? Use --weights none for "
                 f"random weights, or --weights PATH for a state dict file (torch hub cache: "
                 f"{torch.hub.get_dir()}/checkpoints)") from None
     model.ghostify_arch = {"kind": "torchvision", "name": spec, "kwargs": kwargs}
@@ -196,8 +196,8 @@ def _load_checkpoint(path: Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise GhostifyError(f"cannot read checkpoint '{path}': {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}; is the file complete?") from None
+        raise GhostifyError(f"cannot read checkpoint '{path}': {describe(exc)}; "
+                            "is the file complete?") from None
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
