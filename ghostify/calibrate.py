@@ -149,7 +149,11 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         holdout: fraction of the batches kept out of fitting to measure each layer's error.
         max_layer_error: keep a layer as its original conv when its held-out relative error exceeds this.
 
-    Returns ``{name: {"heldout_error", "calib_error", "kept_conv"}}``.
+    Layers planned with ``cheap="auto"`` are fitted twice, with the planned depthwise op and
+    with ``mix`` (1x1 from the intrinsic maps, no depthwise after it); the one with the lower
+    held-out error times MACs is kept, and ``"cheap"`` in its record says which.
+
+    Returns ``{name: {"heldout_error", "calib_error", "kept_conv"[, "cheap"]}}``.
 
     Example:
         >>> import torch, torchvision, ghostify
@@ -172,26 +176,44 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
     gen = torch.Generator().manual_seed(seed)
     info = {}
     for layer in layers:
-        conv, ghost = layer.conv, layer.ghost
         src = converted if sequential else original
         src_mod = layer.ghost if sequential else original.get_submodule(layer.name)
-        xs = _capture(src, src_mod, fit_b, "input")
-        ys = _capture(original, original.get_submodule(layer.name), fit_b, "output")
-        _fit_layer(conv, ghost, xs, ys, positions, ridge, refit_intrinsic, gen, layer.fixed_order)
-        rec = {"calib_error": _rel_error(ghost, xs, ys)}
-        if hold_b:
-            hx = _capture(src, src_mod, hold_b, "input")
-            hy = _capture(original, original.get_submodule(layer.name), hold_b, "output")
-            rec["heldout_error"] = _rel_error(ghost, hx, hy)
+        target = original.get_submodule(layer.name)
+        xs, ys = _capture(src, src_mod, fit_b, "input"), _capture(original, target, fit_b, "output")
+        hx, hy = ((_capture(src, src_mod, hold_b, "input"), _capture(original, target, hold_b, "output"))
+                  if hold_b else (xs, ys))
+        candidates = [layer.ghost]
+        if layer.cheap_auto and layer.ghost.cheap is not None:
+            candidates.append(GhostConv2d.from_conv(layer.conv, layer.ghost.ratio, 1, "mix", cheap_bias=True))
+        scored = []
+        for ghost in candidates:
+            _fit_layer(layer.conv, ghost, xs, ys, positions, ridge, refit_intrinsic, gen, layer.fixed_order)
+            rec = {"calib_error": _rel_error(ghost, xs, ys)}
+            if hold_b:
+                rec["heldout_error"] = _rel_error(ghost, hx, hy)
+            scored.append((rec.get("heldout_error", rec["calib_error"]) * _macs_per_position(ghost), ghost, rec))
+        _, ghost, rec = min(scored, key=lambda t: t[0])
+        if layer.cheap_auto:
+            rec["cheap"] = {"cheap": ghost.cheap_kind, "dw_size": ghost.dw_size,
+                            "scores": {g.cheap_kind: s for s, g, _ in scored}}
+        if ghost is not layer.ghost:
+            converted.set_submodule(layer.name, ghost)
+            layer.ghost = ghost
         err = rec.get("heldout_error", rec["calib_error"])
         rec["kept_conv"] = bool(max_layer_error is not None and err > max_layer_error)
         if rec["kept_conv"]:
-            converted.set_submodule(layer.name, conv)
+            converted.set_submodule(layer.name, layer.conv)
         info[layer.name] = rec
     return info
 
 
+def _macs_per_position(ghost: GhostConv2d) -> int:
+    """Multiply-adds per output position of a Ghost layer (its convs' weights)."""
+    return sum(m.weight.numel() for m in ghost.modules() if isinstance(m, nn.Conv2d))
+
+
 init_calib.cheap_bias = True  # the ghosts' fitted intercepts need a bias in the cheap op
+init_calib.chooses_cheap = True  # supports cheap="auto"
 
 
 def _rel_error(ghost: nn.Module, xs, ys) -> float:

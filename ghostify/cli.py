@@ -105,8 +105,10 @@ def _selection_options(fn):
         click.option("--dw-size", type=int, default=3, show_default=True, callback=_odd,
                      help="Kernel size of the cheap depthwise op (odd)."),
         click.option("--init", "init", default="copy", show_default=True,
-                     help="Weight transfer: copy (exact intrinsic channels, fitted ghosts) or random."),
-        click.option("--cheap", default="dw", show_default=True, help="Cheap-op family (dw: depthwise, as the paper)."),
+                     help="Weight transfer: copy (exact intrinsic channels, fitted ghosts), calib (fitted on --calib-data) "
+                          "or random."),
+        click.option("--cheap", default="dw", show_default=True, help="Cheap-op family: dw (depthwise, as the paper), mix (1x1 from the intrinsic maps), "
+                          "or auto (per layer, the better fit per MAC; needs --init calib)."),
         click.option("--include", multiple=True, metavar="GLOB", help="Convert only convs whose name matches."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Never convert convs whose name matches."),
         click.option("--override", multiple=True, metavar="PATTERN:SPEC",
@@ -306,6 +308,11 @@ def env():
               + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if torch.cuda.is_available() else ""),
               f"torch threads: {torch.get_num_threads()}", f"torch hub dir: {torch.hub.get_dir()}"]
     click.echo("\n".join(lines))
+
+
+from .finetune_cli import finetune as _finetune  # noqa: E402  (its module imports _user_errors from here)
+
+cli.add_command(_finetune)
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ trace -> plan -> rewrite (fx, or submodule swap when the model cannot be traced)
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -112,12 +113,13 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
             raise GhostifyError(f"layer '{e.name}': the plan converts it but the model holds "
                                 f"{type(conv).__name__} there; make the plan from this model")
         try:
-            ghost = GhostConv2d.from_conv(conv, e.spec.ratio, e.spec.dw_size, e.spec.cheap,
+            ghost = GhostConv2d.from_conv(conv, e.spec.ratio, e.spec.dw_size,
+                                          "dw" if e.spec.cheap == "auto" else e.spec.cheap,
                                           cheap_bias=getattr(INITS[e.spec.init], "cheap_bias", None))
         except ValueError as exc:
             raise GhostifyError(f"layer '{e.name}': {exc}; exclude it with --exclude '{e.name}'") from None
         work.set_submodule(e.name, ghost)
-        layers.append(Layer(e.name, conv, ghost))
+        layers.append(Layer(e.name, conv, ghost, cheap_auto=e.spec.cheap == "auto"))
 
     if traced.graph_module is not None:
         result = _rewrite_graph(work, traced.graph_module.graph, {e.name for e in plan.converted})
@@ -136,7 +138,10 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     with _eval_mode(result), _eval_mode(model):
         for name, group in (by_init.items() if initialize else ()):
             info.layer_info.update(INITS[name](model, result, group, **init_options) or {})
-    for e in plan.converted:  # layers an init strategy chose to keep as convs
+    for e in plan.converted:  # layers an init strategy chose to keep as convs, or chose the cheap op of
+        chosen = info.layer_info.get(e.name, {}).get("cheap")
+        if e.spec.cheap == "auto" and chosen:
+            e.spec = dataclasses.replace(e.spec, cheap=chosen["cheap"], dw_size=chosen["dw_size"])
         if info.layer_info.get(e.name, {}).get("kept_conv"):
             e.action, e.reason = "skip", (f"kept as conv: held-out error "
                                           f"{info.layer_info[e.name].get('heldout_error', float('nan')):.3f} "

@@ -37,7 +37,9 @@ class LayerSpec:
         ratio: ``s``; the layer keeps ``ceil(n / s)`` intrinsic filters (integer >= 1).
         dw_size: kernel size of the cheap op (odd, >= 1).
         init: name of a weight-transfer strategy (see ``ghostify.transfer.INITS``).
-        cheap: name of a cheap-op family (see ``ghostify.modules.CHEAP_OPS``).
+        cheap: name of a cheap-op family (see ``ghostify.modules.CHEAP_OPS``), or ``"auto"``:
+            the init strategy fits the families it can and keeps, per layer, the one with the
+            lower held-out error per MAC (``init="calib"`` does; the plan then records the choice).
     """
 
     ratio: int = 2
@@ -54,8 +56,11 @@ class LayerSpec:
 
         if self.init not in INITS:
             raise GhostifyError(f"unknown init {self.init!r}; choose one of {sorted(INITS)}")
-        if self.cheap not in CHEAP_OPS:
-            raise GhostifyError(f"unknown cheap op {self.cheap!r}; choose one of {sorted(CHEAP_OPS)}")
+        if self.cheap not in CHEAP_OPS and self.cheap != "auto":
+            raise GhostifyError(f"unknown cheap op {self.cheap!r}; choose one of {sorted(CHEAP_OPS) + ['auto']}")
+        if self.cheap == "auto" and not getattr(INITS[self.init], "chooses_cheap", False):
+            raise GhostifyError(f"cheap='auto' is chosen per layer from calibration data; use it with --init calib "
+                                f"(init {self.init!r} cannot choose)")
 
     def merged(self, override: dict[str, Any]) -> "LayerSpec":
         unknown = set(override) - {f.name for f in fields(self)}

@@ -37,6 +37,7 @@ class Layer:
     conv: nn.Conv2d
     ghost: GhostConv2d
     fixed_order: bool = False
+    cheap_auto: bool = False  # the spec says cheap="auto": the strategy picks the family (see LayerSpec)
 
 
 InitFn = Callable[..., dict]

@@ -170,3 +170,58 @@ def test_unfoldable_layers_keep_the_identity_order_by_default(init):
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():  # intrinsic channels 0..3 are the original's (copied or refit exactly)
         torch.testing.assert_close(ghost(x)[:, :4], model(x)[:, :4], rtol=1e-4, atol=1e-4)
+
+
+class _PlantedPair(nn.Module):
+    """stem -> ReLU -> one 5x5 conv whose last 4 filters are derived from its first 4.
+
+    ``kind="mix"``: ghost filters are random linear mixtures of all 4 intrinsic filters
+    (a 1x1 mix reproduces them, a depthwise op cannot). ``kind="dw"``: each ghost filter is
+    one intrinsic filter blurred by its own 3x3 kernel (a depthwise 3x3 reproduces it away
+    from the borders, a 1x1 mix cannot).
+    """
+
+    def __init__(self, kind):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.stem, self.act = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()
+        self.conv = nn.Conv2d(6, 8, 5, padding=2, bias=False)
+        base = torch.zeros(4, 6, 5, 5)
+        base[:, :, 1:4, 1:4] = torch.randn(4, 6, 3, 3, generator=g)
+        if kind == "mix":
+            ghosts = torch.einsum("gi,icxy->gcxy", torch.randn(4, 4, generator=g), base)
+        else:
+            k = torch.randn(4, 1, 3, 3, generator=g)
+            ghosts = torch.stack([nn.functional.conv2d(base[i][:, None], k[i][None], padding=1)[:, 0]
+                                  for i in range(4)])
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.cat([base, ghosts]))
+
+    def forward(self, x):
+        return self.conv(self.act(self.stem(x)))
+
+
+@pytest.mark.parametrize("kind", ["mix", "dw"])
+def test_cheap_auto_picks_the_family_that_fits(kind, tmp_path):
+    torch.manual_seed(0)
+    model = _PlantedPair(kind).eval()
+    data = [torch.randn(4, 3, 24, 24) for _ in range(5)]
+    ghost = ghostify.convert(model, ratio=2, dw_size=3, init="calib", cheap="auto", calib_data=data)
+    info = ghostify.conversion_info(ghost)
+    rec = info.layer_info["conv"]
+    assert rec["cheap"]["cheap"] == kind
+    other = "dw" if kind == "mix" else "mix"
+    assert rec["cheap"]["scores"][kind] < 0.5 * rec["cheap"]["scores"][other]
+    layer = ghost.get_submodule("conv")
+    assert layer.cheap_kind == kind and isinstance(layer.cheap, MixCheap) == (kind == "mix")
+    assert info.plan["conv"].spec.cheap == kind  # the plan records the choice, so load rebuilds it
+    ghostify.save(ghost, tmp_path / "g.safetensors")
+    back = ghostify.load(tmp_path / "g.safetensors", model=_PlantedPair(kind))
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ghost(x))
+
+
+def test_cheap_auto_needs_a_strategy_that_chooses():
+    with pytest.raises(ghostify.GhostifyError, match="--init calib"):
+        ghostify.LayerSpec(cheap="auto", init="copy")
