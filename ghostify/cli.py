@@ -10,6 +10,7 @@ import sys
 import click
 
 from .errors import GhostifyError
+from .tradeoff_cli import budget_options
 
 # Python-API fields the layer options mirror (ghostify.LayerSpec); kept in step by a test.
 LAYER_OPTIONS = ("ratio", "dw_size", "init", "cheap")
@@ -116,7 +117,8 @@ def _selection_options(fn):
         click.option("--leaf", multiple=True, metavar="NAME", help="Module name the tracer must not trace through."),
         click.option("--input-size", default=None, help="224, C,H,W or N,C,H,W (default 1,3,224,224)."),
         click.option("--calib-data", default=None, metavar="SPEC",
-                     help="Calibration data for --init calib: mnist, imagefolder:PATH, cifar10:PATH, ..."),
+                     help="Calibration data for --init calib: mnist, photos, imagefolder:PATH, cifar10:PATH, "
+                          "synthetic (made from the model's BN statistics), ..."),
         click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Calibration examples."),
         click.option("--max-layer-error", type=click.FloatRange(min=0), default=None,
@@ -166,9 +168,10 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
 @click.option("--no-fold", is_flag=True, help="Keep run-time channel reordering instead of folding it into consumers.")
 @click.option("--scatter", is_flag=True,
               help="Let layers whose order cannot fold choose intrinsic channels freely (reordered at run time).")
+@budget_options
 @_user_errors
 def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, max_layer_error, output, force, as_json, latency, no_fold, scatter):
+            calib_size, max_layer_error, output, force, as_json, latency, no_fold, scatter, **budget):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
     import json
     import os
@@ -189,12 +192,21 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
         from .data import resolve_data
 
         options["calib_data"] = resolve_data(_calibration_split(calib_data), batch_size=64, limit=calib_size,
-                                             shuffle=False)
+                                             shuffle=False, model=original, input_size=size[1:])
         options["max_layer_error"] = max_layer_error
     elif any(e.spec.init == "calib" for e in plan.converted):
         raise GhostifyError("--init calib needs --calib-data (e.g. mnist, imagefolder:PATH)")
+    if any(budget[k] for k in ("target_macs", "target_latency", "skip_slower", "plan_file")):
+        from .tradeoff_cli import budget_plan, save_plan
+
+        plan = budget_plan(original, plan, budget, size=size, ratio=ratio, dw_size=dw_size, init=init, cheap=cheap,
+                           include=include, exclude=exclude, overrides=dict(_parse_override(o) for o in override),
+                           leaf=leaf, calib_data=options.get("calib_data"))
+        t0 = time.perf_counter()
     ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, scatter=scatter, leaf_modules=leaf,
                        **options)
+    if budget.get("save_plan"):
+        save_plan(ghost.ghostify_info.plan, budget["save_plan"])
     seconds = time.perf_counter() - t0
     click.echo(f"converted {len(plan.converted)} of {len(plan.entries)} convs in {seconds:.2f} s", err=True)
     rep = report(original, ghost, input_size=size, latency=latency, name=model)
@@ -313,6 +325,11 @@ def env():
 from .finetune_cli import finetune as _finetune  # noqa: E402  (its module imports _user_errors from here)
 
 cli.add_command(_finetune)
+
+
+from .tradeoff_cli import register as _register_tradeoff  # noqa: E402  sweep, sensitivity, report
+
+_register_tradeoff(cli, _user_errors, (_parse_input_size, _default_input))
 
 
 def main(argv=None):

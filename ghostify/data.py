@@ -97,7 +97,8 @@ def register_source(name: str, usage: str | None = None):
 
 
 def resolve_data(spec: Any, *, batch_size: int = 64, limit: int | None = None, root: str | os.PathLike | None = None,
-                 shuffle: bool = False, seed: int = 0) -> DataSource:
+                 shuffle: bool = False, seed: int = 0, model: torch.nn.Module | None = None,
+                 input_size: tuple[int, ...] | None = None) -> DataSource:
     """Resolve ``spec`` to a :class:`DataSource` of ``(x, y)`` batches.
 
     Args:
@@ -108,6 +109,8 @@ def resolve_data(spec: Any, *, batch_size: int = 64, limit: int | None = None, r
         limit: use at most this many examples (the first ones, before any shuffling).
         root: a folder holding the MNIST files, searched first.
         shuffle, seed: a new seeded order on every pass (for training).
+        model, input_size: for sources made from the model itself (``synthetic``): the trained
+            model and one example's shape ``(C, H, W)``.
 
     Example:
         >>> src = resolve_data([(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))] * 3, limit=5)
@@ -124,7 +127,9 @@ def resolve_data(spec: Any, *, batch_size: int = 64, limit: int | None = None, r
             hint = f" (a folder of images? write imagefolder:{spec})" if Path(spec).is_dir() else ""
             raise GhostifyError(f"unknown data source '{spec}'{hint}; use one of "
                                 f"{', '.join(fn.usage for fn in SOURCES.values())}, or pass an iterable of batches")
-        return SOURCES[name](arg, batch_size=batch_size, limit=limit, root=root, shuffle=shuffle, seed=seed)
+        fn = SOURCES[name]
+        extra = {"model": model, "input_size": input_size} if getattr(fn, "needs_model", False) else {}
+        return fn(arg, batch_size=batch_size, limit=limit, root=root, shuffle=shuffle, seed=seed, **extra)
     if isinstance(spec, DataSource) and limit is None:
         return spec
     if isinstance(spec, torch.Tensor):
@@ -479,3 +484,25 @@ def _photos(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
     src = _tensor_source(f"photos:{part}", x, None, (3, _CROP, _CROP), batch_size, shuffle, seed, normalise)
     src.photos = tuple(name for name, _ in chosen)
     return src
+
+
+@register_source("synthetic", "synthetic[:STEPS]")
+def _synthetic(arg, *, batch_size, limit, root, shuffle, seed, model=None, input_size=None) -> DataSource:
+    """Inputs optimised to reproduce ``model``'s BN statistics (see :mod:`ghostify.synthetic`); no labels.
+
+    ``limit`` examples (default 64), ``STEPS`` Adam steps per batch (default 200).
+    """
+    from .synthetic import synthesize
+
+    if model is None or input_size is None:
+        raise GhostifyError("the synthetic source is made from the model: resolve_data('synthetic', model=model, "
+                            "input_size=(3, 224, 224)); on the command line --calib-data synthetic does this")
+    try:
+        steps = int(arg) if arg else 200
+    except ValueError:
+        raise GhostifyError(f"synthetic:{arg}: STEPS must be an integer, e.g. synthetic:200") from None
+    x = synthesize(model, limit or 64, tuple(input_size), batch_size=batch_size, steps=steps, seed=seed)
+    return _tensor_source(f"synthetic:{steps}", x.cpu(), None, tuple(x.shape[1:]), batch_size, shuffle, seed)
+
+
+_synthetic.needs_model = True
