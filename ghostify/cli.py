@@ -153,9 +153,39 @@ def cli():
 @_user_errors
 def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
             calib_size, max_layer_error, as_json):
-    """Show which convs of MODEL convert and which are kept, and why."""
-    _, _, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
-    click.echo(plan.to_json(indent=2) if as_json else plan.table())
+    """Show which convs of MODEL convert and which are kept, and why.
+
+    With --init calib and --calib-data the conversion is run too, and each layer's relative
+    output error (on the calibration batches and on held-out ones) is shown.
+    """
+    import json
+
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
+    fidelity = None
+    if calib_data is not None and any(e.spec.init == "calib" for e in plan.converted):
+        from .conversion import convert as do_convert, conversion_info
+
+        size = _parse_input_size(input_size, _default_input(model))
+        _check_input(original, size)
+        ghost = do_convert(original, config=cfg, plan=plan, leaf_modules=leaf,
+                           **_calibration_options(calib_data, calib_size, max_layer_error, original, size))
+        info = conversion_info(ghost)
+        plan, fidelity = info.plan, info.layer_info
+    if as_json:
+        d = plan.to_dict()
+        if fidelity is not None:
+            d["layer_info"] = fidelity
+        click.echo(json.dumps(d, indent=2))
+    else:
+        click.echo(plan.table(fidelity=fidelity))
+
+
+def _calibration_options(calib_data, calib_size, max_layer_error, model, size) -> dict:
+    from .data import resolve_data
+
+    return {"calib_data": resolve_data(_calibration_split(calib_data), batch_size=64, limit=calib_size,
+                                       shuffle=False, model=model, input_size=size[1:]),
+            "max_layer_error": max_layer_error}
 
 
 @cli.command()
@@ -189,11 +219,7 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     t0 = time.perf_counter()
     options = {}
     if calib_data is not None:
-        from .data import resolve_data
-
-        options["calib_data"] = resolve_data(_calibration_split(calib_data), batch_size=64, limit=calib_size,
-                                             shuffle=False, model=original, input_size=size[1:])
-        options["max_layer_error"] = max_layer_error
+        options = _calibration_options(calib_data, calib_size, max_layer_error, original, size)
     elif any(e.spec.init == "calib" for e in plan.converted):
         raise GhostifyError("--init calib needs --calib-data (e.g. mnist, imagefolder:PATH)")
     if any(budget[k] for k in ("target_macs", "target_latency", "skip_slower", "plan_file")):

@@ -240,20 +240,30 @@ class Plan:
                 return e
         raise KeyError(name)
 
-    def table(self) -> str:
-        """A fixed-width table: one row per conv."""
-        rows = [("layer", "shape", "action", "ratio", "dw", "init", "cheap", "reason")]
+    def table(self, fidelity: dict[str, dict] | None = None) -> str:
+        """A fixed-width table: one row per conv.
+
+        ``fidelity``: per-layer records of a calibrated conversion (``ConversionInfo.layer_info``);
+        adds each layer's relative output error on the calibration and held-out batches.
+        """
+        fields_ = ("calib_error", "heldout_error") if fidelity else ()
+        rows = [("layer", "shape", "action", "ratio", "dw", "init", "cheap",
+                 *(["calib err", "held-out err"] if fidelity else []), "reason")]
         for e in self.entries:
             k = "x".join(map(str, e.kernel_size))
             s = e.spec
+            rec = (fidelity or {}).get(e.name, {})
+            errs = [f"{rec[f]:.3f}" if f in rec else "" for f in fields_]
             rows.append((e.name, f"{e.in_channels}->{e.out_channels} {k}/{e.stride[0]}", e.action,
-                         *(map(str, (s.ratio, s.dw_size, s.init, s.cheap)) if s else ("",) * 4), e.reason))
+                         *(map(str, (s.ratio, s.dw_size, s.init, s.cheap)) if s else ("",) * 4), *errs, e.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         head = f"{len(self.converted)} of {len(self.entries)} convs convert"
         if not self.traced:
             head += f" (model not traceable, submodules swapped instead: {self.trace_error})"
+        if fidelity:
+            head += "; errors: relative output error of each layer fitted by init=calib"
         return head + "\n" + "\n".join(lines)
 
     def to_dict(self) -> dict:

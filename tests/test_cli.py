@@ -215,3 +215,18 @@ def test_default_weights_without_network(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     assert_one_line_error(run("convert", "resnet18", "--input-size", "32"), "--weights none")
+
+
+def test_inspect_with_calibration_shows_each_layers_error():
+    ckpt = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "resnet20_mnist.pt")
+    result = run("inspect", ckpt, "--init", "calib", "--cheap", "mix", "--calib-data", "mnist", "--calib-size", "160",
+                 "--include", "layer3.*")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "held-out err" in lines[1]
+    row = next(line for line in lines if line.startswith("layer3.0.conv1 "))
+    errs = [float(t) for t in row.split() if t.replace(".", "", 1).isdigit() and "." in t]
+    assert len(errs) == 2 and all(0 <= e < 1 for e in errs)  # calib and held-out relative errors
+    as_json = json.loads(run("inspect", ckpt, "--init", "calib", "--calib-data", "mnist", "--calib-size", "160",
+                             "--include", "layer3.*", "--json").stdout)
+    assert set(as_json["layer_info"]) == {e["name"] for e in as_json["entries"] if e["action"] == "convert"}
