@@ -6,6 +6,7 @@ size the forward latency of the original and the converted model, measured alter
 p10 and p90 in ms, and the converted/original ratio of the medians.
 
     python benchmarks/latency.py                        # resnet18 resnet50 vgg16_bn mobilenet_v2, batch 1 and 8
+    python benchmarks/latency.py --ratio 2,4 --batch-sizes 1   # several ratios, measured in the same alternation
     python benchmarks/latency.py --no-fold              # also the converted model without channel-order folding
     python benchmarks/latency.py --reorder              # also the channel-reordering micro-benchmark
     python benchmarks/latency.py --reorder-only         # only the micro-benchmark
@@ -47,7 +48,7 @@ def _shapes(text: str) -> list[tuple[int, int, int]]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=None, help=f"torchvision names (default: {' '.join(DEFAULT_MODELS)})")
-    p.add_argument("--ratio", type=int, default=2)
+    p.add_argument("--ratio", type=_ints, default=[2], help="ratio, or several: '2,4' (all measured alternately)")
     p.add_argument("--dw-size", type=int, default=3)
     p.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="e.g. '1,8' (default)")
@@ -74,6 +75,8 @@ def parse_args(argv=None):
         args.shapes = args.shapes or [(64, 16, 1), (128, 8, 2)]
         args.inner = 3
     args.models = args.models or DEFAULT_MODELS
+    if args.reorder or args.reorder_only:
+        args.ratio = args.ratio[:1]  # the micro-benchmark takes one ratio
     args.shapes = args.shapes or DEFAULT_SHAPES
     if args.repeats < 2:
         p.error("--repeats must be >= 2 (p10/p90 need two runs)")
@@ -102,25 +105,30 @@ def bench_model(name: str, args) -> dict:
     import ghostify
 
     model = ghostify.get_model(name, weights=args.weights)
-    t0 = time.perf_counter()
-    ghost = ghostify.convert(model, ratio=args.ratio, dw_size=args.dw_size).eval()
-    convert_s = time.perf_counter() - t0
-    models = {"original": model, "ghost": ghost}
-    if args.no_fold:
-        models["ghost (no fold)"] = ghostify.convert(model, ratio=args.ratio, dw_size=args.dw_size, fold=False).eval()
-    info = ghost.ghostify_info
-
+    models = {"original": model}
     x1 = torch.randn(1, 3, args.size, args.size)
-    before, after = ghostify.count(model, x1), ghostify.count(ghost, x1)
+    before = ghostify.count(model, x1)
     res = {"model": name, "ratio": args.ratio, "dw_size": args.dw_size, "size": args.size,
-           "converted": len(info.plan.converted), "convs": len(info.plan.entries), "folded": len(info.folded),
-           "convert_s": convert_s, "macs_before": before.macs, "macs_after": after.macs,
-           "params_before": before.params, "params_after": after.params, "latency": {}}
-
-    print(f"\n== {name}  ratio {args.ratio}, dw {args.dw_size}, {args.size}x{args.size} ==")
-    print(f"converted {res['converted']} of {res['convs']} convs ({res['folded']} orders folded) in {convert_s:.1f} s")
-    print(f"MACs   {_size(before.macs):>7} -> {_size(after.macs):>7}  ({after.macs / before.macs:.3f})")
-    print(f"params {_size(before.params):>7} -> {_size(after.params):>7}  ({after.params / before.params:.3f})")
+           "macs_before": before.macs, "params_before": before.params, "ghosts": {}, "latency": {}}
+    print(f"\n== {name}  ratio {','.join(map(str, args.ratio))}, dw {args.dw_size}, {args.size}x{args.size} ==")
+    for ratio in args.ratio:
+        key = _ghost_key(ratio, args)
+        t0 = time.perf_counter()
+        ghost = ghostify.convert(model, ratio=ratio, dw_size=args.dw_size).eval()
+        convert_s = time.perf_counter() - t0
+        models[key] = ghost
+        if args.no_fold:
+            models[key + " (no fold)"] = ghostify.convert(model, ratio=ratio, dw_size=args.dw_size, fold=False).eval()
+        info, after = ghost.ghostify_info, ghostify.count(ghost, x1)
+        res["ghosts"][key] = {"ratio": ratio, "converted": len(info.plan.converted), "convs": len(info.plan.entries),
+                              "folded": len(info.folded), "convert_s": convert_s, "macs_after": after.macs,
+                              "params_after": after.params}
+        if len(args.ratio) == 1:  # the single-ratio record keeps its flat fields
+            res.update({k: v for k, v in res["ghosts"][key].items() if k != "ratio"})
+        print(f"ratio {ratio}: converted {len(info.plan.converted)} of {len(info.plan.entries)} convs "
+              f"({len(info.folded)} orders folded) in {convert_s:.1f} s; "
+              f"MACs {_size(before.macs)} -> {_size(after.macs)} ({after.macs / before.macs:.3f}); "
+              f"params {_size(before.params)} -> {_size(after.params)} ({after.params / before.params:.3f})")
     print(f"{'batch':>5}  {'model':<16} {'median ms':>10} {'p10':>9} {'p90':>9}  {'/original':>9}")
     for b in args.batch_sizes:
         x = torch.randn(b, 3, args.size, args.size)
@@ -131,6 +139,10 @@ def bench_model(name: str, args) -> dict:
             rel = "" if key == "original" else f"{r['median_ms'] / base:.3f}"
             print(f"{b:>5}  {key:<16} {r['median_ms']:>10.2f} {r['p10_ms']:>9.2f} {r['p90_ms']:>9.2f}  {rel:>9}")
     return res
+
+
+def _ghost_key(ratio: int, args) -> str:
+    return "ghost" if len(args.ratio) == 1 else f"ghost r{ratio}"
 
 
 def _size(x: float) -> str:
@@ -166,7 +178,7 @@ def reorder_variants(y, g, channel_map, inverse):
 def bench_reorder(args) -> list[dict]:
     import torch
 
-    print(f"\n== channel reordering: ceil(C/{args.ratio}) intrinsic maps + the ghost maps -> C channels in a "
+    print(f"\n== channel reordering: ceil(C/{args.ratio[0]}) intrinsic maps + the ghost maps -> C channels in a "
           "random order ==")
     print(f"median per call over {args.repeats} blocks of {args.inner} calls, after {args.warmup} warm-up blocks; "
           f"variants alternate. GB/s counts bytes read + written once.")
@@ -179,7 +191,7 @@ def bench_reorder(args) -> list[dict]:
     try:
         with torch.inference_mode():
             for c, h, b in args.shapes:
-                m = -(-c // args.ratio)
+                m = -(-c // args.ratio[0])
                 y, g = torch.randn(b, m, h, h, generator=gen), torch.randn(b, c - m, h, h, generator=gen)
                 channel_map = torch.randperm(c, generator=gen)
                 inverse = torch.empty_like(channel_map)
@@ -238,20 +250,21 @@ def main(argv=None):
 
 def summary(results: list[dict], args) -> None:
     print(f"\n== summary: converted/original median latency ({args.threads} threads, {args.size}x{args.size}) ==")
-    keys = [k for k in ("ghost", "ghost (no fold)") if results and k in next(iter(results[0]["latency"].values()))]
-    print(f"{'model':<14} {'MACs after/before':>17}  " + "  ".join(f"{'b' + str(b) + ' ' + k:>20}"
-                                                               for b in args.batch_sizes for k in keys))
+    keys = [k for k in (next(iter(results[0]["latency"].values())) if results else {}) if k != "original"]
+    print(f"{'model':<14} " + " ".join(f"{'MACs ' + k:>18}" for k in keys if k in results[0]["ghosts"]) + "  "
+          + "  ".join(f"{'b' + str(b) + ' ' + k:>20}" for b in args.batch_sizes for k in keys))
     for r in results:
         cells = []
         for b in args.batch_sizes:
             lat = r["latency"][b]
             cells += [f"{lat[k]['median_ms'] / lat['original']['median_ms']:>20.3f}" for k in keys]
-        print(f"{r['model']:<14} {r['macs_after'] / r['macs_before']:>17.3f}  " + "  ".join(cells))
+        macs = [f"{g['macs_after'] / r['macs_before']:>18.3f}" for g in r["ghosts"].values()]
+        print(f"{r['model']:<14} " + " ".join(macs) + "  " + "  ".join(cells))
     model, batch, limit = GOAL
     hit = [r for r in results if r["model"] == model and batch in r["latency"]]
-    if hit and args.size == 224 and args.ratio == 2:
+    if hit and args.size == 224 and 2 in args.ratio:
         lat = hit[0]["latency"][batch]
-        ratio = lat["ghost"]["median_ms"] / lat["original"]["median_ms"]
+        ratio = lat[_ghost_key(2, args)]["median_ms"] / lat["original"]["median_ms"]
         verdict = "meets" if ratio <= limit else "MISSES"
         print(f"goal: ResNet-50 converted/original <= {limit} at batch {batch} -> {ratio:.3f}, {verdict} the goal")
     else:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "measure_layers"]
 
 
 @contextmanager
@@ -55,9 +55,62 @@ def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmu
     finally:
         for k, m in models.items():
             m.train(modes[k])
-    out = {}
-    for k, ts in times.items():
-        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-        out[k] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(ts),
-                  "max_ms": max(ts), "repeats": len(ts)}
-    return out
+    return {k: _summary(ts) for k, ts in times.items()}
+
+
+def _summary(ts: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
+    return {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(ts),
+            "max_ms": max(ts), "repeats": len(ts)}
+
+
+def measure_layers(model: nn.Module, inputs: torch.Tensor, names=None, *, warmup: int = 3, repeats: int = 10,
+                   threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Median and spread (ms) of the named submodules' forwards inside whole-model runs, timed by hooks.
+
+    ``names`` defaults to every ``nn.Conv2d`` and Ghost layer. The timings include the
+    hooks' own overhead (a few microseconds), so compare layers measured the same way.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> sorted(measure_layers(net, torch.randn(1, 3, 16, 16), repeats=2))
+        ['0']
+    """
+    from .modules import GhostConv2d
+
+    mods = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in mods.items() if isinstance(m, (nn.Conv2d, GhostConv2d))
+                 and not any(n.startswith(g + ".") for g, gm in mods.items() if isinstance(gm, GhostConv2d) and g)]
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start: dict[str, float] = {}
+    recording = [False]
+
+    def pre(name):
+        def hook(mod, args):
+            sync()
+            start[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            sync()
+            if recording[0]:
+                times[name].append((time.perf_counter() - start[name]) * 1e3)
+        return hook
+
+    handles = [h for n in names for h in (mods[n].register_forward_pre_hook(pre(n)),
+                                          mods[n].register_forward_hook(post(n)))]
+    training = model.training
+    model.eval()
+    try:
+        with _threads(threads), torch.inference_mode():
+            for i in range(warmup + repeats):
+                recording[0] = i >= warmup
+                model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    return {n: _summary(ts) for n, ts in times.items() if ts}

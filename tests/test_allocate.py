@@ -1,0 +1,117 @@
+"""Ratio allocation under a budget: the greedy, the plan it makes, and the convert options that use it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.testing import assert_close
+
+import ghostify
+from ghostify.allocation import allocate, greedy_allocation, skip_slower
+from ghostify.cli import cli
+from ghostify.layer_sensitivity import LayerSensitivity, SensitivityTable
+
+SIZE = (1, 3, 16, 16)
+
+
+def _data(n=3, b=8):
+    return [torch.randn(b, *SIZE[1:]) for _ in range(n)]
+
+
+def _table(losses: dict[str, dict[int, tuple[int, float]]], total: int) -> SensitivityTable:
+    """A hand-made table: ``{layer: {ratio: (macs_saved, loss)}}``."""
+    rows = [LayerSensitivity(n, r, 1000, 1000 - saved, loss) for n, opts in losses.items()
+            for r, (saved, loss) in opts.items()]
+    return SensitivityTable("kl", "alone", total, rows)
+
+
+def test_greedy_takes_least_loss_per_mac_first():
+    opts = {"costly": [(2, 10.0, 1.0)], "cheap": [(2, 10.0, 0.1)], "bigger": [(2, 40.0, 2.0)]}
+    choices, moves, saved, loss = greedy_allocation(opts, 5.0)
+    assert choices == {"costly": None, "cheap": 2, "bigger": None}
+    assert (saved, loss) == (10.0, 0.1)
+    # more budget: the next best per MAC is "bigger" (0.05 per MAC) before "costly" (0.1 per MAC)
+    choices, moves, _, _ = greedy_allocation(opts, 45.0)
+    assert [m[0] for m in moves] == ["cheap", "bigger"]
+    assert choices["costly"] is None
+
+
+def test_greedy_moves_up_ratios_and_undoes_overshoot():
+    opts = {"a": [(2, 10.0, 0.1), (4, 15.0, 0.2)], "b": [(2, 100.0, 5.0)], "c": [(2, 4.0, 0.01)]}
+    choices, _, saved, _ = greedy_allocation(opts, 16.0)
+    assert choices == {"a": 4, "b": None, "c": 2} and saved >= 16.0
+    # a move that overshoots is undone when a cheaper layer already covers the need
+    choices, _, saved, loss = greedy_allocation({"x": [(2, 10.0, 0.0)], "y": [(2, 3.0, 0.5)]}, 9.0)
+    assert choices == {"x": 2, "y": None} and loss == 0.0
+
+
+def test_greedy_reports_an_impossible_budget():
+    with pytest.raises(ghostify.GhostifyError, match="cannot be met"):
+        greedy_allocation({"a": [(2, 1.0, 0.0)]}, 5.0)
+
+
+def test_allocator_picks_the_cheaper_to_lose_layer(chain_net):
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    table = _table({"conv1": {2: (total // 10, 1.0)}, "conv2": {2: (total // 10, 0.01)}}, total)
+    a = allocate(chain_net, target_macs=0.95, table=table, ratios=(2,), init="copy", input_size=SIZE, progress=False)
+    assert a.choices == {"conv1": None, "conv2": 2}
+    assert a.plan["conv1"].action == "skip" and "budget" in a.plan["conv1"].reason
+    assert a.plan["conv2"].action == "convert" and a.plan["conv2"].spec.ratio == 2
+    assert a.plan["stem"].action == "skip" and a.plan["stem"].reason.startswith("stem")
+
+
+def test_allocator_meets_a_macs_budget_and_the_plan_is_saved_and_replayed(chain_net, tmp_path):
+    data, x = _data(), torch.zeros(*SIZE)
+    a = allocate(chain_net, target_macs=0.75, ratios=(2, 4), calib_data=data, input_size=SIZE, progress=False)
+    ghost = ghostify.convert(chain_net, plan=a.plan, calib_data=data)
+    measured = ghostify.count(ghost, x).macs / ghostify.count(chain_net, x).macs
+    assert measured <= 0.75
+    assert measured == pytest.approx(a.predicted_cost_ratio)
+    path = ghostify.save(ghost, tmp_path / "g.safetensors", arch="conftest:ChainNet")
+    again = ghostify.load(path)
+    assert again.ghostify_info.plan.to_dict() == ghost.ghostify_info.plan.to_dict()
+    x = torch.randn(2, *SIZE[1:])
+    assert_close(again(x), ghost(x))
+
+
+def test_skip_slower_keeps_layers_whose_ghost_is_not_faster(chain_net, monkeypatch):
+    import ghostify.allocation as alloc
+
+    fake = {"conv1": {"conv": 1.0, 2: 0.5}, "conv2": {"conv": 1.0, 2: 1.2}}
+    monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
+    plan = skip_slower(chain_net, ghostify.make_plan(chain_net), torch.randn(*SIZE), progress=False)
+    assert plan["conv1"].action == "convert"
+    assert plan["conv2"].action == "skip" and "not faster" in plan["conv2"].reason
+
+
+def test_layer_latency_times_conv_and_ghosts(chain_net):
+    from ghostify.allocation import layer_latency
+
+    res = layer_latency(chain_net, {"conv1": [(2, 3, "dw"), (4, 1, "mix")]}, torch.randn(*SIZE), repeats=2,
+                        progress=False)
+    assert set(res["conv1"]) == {"conv", 2, 4} and all(v > 0 for v in res["conv1"].values())
+
+
+def test_cli_convert_target_macs_prints_saves_and_replays_the_plan(tmp_path, chain_net):
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    table = _table({"conv1": {2: (total // 10, 1.0)}, "conv2": {2: (total // 10, 0.01)}}, total)
+    table.save(tmp_path / "sens.json")
+    out, plan_json = tmp_path / "g.safetensors", tmp_path / "plan.json"
+    args = ["conftest:ChainNet", "--weights", "none", "--input-size", "3,16,16", "--init", "copy"]
+    r = CliRunner().invoke(cli, ["convert", *args, "--target-macs", "0.95", "--ratios", "2",
+                                 "--sensitivity", str(tmp_path / "sens.json"), "-o", str(out),
+                                 "--save-plan", str(plan_json), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "allocation (greedy" in r.stderr and "kept as conv by the budget allocation" in r.stderr
+    assert json.loads(r.stdout)["converted"] == ["conv2"]
+    for source in (plan_json, out):  # replay from the JSON plan and from the saved model
+        r2 = CliRunner().invoke(cli, ["convert", *args, "--plan", str(source), "--json"])
+        assert r2.exit_code == 0, r2.output
+        assert json.loads(r2.stdout)["converted"] == ["conv2"]
+
+
+def test_cli_budget_errors_are_one_line():
+    r = CliRunner().invoke(cli, ["convert", "conftest:ChainNet", "--weights", "none", "--target-macs", "1.5"])
+    assert r.exit_code != 0 and "fraction" in r.output

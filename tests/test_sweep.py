@@ -1,0 +1,110 @@
+"""Sweeps: resume, failing points, outputs (JSON/CSV round trip, a valid PNG), Pareto front, CLI."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ghostify.cli import cli
+from ghostify.sweep import Sweep, pareto_front, read_csv, read_results, write_csv
+
+SIZE = (1, 3, 16, 16)
+
+
+@pytest.fixture
+def labelled():
+    return [(torch.randn(8, *SIZE[1:]), torch.randint(0, 5, (8,))) for _ in range(2)]
+
+
+def _sweep(net, grid, folder, data, **kw):
+    return Sweep(net, grid, folder, eval_data=data, input_size=SIZE, meta={"model": "chain", "eval": "random"}, **kw)
+
+
+def test_rerun_skips_finished_points(chain_net, labelled, tmp_path):
+    rows = _sweep(chain_net, {"ratio": [2, 4]}, tmp_path, labelled).run(progress=False)
+    assert [r["point"] for r in rows] == ["original", '{"ratio": 2}', '{"ratio": 4}']
+    assert all(r["status"] == "ok" for r in rows)
+    assert rows[0]["macs_ratio"] == 1 and rows[0]["agree_top1"] == 1 and rows[2]["macs_ratio"] < rows[1]["macs_ratio"]
+
+    def must_not_run(settings):
+        raise AssertionError(f"point {settings} was measured again")
+
+    again = _sweep(chain_net, {"ratio": [2, 4]}, tmp_path, labelled, runner=must_not_run).run(progress=False)
+    assert again == rows
+    # a larger grid measures only the new point
+    seen = []
+    more = _sweep(chain_net, {"ratio": [2, 3, 4]}, tmp_path, labelled,
+                  runner=lambda s: seen.append(s) or {"macs_ratio": 0.5}).run(progress=False)
+    assert seen == [{"ratio": 3}] and len(more) == 4
+
+
+def test_resume_refuses_another_sweeps_folder(chain_net, labelled, tmp_path):
+    _sweep(chain_net, {"ratio": [2]}, tmp_path, labelled).run(progress=False)
+    other = Sweep(chain_net, {"ratio": [2]}, tmp_path, eval_data=labelled, input_size=SIZE,
+                  meta={"model": "another", "eval": "random"})
+    with pytest.raises(Exception, match="another model"):
+        other.run(progress=False)
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_completes(chain_net, labelled, tmp_path):
+    rows = _sweep(chain_net, {"ratio": [2], "dw_size": [2, 3]}, tmp_path, labelled).run(progress=False)
+    status = {r["point"]: r for r in rows}
+    bad = status['{"dw_size": 2, "ratio": 2}']
+    assert bad["status"] == "error" and "dw_size" in bad["error"]
+    assert status['{"dw_size": 3, "ratio": 2}']["status"] == "ok"
+    assert (tmp_path / "plot.png").exists() and "error: " in (tmp_path / "summary.md").read_text()
+    # the failed point is retried on rerun, the finished ones are not
+    seen = []
+    _sweep(chain_net, {"ratio": [2], "dw_size": [2, 3]}, tmp_path, labelled,
+           runner=lambda s: seen.append(s) or {}).run(progress=False)
+    assert seen == [{"ratio": 2, "dw_size": 2}]
+
+
+def test_json_and_csv_round_trip(chain_net, labelled, tmp_path):
+    rows = _sweep(chain_net, {"ratio": [2, 4], "init": ["copy"]}, tmp_path, labelled).run(progress=False)
+    assert read_results(tmp_path)["rows"] == json.loads(json.dumps(rows))
+    back = read_csv(tmp_path / "results.csv")
+    assert len(back) == len(rows)
+    for r, b in zip(rows, back):
+        for key in ("point", "status", "ratio", "init", "macs", "macs_ratio", "top1", "agree_top1", "kl"):
+            assert b[key] == (r.get(key) if not isinstance(r.get(key), float) else pytest.approx(r[key])), key
+    assert read_csv(write_csv(back, tmp_path / "again.csv")) == back
+
+
+def test_plot_is_a_valid_png_with_latency_panel(chain_net, labelled, tmp_path):
+    _sweep(chain_net, {"ratio": [2, 4]}, tmp_path, labelled, latency=True, repeats=2).run(progress=False)
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (990, 378)  # two panels: 11 x 4.2 inches at 90 dpi
+    rows = read_results(tmp_path)["rows"]
+    assert all(r["latency_ratio"] > 0 for r in rows)
+    assert "Pareto-optimal points (top1 against latency)" in (tmp_path / "summary.md").read_text()
+
+
+def test_pareto_front_keeps_undominated_points():
+    rows = [{"c": 1.0, "m": 0.9}, {"c": 0.6, "m": 0.95}, {"c": 0.5, "m": 0.7}, {"c": 0.8, "m": 0.6},
+            {"c": 0.3, "m": None}]
+    assert [r["c"] for r in pareto_front(rows, "c", "m")] == [0.5, 0.6]
+
+
+def test_allocation_points_beside_uniform_ones(chain_net, labelled, tmp_path):
+    data = [torch.randn(8, *SIZE[1:]) for _ in range(3)]
+    rows = _sweep(chain_net, {"ratio": [2], "init": ["calib"]}, tmp_path, labelled, calib_data=data,
+                  extra_points=[{"init": "calib", "target_macs": 0.8}], alloc_ratios=(2, 4)).run(progress=False)
+    budget = rows[-1]
+    assert budget["status"] == "ok", budget.get("error")
+    assert budget["target_macs"] == 0.8 and budget["macs_ratio"] <= 0.8
+    assert list(tmp_path.glob("sensitivity-*.json"))  # cached for the next run
+
+
+def test_cli_sweep_prints_table_and_writes_outputs(tmp_path):
+    out = tmp_path / "sw"
+    r = CliRunner().invoke(cli, ["sweep", "conftest:ChainNet", "--weights", "none", "--input-size", "3,16,16",
+                                 "--ratios", "2,4", "--eval", "photos:heldout", "--eval-limit", "6", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "| original" in r.stdout and "ratio=4" in r.stdout
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "summary.md", "plot.png"}
