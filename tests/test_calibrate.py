@@ -225,3 +225,24 @@ def test_cheap_auto_picks_the_family_that_fits(kind, tmp_path):
 def test_cheap_auto_needs_a_strategy_that_chooses():
     with pytest.raises(ghostify.GhostifyError, match="--init calib"):
         ghostify.LayerSpec(cheap="auto", init="copy")
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, residual_net):
+    """Traced models are calibrated in one lockstep pass; it must fit exactly what per-layer capture fits."""
+    model = residual_net.eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]
+    options = dict(ratio=2, init="calib", cheap="auto", calib_data=data, sequential=sequential)
+    fast = ghostify.convert(model, **options)
+    import ghostify.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "_single_input", lambda graph: False)  # force the hook path
+    slow = ghostify.convert(model, **options)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), slow(x))
+    a, b = ghostify.conversion_info(fast).layer_info, ghostify.conversion_info(slow).layer_info
+    assert a.keys() == b.keys() and len(a) >= 2
+    for name in a:
+        assert a[name]["heldout_error"] == pytest.approx(b[name]["heldout_error"], rel=1e-5)

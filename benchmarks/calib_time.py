@@ -1,0 +1,54 @@
+"""Wall time of a calibrated conversion (init="calib") of ResNet-50 on 256 photo crops at 224 px.
+
+The goal (issue 3): under 2 minutes on a 2-core CPU. No ImageNet ResNet-50 weights exist
+offline, so the model has torchvision's random initialisation: the time depends on the
+shapes, not on the weights (the fidelity figures live in the other benchmarks). The data
+are ``photos:calib`` crops (already decoded and cached by one untimed call).
+
+    python benchmarks/calib_time.py                      # resnet50, 256 images, cheap=dw
+    python benchmarks/calib_time.py --cheap mix --images 128
+    python benchmarks/calib_time.py --hooks              # the per-layer capture path, for comparison
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+GOAL_S = 120.0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ratio", type=int, default=2)
+    p.add_argument("--cheap", default="dw")
+    p.add_argument("--hooks", action="store_true", help="force per-layer capture instead of the lockstep pass")
+    args = p.parse_args(argv)
+
+    import torch
+    import torchvision
+
+    import ghostify
+    import ghostify.calibrate as calibrate
+
+    if args.hooks:
+        calibrate._single_input = lambda graph: False
+    data = ghostify.resolve_data("photos:calib", batch_size=args.batch_size, limit=args.images)
+    batches = [x for x, _ in data]
+    model = torchvision.models.get_model(args.model).eval()
+    t0 = time.perf_counter()
+    ghost = ghostify.convert(model, ratio=args.ratio, init="calib", cheap=args.cheap, calib_data=batches)
+    seconds = time.perf_counter() - t0
+    info = ghostify.conversion_info(ghost)
+    errs = [r["heldout_error"] for r in info.layer_info.values() if "heldout_error" in r]
+    print(f"{args.model} ratio {args.ratio} cheap={args.cheap} init=calib, {sum(len(b) for b in batches)} images "
+          f"{tuple(batches[0].shape[1:])}, {len(info.plan.converted)} layers, threads {torch.get_num_threads()}, "
+          f"{'hooks' if args.hooks else 'lockstep'}: {seconds:.1f} s (goal < {GOAL_S:.0f} s: "
+          f"{'met' if seconds < GOAL_S else 'missed'}); median held-out layer error "
+          f"{sorted(errs)[len(errs) // 2]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
