@@ -24,7 +24,7 @@ _EXPORTS = {
     "count": "counting", "measure_latency": "latency", "measure_layers": "latency",
     "sensitivity": "layer_sensitivity", "SensitivityTable": "layer_sensitivity",
     "allocate": "allocation", "Allocation": "allocation", "skip_slower": "allocation", "Sweep": "sweep",
-    "evaluate": "evaluation", "resolve_data": "data",
+    "evaluate": "evaluation", "layer_errors": "evaluation", "resolve_data": "data",
     "save": "serialization", "load": "serialization",
     "get_model": "zoo", "list_models": "zoo", "install_offline_weights": "zoo",
     "trace": "tracing", "GhostTracer": "tracing",

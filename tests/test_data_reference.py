@@ -214,3 +214,18 @@ def test_training_a_few_steps_reduces_the_loss_and_evaluate_restores_mode():
     assert 0.0 <= evaluate(model, data) <= 1.0 and model.training
     with pytest.raises(GhostifyError, match="needs labels"):
         evaluate(model, [x])
+
+
+def test_mnist_sample_splits_are_disjoint_and_offline():
+    calib = ghostify.resolve_data("mnist-sample:calib", batch_size=1000)
+    held = ghostify.resolve_data("mnist-sample:heldout", batch_size=5000)
+    xc = torch.cat([x for x, _ in calib])
+    xh, yh = next(iter(held))
+    assert xc.shape == (512, 1, 28, 28) and xh.shape == (4488, 1, 28, 28)
+    assert yh.bincount().tolist() != [0] * 10 and set(yh.tolist()) == set(range(10))
+    rows = {r.numpy().tobytes() for r in xc}
+    assert not any(r.numpy().tobytes() in rows for r in xh)  # no digit in both
+    # normalised like the mnist source: background pixels at -mean/std
+    assert xc.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)
+    with pytest.raises(ghostify.GhostifyError, match="mnist-sample:calib"):
+        ghostify.resolve_data("mnist-sample:train")
