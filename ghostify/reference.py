@@ -24,8 +24,8 @@ from torch import nn
 from .data import resolve_data
 from .errors import GhostifyError
 
-__all__ = ["CifarResNet", "BasicBlock", "VGGSmall", "resnet20", "vgg_small", "ARCHS", "train", "evaluate",
-           "save_checkpoint", "main"]
+__all__ = ["CifarResNet", "BasicBlock", "VGGSmall", "resnet20", "vgg_small", "resnet56", "vgg16_cifar", "ARCHS",
+           "train", "evaluate", "save_checkpoint", "main"]
 
 
 class BasicBlock(nn.Module):
@@ -130,6 +130,36 @@ def vgg_small(*, num_classes: int = 10, in_channels: int = 1) -> VGGSmall:
     model = VGGSmall(num_classes=num_classes, in_channels=in_channels)
     model.ghostify_arch = _recipe("vgg_small", num_classes=num_classes, in_channels=in_channels)
     return model
+
+
+def _with_recipe(model: nn.Module, name: str, **kwargs) -> nn.Module:
+    model.ghostify_arch = _recipe(name, **kwargs)
+    return model
+
+
+def resnet56(*, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-56 (He et al. 2016) for CIFAR: nine blocks per stage, 0.86 M parameters, 125 M MACs at 32x32.
+
+    Example:
+        >>> resnet56()(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    model = CifarResNet(9, (16, 32, 64), num_classes=num_classes, in_channels=in_channels)
+    return _with_recipe(model, "resnet56", num_classes=num_classes, in_channels=in_channels)
+
+
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_cifar(*, num_classes: int = 10, in_channels: int = 3) -> VGGSmall:
+    """VGG-16 with BN for CIFAR (the GhostNet paper's CIFAR-10 VGG-16): 13 convs, one Linear, 313 M MACs at 32x32.
+
+    Example:
+        >>> vgg16_cifar()(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    model = VGGSmall(VGG16_CFG, num_classes=num_classes, in_channels=in_channels)
+    return _with_recipe(model, "vgg16_cifar", num_classes=num_classes, in_channels=in_channels)
 
 
 ARCHS = {"resnet20": resnet20, "vgg_small": vgg_small}
