@@ -115,3 +115,21 @@ def test_cli_convert_target_macs_prints_saves_and_replays_the_plan(tmp_path, cha
 def test_cli_budget_errors_are_one_line():
     r = CliRunner().invoke(cli, ["convert", "conftest:ChainNet", "--weights", "none", "--target-macs", "1.5"])
     assert r.exit_code != 0 and "fraction" in r.output
+
+
+def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
+    import ghostify.allocation as alloc
+    import ghostify.latency
+
+    fake = {"conv1": {"conv": 1.0, 2: 0.4}, "conv2": {"conv": 1.0, 2: 1.5}}
+    monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
+    monkeypatch.setattr(ghostify.latency, "measure_latency", lambda models, x, **kw: {"model": {"median_ms": 4.0}})
+    table = _table({"conv1": {2: (100, 1.0)}, "conv2": {2: (100, 0.0)}}, 1000)
+    a = allocate(chain_net, target_latency=0.9, table=table, ratios=(2,), init="copy", input_size=SIZE,
+                 progress=False)
+    assert a.choices == {"conv1": 2, "conv2": None} and a.budget == "latency"
+    assert a.predicted_cost_ratio == pytest.approx(3.4 / 4.0)
+    assert "no Ghost ratio is faster" in a.plan["conv2"].reason
+    with pytest.raises(ghostify.GhostifyError, match="cannot be met"):
+        allocate(chain_net, target_latency=0.5, table=table, ratios=(2,), init="copy", input_size=SIZE,
+                 progress=False)

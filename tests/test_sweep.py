@@ -108,3 +108,14 @@ def test_cli_sweep_prints_table_and_writes_outputs(tmp_path):
     assert r.exit_code == 0, r.output
     assert "| original" in r.stdout and "ratio=4" in r.stdout
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.csv", "summary.md", "plot.png"}
+
+
+def test_cli_report_with_per_layer_latency(chain_net, tmp_path):
+    import ghostify
+
+    path = ghostify.save(ghostify.convert(chain_net), tmp_path / "g.safetensors", arch="conftest:ChainNet")
+    r = CliRunner().invoke(cli, ["report", str(path), "--latency", "--per-layer", "--repeats", "2",
+                                 "--input-size", "3,16,16"])
+    assert r.exit_code == 0, r.output
+    assert "latency batch 1 (ms)" in r.stdout and "per-layer latency inside the model" in r.stdout
+    assert "conv1" in r.stdout.split("per-layer latency")[1] and "rebuilt from the recorded architecture" in r.stderr
