@@ -29,6 +29,7 @@ _EXPORTS = {
     "get_model": "zoo", "list_models": "zoo", "install_offline_weights": "zoo",
     "trace": "tracing", "GhostTracer": "tracing",
     "GhostifyError": "errors",
+    "load_recipe": "recipe", "Recipe": "recipe",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
