@@ -118,7 +118,8 @@ class _Items(Dataset):
     """``(x, y)`` examples with an optional augmentation seeded by (seed, epoch, index), for exact resumes."""
 
     def __init__(self, get: Callable[[int], tuple], n: int, input_size: tuple[int, ...], augment=None, seed=0):
-        self.get, self.n, self.input_size, self.augment, self.seed, self.epoch = get, n, tuple(input_size), augment, seed, 0
+        self.get, self.n, self.input_size = get, n, tuple(input_size)
+        self.augment, self.seed, self.epoch = augment, seed, 0
 
     def __len__(self):
         return self.n
@@ -402,15 +403,16 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _evaluate(model: nn.Module, dataset: Dataset | None, dist: _Dist, batch_size: int, baseline=None) -> dict:
+def _evaluate(model: nn.Module, dataset: Dataset | None, dist: _Dist, batch_size: int, baseline=None,
+              workers: int = 0) -> dict:
     """``ghostify.evaluate`` on this rank's share of ``dataset``, combined over ranks."""
     from .evaluation import evaluate
 
     if dataset is None:
         return {}
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world))
-    res = evaluate(model, DataLoader(shard, batch_size=batch_size), baseline=baseline, progress=False,
-                   device=dist.device) if len(shard) else {}
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers)
+    res = evaluate(model, loader, baseline=baseline, progress=False, device=dist.device) if len(shard) else {}
     keys = ("top1", "top5") + (("agree_top1", "agree_top5", "kl") if baseline is not None else ())
     n = res.get("examples", 0)
     sums = dist.sum([n] + [res.get(k, 0.0) * n for k in keys])
@@ -472,7 +474,8 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: tuple[str, ...] |
         saved = from_dict(ckpt["recipe"])
         changed = [k for k in diff(saved, cfg) if k not in ("output_dir", "name")] if cfg is not None else []
         if changed:
-            print(f"note: resuming with the run's own recipe; ignoring changes to {', '.join(changed)}", file=sys.stderr)
+            print(f"note: resuming with the run's own recipe; ignoring changes to {', '.join(changed)}",
+                  file=sys.stderr)
         cfg = saved
         run_dir = Path(resume).parent
     else:
@@ -578,7 +581,8 @@ class _Run:
     def _evaluate(self, model, baseline=True) -> dict:
         t0 = time.perf_counter()
         try:
-            return _evaluate(model, self.val_set, self.dist, max(self.per_rank, 64), self.teacher if baseline else None)
+            return _evaluate(model, self.val_set, self.dist, max(self.per_rank, 64), self.teacher if baseline else None,
+                             self.cfg.data.workers)
         finally:
             self.eval_seconds += time.perf_counter() - t0
 
@@ -631,7 +635,8 @@ class _Run:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             self.student = student
         self.opt = _optimizer(cfg, student)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_factor(cfg, self.total_steps, self.steps_per_epoch))
+        factor = _lr_factor(cfg, self.total_steps, self.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.ema = None
         if cfg.train.ema_decay is not None:
@@ -687,6 +692,7 @@ class _Run:
         if self.channels_last:
             x = x.to(memory_format=torch.channels_last)
         use_teacher = cfg.loss.teacher
+        self.lr = self.opt.param_groups[0]["lr"]  # the rate this step uses
         with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             t_out = None
             if use_teacher:
@@ -746,7 +752,7 @@ class _Run:
                     red = dist.sum(acc[2:] + [parts[k] for k in keys])
                     row = {"step": self.step, "epoch": epoch + 1, "loss": red[0] / red[1],
                            **{k: v / dist.world for k, v in zip(keys, red[2:])},
-                           "lr": self.opt.param_groups[0]["lr"], "step_seconds": time.perf_counter() - ts}
+                           "lr": self.lr, "step_seconds": time.perf_counter() - ts}
                     self._log("steps.jsonl", row)
                     acc[2:] = [0.0, 0.0]
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)

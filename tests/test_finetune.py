@@ -188,6 +188,11 @@ def test_cli_finetune_then_eval_the_saved_model(tmp_path):
                               "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout[res.stdout.index("{"):])["top1"] == pytest.approx(report["after"]["top1"])
+    res = runner.invoke(cli, ["finetune", "recipes/mnist_vgg_r2.yaml", "-o", str(out), "--no-progress"])
+    assert res.exit_code != 0 and "exists and is not empty; pass --force" in res.output
+    res = runner.invoke(cli, ["finetune", "--resume", str(out / "last.ckpt"), "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output  # a finished run resumes to its end at once
+    assert json.loads(res.stdout[res.stdout.index("{"):])["steps"] == 2
 
 
 # -- the CIFAR and ImageNet recipes, a few steps on tiny fake data ------------------------------------
@@ -258,3 +263,18 @@ def test_feature_distillation_matches_layers_in_their_folded_order(tmp_path):
     s, t = ({n: feats[(k, n)] for n in folded} for k in ("s", "t"))
     assert feature_loss(s, t, folded) < 0.1
     assert feature_loss(s, t, dict.fromkeys(folded)) > 0.5  # ignoring the order compares the wrong channels
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["schedule.name=cosine", "schedule.warmup_steps=2", "optim.name=sgd"],
+     [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+    (["schedule.name=step", "schedule.milestones=[1, 1.5]", "schedule.gamma=0.5", "schedule.warmup_steps=0",
+      "optim.name=adamw"],
+     [1, 1, 1, 1, 0.5, 0.5]),  # 4 steps per epoch: the rate halves after step 4 and step 6
+])
+def test_schedules_and_optimizers(tmp_path, sets, expected):
+    res = finetune("recipes/mnist_resnet20_r2.yaml", output_dir=tmp_path / "run", progress=False, overrides=[
+        "train.batch_size=32", "data.limit=128", "data.val=null", "conversion.init=copy", "train.steps=6",
+        "train.log_every=1", "optim.lr=0.01", *sets])
+    lrs = [json.loads(line)["lr"] for line in (res.run_dir / "steps.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.01 * f for f in expected])
