@@ -622,12 +622,12 @@ class _Run:
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> FinetuneResult:
         cfg, dist = self.cfg, self.dist
+        _seed_all(cfg.seed)
+        self._data()  # data errors stop the run before the directory is made
         if self.ckpt is None:
             _prepare_dir(self.run_dir, self.force, dist)
             if dist.main:
                 _write_text(self.run_dir / RUN_MARKER, dump_yaml(cfg))
-        _seed_all(cfg.seed)
-        self._data()
         self._models()
         self._hooks()
         student = self.student

@@ -278,3 +278,13 @@ def test_schedules_and_optimizers(tmp_path, sets, expected):
         "train.log_every=1", "optim.lr=0.01", *sets])
     lrs = [json.loads(line)["lr"] for line in (res.run_dir / "steps.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.01 * f for f in expected])
+
+
+def test_data_errors_leave_no_run_directory(tmp_path):
+    with pytest.raises(GhostifyError, match=r"one batch of 256 needs more than the 100 training examples"):
+        finetune("recipes/mnist_resnet20_r2.yaml", overrides=["data.limit=100", "train.batch_size=256"],
+                 output_dir=tmp_path / "run", progress=False)
+    with pytest.raises(GhostifyError, match=r"no CIFAR-10 at .*data_batch_1 is missing"):
+        finetune("recipes/cifar10_resnet56_r2.yaml", overrides=[f"data.root={tmp_path}", "model.weights=none"],
+                 output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
