@@ -265,7 +265,9 @@ def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen)
     """Fit ``layer.ghost`` (and, for ``cheap="auto"``, a ``mix`` candidate that may replace it) on ``xs -> ys``."""
     candidates = [layer.ghost]
     if layer.cheap_auto and layer.ghost.cheap is not None:
-        candidates.append(GhostConv2d.from_conv(layer.conv, layer.ghost.ratio, 1, "mix", cheap_bias=True))
+        mix = GhostConv2d.from_conv(layer.conv, layer.ghost.ratio, 1, "mix", cheap_bias=True)
+        if _macs_per_position(mix) <= layer.conv.weight.numel():  # not where mixing costs more than the conv
+            candidates.append(mix)
     scored = []
     for ghost in candidates:
         _fit_layer(layer.conv, ghost, xs, ys, positions, ridge, refit, gen, layer.fixed_order)

@@ -322,7 +322,7 @@ def _mnist(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
 
 
 def _mnist_source(name, images: np.ndarray, labels: np.ndarray, batch_size, shuffle, seed) -> DataSource:
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+    x = torch.from_numpy(np.array(images, dtype=np.uint8))  # a writable copy
     y = torch.from_numpy(labels.astype(np.int64))
     normalise = lambda b: b.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
     return _tensor_source(name, x, y, (1, 28, 28), batch_size, shuffle, seed, normalise)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["GhostConv2d", "GhostModule", "DepthwiseCheap", "MixCheap", "CHEAP_OPS", "register_cheap_op"]
+__all__ = ["ghost_macs_per_position", "GhostConv2d", "GhostModule", "DepthwiseCheap", "MixCheap", "CHEAP_OPS", "register_cheap_op"]
 
 
 class DepthwiseCheap(nn.Module):
@@ -109,6 +109,30 @@ def register_cheap_op(name: str, factory: Callable[..., nn.Module] | None = None
         return f
 
     return add(factory) if factory is not None else add
+
+
+def ghost_macs_per_position(in_channels: int, out_channels: int, kernel_size, ratio: int, dw_size: int,
+                            cheap: str) -> tuple[int, int]:
+    """Multiply-adds per output position of a Ghost layer and of the conv it replaces: ``(ghost, conv)``.
+
+    The primary conv costs ``m * in * kh * kw``; ``dw`` adds ``m * (ratio - 1) * d^2`` (its conv
+    computes every slot), ``mix`` adds ``m * (n - m)`` and ``(n - m) * d^2`` with a depthwise
+    conv after it. Other families are counted like ``dw``.
+
+    Example:
+        >>> ghost_macs_per_position(64, 64, 3, 2, 3, "dw")
+        (18720, 36864)
+        >>> ghost_macs_per_position(24, 144, 1, 2, 1, "mix")  # mixing 72 maps costs more than the conv
+        (6912, 3456)
+    """
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    m = math.ceil(out_channels / ratio)
+    ghosts = out_channels - m
+    cheap_cost = 0
+    if ghosts:
+        cheap_cost = (m * ghosts + (ghosts * dw_size * dw_size if dw_size > 1 else 0) if cheap == "mix"
+                      else m * (ratio - 1) * dw_size * dw_size)
+    return m * in_channels * kh * kw + cheap_cost, out_channels * in_channels * kh * kw
 
 
 class GhostConv2d(nn.Module):

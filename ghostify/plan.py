@@ -22,7 +22,7 @@ from torch import nn
 
 from . import tracing
 from .errors import GhostifyError
-from .modules import CHEAP_OPS, GhostConv2d
+from .modules import CHEAP_OPS, GhostConv2d, ghost_macs_per_position
 
 __all__ = ["LayerSpec", "GhostConfig", "PlanEntry", "Plan", "make_plan"]
 
@@ -311,6 +311,12 @@ def _decide(name: str, conv: nn.Conv2d, stem: bool, shared: bool, cfg: GhostConf
         return skip("module is called more than once; Ghost conversion would change every call site")
     if conv.out_channels < 2 * spec.ratio:
         return skip(f"out_channels={conv.out_channels} < 2*ratio={2 * spec.ratio}: too few channels to gain")
+    cheap = "dw" if spec.cheap == "auto" else spec.cheap
+    ghost, plain = ghost_macs_per_position(conv.in_channels, conv.out_channels, conv.kernel_size, spec.ratio,
+                                           spec.dw_size, cheap)
+    if ghost > plain and not cfg.explicit_name(name):
+        return skip(f"no saving: the Ghost form (cheap={cheap}) costs {ghost} MACs per position, the conv {plain}; "
+                    f"an override on '{name}' converts it anyway")
     entry.action, entry.spec = "convert", spec
     return entry
 
@@ -320,7 +326,9 @@ def make_plan(model: nn.Module, config: GhostConfig | None = None, *, leaf_modul
     """Decide, for every ``nn.Conv2d`` in ``model``, whether and how it converts. Pure: ``model`` is not changed.
 
     Defaults follow GhostNet: convert every conv except the stem; skip grouped convs,
-    non-``zeros`` padding and convs with fewer than ``2 * ratio`` outputs.
+    non-``zeros`` padding, convs with fewer than ``2 * ratio`` outputs and convs whose Ghost
+    form would cost more MACs (see :func:`ghostify.modules.ghost_macs_per_position`);
+    an exact-name override converts the last two anyway.
 
     Example:
         >>> import torchvision

@@ -85,7 +85,7 @@ class UntraceableNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 12, 1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -104,7 +104,7 @@ class SharedConvNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.shared = nn.Conv2d(8, 8, 3, padding=1)
-        self.last = nn.Conv2d(8, 8, 1)
+        self.last = nn.Conv2d(8, 16, 3, padding=1)
 
     def forward(self, x):
         x = torch.relu(self.stem(x))

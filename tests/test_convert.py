@@ -193,7 +193,7 @@ class GatedNet(nn.Module):
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.conv = nn.Conv2d(8, 8, 3, padding=1)
         self.gate = Gate()
-        self.out = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
         return self.out(self.gate(self.conv(self.stem(x))))

@@ -258,3 +258,14 @@ def test_table_lists_every_layer(odd_net):
     assert list(rows) == ["stem", "dw", "reflect", "ok", "small"]
     assert rows["ok"].split() == ["ok", "8->8", "3x3/1", "convert", "2", "3", "copy", "dw"]
     assert "skip" in rows["small"] and "too few channels" in rows["small"]
+
+
+def test_layers_whose_ghost_form_costs_more_are_skipped():
+    # 8 -> 8 1x1: conv 64 MACs per position; ratio 2 with a 3x3 depthwise: 4*8 + 4*9 = 68
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1))
+    plan = make_plan(net)
+    assert plan["2"].action == "skip" and "costs 68 MACs per position, the conv 64" in plan["2"].reason
+    assert plan["4"].action == "skip"  # 8 -> 32: conv 256, ghost 16*8 + 16*9 = 272
+    # a 1x1 depthwise op makes both pay (4*8 + 4 = 36 < 64); an exact-name override forces a layer
+    assert make_plan(net, GhostConfig(LayerSpec(dw_size=1)))["2"].action == "convert"
+    assert make_plan(net, GhostConfig().set("2", {"ratio": 2}))["2"].action == "convert"
