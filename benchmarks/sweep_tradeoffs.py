@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sensitivity", default=None, help="a ready table (JSON) instead of measuring it")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--scatter", action="store_true",
+                    help="calibrated points choose intrinsic channels freely where the order cannot fold")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,10 +84,11 @@ def main() -> None:
     model = ghostify.get_model(setup["model"]).eval()
     calib, sens_data, test, desc = data_for(args.model, args)
     print(json.dumps(desc, indent=1), file=sys.stderr)
-    spec = dict(dw_size=1, init="calib", cheap="mix")
+    spec = dict(dw_size=1, init="calib", cheap="mix", **({"scatter": True} if args.scatter else {}))
     ratios = [2] if args.quick else setup["ratios"]
 
-    table_path = Path(args.sensitivity) if args.sensitivity else out / "sensitivity-kl.json"
+    suffix = "-scatter" if args.scatter else ""
+    table_path = Path(args.sensitivity) if args.sensitivity else out / f"sensitivity-kl{suffix}.json"
     if table_path.exists():
         sens = SensitivityTable.load(table_path)
     else:
@@ -96,16 +99,17 @@ def main() -> None:
         sens.settings["data"] = desc
         out.mkdir(parents=True, exist_ok=True)
         sens.save(table_path)
-        sens.plot(out / "sensitivity.png")
+        sens.plot(out / f"sensitivity{suffix}.png")
     print(sens.table(), file=sys.stderr)
 
     common = dict(eval_data=test, calib_data=calib, input_size=setup["input_size"], latency=not args.no_latency,
                   threads=args.threads, repeats=10, meta={"model": setup["model"], **desc},
                   alloc_ratios=tuple(sens.ratios), alloc_table=sens)
-    grid = {"ratio": ratios, "dw_size": [1], "init": ["calib"], "cheap": ["mix"]}
-    copy_points = [{"ratio": r, "dw_size": 3, "init": "copy", "cheap": "dw"} for r in ratios]
+    grid = {"ratio": ratios, **{k: [v] for k, v in spec.items()}}
+    copy_points = [] if args.scatter else [{"ratio": r, "dw_size": 3, "init": "copy", "cheap": "dw"} for r in ratios]
     rows = Sweep(model, grid, out, extra_points=copy_points, **common).run()
-    uniform = [r for r in rows if r.get("init") == "calib" and r.get("ratio") and r["status"] == "ok"]
+    uniform = [r for r in rows if r.get("init") == "calib" and r.get("ratio") and r["status"] == "ok"
+               and bool(r.get("scatter")) == args.scatter]
     targets = sorted({round(t, 4) for t in (args.targets or setup["targets"])}
                      | {round(r["macs_ratio"], 4) for r in uniform if r["macs_ratio"] < 1}, reverse=True)
     budget = [{**spec, "target_macs": t} for t in targets]

@@ -88,6 +88,9 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
     os.replace(tmp, path)
 
 
@@ -408,8 +411,8 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str, title: str = "")
     groups: dict[str, list[dict]] = {}
     for r in ok:
         g = "original" if r["point"] == "original" else (
-            "budget" if r.get("target_macs") is not None or r.get("target_latency") is not None
-            else f"{r.get('init', 'copy')}/{r.get('cheap', 'dw')}")
+            ("budget " if r.get("target_macs") is not None or r.get("target_latency") is not None else "uniform ")
+            + f"{r.get('init', 'copy')}/{r.get('cheap', 'dw')}" + (" scatter" if r.get("scatter") else ""))
         groups.setdefault(g, []).append(r)
     for ax, (cost, label) in zip(axes[0], costs):
         for g, rs in sorted(groups.items()):
