@@ -95,11 +95,23 @@ def _pads(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def _patches(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Input patches of ``conv`` at output positions ``pos`` (per image), as rows with a trailing 1."""
-    cols = F.unfold(F.pad(x, _pads(conv, x)), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    cols = cols[:, :, pos].permute(0, 2, 1).reshape(-1, cols.shape[1])
+def _patches(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_width: int) -> torch.Tensor:
+    """Input patches of ``conv`` at output positions ``pos`` (per image), as rows with a trailing 1.
+
+    Gathered tap by tap at the sampled positions only (``F.unfold`` would build every patch);
+    the columns are ordered like ``conv.weight.reshape(n, -1)``: channel, then kernel row, column.
+    """
+    cols = _gather(F.pad(x, _pads(conv, x)), conv.kernel_size, conv.stride, conv.dilation, pos, out_width)
+    cols = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
     return torch.cat([cols, cols.new_ones(len(cols), 1)], 1)
+
+
+def _gather(xp: torch.Tensor, kernel, stride, dilation, pos: torch.Tensor, out_width: int) -> torch.Tensor:
+    """``F.unfold(xp, ...)[:, :, pos]`` for an already padded ``xp``, computed only at ``pos``: ``(N, C*kh*kw, P)``."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    r0, c0 = (pos // out_width) * sh, (pos % out_width) * sw
+    taps = [xp[:, :, r0 + i * dh, c0 + j * dw] for i in range(kh) for j in range(kw)]  # each (N, C, P)
+    return torch.stack(taps, 2).reshape(len(xp), -1, len(pos))
 
 
 def _positions(total: int, per_image: int, gen: torch.Generator) -> torch.Tensor:
@@ -107,8 +119,10 @@ def _positions(total: int, per_image: int, gen: torch.Generator) -> torch.Tensor
 
 
 def _ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
-    lam = ridge * a.diagonal().mean().clamp_min(1e-12)
-    return torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), b)
+    """``(a + l I) w = b`` with ``l = ridge * mean(diag a)``; Cholesky (half the work of LU) when it succeeds."""
+    reg = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(a), dtype=a.dtype)
+    chol, bad = torch.linalg.cholesky_ex(reg)
+    return torch.linalg.solve(reg, b) if bad.item() else torch.cholesky_solve(b, chol)
 
 
 def _pivoted_cholesky(cov: torch.Tensor, m: int) -> list[int]:
@@ -175,15 +189,16 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
     gen = torch.Generator().manual_seed(seed)
     n_fit = len(batches) - n_hold
 
-    def fit(layer: Layer, xs: list, ys: list) -> tuple[nn.Module, dict]:
-        """Fit ``layer`` on batches ``[:n_fit]``, measure on the rest; returns the module to use and its record."""
-        rec = _calibrate_layer(layer, xs[:n_fit], ys[:n_fit], xs[n_fit:], ys[n_fit:], positions, ridge,
-                               refit_intrinsic, gen)
+    def fit(layer: Layer, xs: list, ys: list) -> tuple[dict, list]:
+        """Fit ``layer`` on batches ``[:n_fit]``, measure on the rest; returns its record and its outputs."""
+        rec, outs = _calibrate_layer(layer, xs[:n_fit], ys[:n_fit], xs[n_fit:], ys[n_fit:], positions, ridge,
+                                     refit_intrinsic, gen)
         rec["kept_conv"] = bool(max_layer_error is not None
                                 and rec.get("heldout_error", rec["calib_error"]) > max_layer_error)
-        chosen = layer.conv if rec["kept_conv"] else layer.ghost
-        converted.set_submodule(layer.name, chosen)
-        return chosen, rec
+        if rec["kept_conv"]:  # the conv's own outputs (on the converted model's inputs when sequential)
+            outs = [layer.conv(x) for x in xs] if sequential else ys
+        converted.set_submodule(layer.name, layer.conv if rec["kept_conv"] else layer.ghost)
+        return rec, outs
 
     if isinstance(converted, fx.GraphModule) and _single_input(converted.graph):
         return _lockstep(original, converted, layers, batches, sequential, fit)
@@ -192,7 +207,7 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         src = converted if sequential else original
         src_mod = layer.ghost if sequential else original.get_submodule(layer.name)
         info[layer.name] = fit(layer, _capture(src, src_mod, batches, "input"),
-                               _capture(original, original.get_submodule(layer.name), batches, "output"))[1]
+                               _capture(original, original.get_submodule(layer.name), batches, "output"))[0]
     return info
 
 
@@ -243,8 +258,7 @@ def _lockstep(original: nn.Module, converted: fx.GraphModule, layers: list[Layer
             env_o[node] = [run(node, env_o, original, b) for b in range(len(batches))]
             xs = [fx.node.map_arg(node.args, lambda n: (env_c if sequential else env_o)[n][b])[0]
                   for b in range(len(batches))]
-            module, info[layer.name] = fit(layer, xs, env_o[node])
-            env_c[node] = [module(x) for x in xs]
+            info[layer.name], env_c[node] = fit(layer, xs, env_o[node])
         else:
             env_o[node] = [run(node, env_o, original, b) for b in range(len(batches))]
             env_c[node] = [run(node, env_c, converted, b) for b in range(len(batches))]
@@ -261,8 +275,11 @@ def _fetch(root: nn.Module, target: str):
     return obj
 
 
-def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen) -> dict:
-    """Fit ``layer.ghost`` (and, for ``cheap="auto"``, a ``mix`` candidate that may replace it) on ``xs -> ys``."""
+def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen) -> tuple[dict, list]:
+    """Fit ``layer.ghost`` (and, for ``cheap="auto"``, a ``mix`` candidate that may replace it) on ``xs -> ys``.
+
+    Returns the record and the chosen layer's outputs on ``xs + hx``.
+    """
     candidates = [layer.ghost]
     if layer.cheap_auto and layer.ghost.cheap is not None:
         mix = GhostConv2d.from_conv(layer.conv, layer.ghost.ratio, 1, "mix", cheap_bias=True)
@@ -271,16 +288,17 @@ def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen)
     scored = []
     for ghost in candidates:
         _fit_layer(layer.conv, ghost, xs, ys, positions, ridge, refit, gen, layer.fixed_order)
-        rec = {"calib_error": _rel_error(ghost, xs, ys)}
+        outs = [ghost(x) for x in xs + hx]
+        rec = {"calib_error": _rel_error(outs[:len(xs)], ys)}
         if hx:
-            rec["heldout_error"] = _rel_error(ghost, hx, hy)
-        scored.append((rec.get("heldout_error", rec["calib_error"]) * _macs_per_position(ghost), ghost, rec))
-    _, ghost, rec = min(scored, key=lambda t: t[0])
+            rec["heldout_error"] = _rel_error(outs[len(xs):], hy)
+        scored.append((rec.get("heldout_error", rec["calib_error"]) * _macs_per_position(ghost), ghost, rec, outs))
+    _, ghost, rec, outs = min(scored, key=lambda t: t[0])
     if layer.cheap_auto:
         rec["cheap"] = {"cheap": ghost.cheap_kind, "dw_size": ghost.dw_size,
-                        "scores": {g.cheap_kind: s for s, g, _ in scored}}
+                        "scores": {g.cheap_kind: s for s, g, *_ in scored}}
     layer.ghost = ghost
-    return rec
+    return rec, outs
 
 
 def _macs_per_position(ghost: GhostConv2d) -> int:
@@ -292,8 +310,8 @@ init_calib.cheap_bias = True  # the ghosts' fitted intercepts need a bias in the
 init_calib.chooses_cheap = True  # supports cheap="auto"
 
 
-def _rel_error(ghost: nn.Module, xs, ys) -> float:
-    num = sum(((ghost(x) - y) ** 2).sum().item() for x, y in zip(xs, ys))
+def _rel_error(outs, ys) -> float:
+    num = sum(((o - y) ** 2).sum().item() for o, y in zip(outs, ys))
     den = sum((y**2).sum().item() for y in ys)
     return math.sqrt(num / den) if den > 0 else 0.0
 
@@ -315,7 +333,7 @@ def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridg
         pos = _positions(y.shape[2] * y.shape[3], positions, gen)
         pos_per_batch.append(pos)
         # products in float32 (the bulk of the time, 2x faster than float64), sums in float64
-        p = _patches(conv, x.cpu().float(), pos)
+        p = _patches(conv, x.cpu().float(), pos, y.shape[3])
         t = y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, n).cpu().float()
         a += (p.T @ p).double()
         b += (p.T @ t).double()
@@ -332,14 +350,15 @@ def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridg
     else:
         intrinsic = select_intrinsic(cov.float(), m)
     rest = sorted(set(range(n)) - set(intrinsic))
+    b = b[:, intrinsic]  # only the intrinsic filters are refit
     if refit and conv.bias is not None:
-        w_all = _ridge_solve(a, b, ridge)
+        w_i = _ridge_solve(a, b, ridge)
     elif refit:  # no bias in the layer: fit without the intercept column
-        w_all = torch.cat([_ridge_solve(a[:-1, :-1], b[:-1], ridge), a.new_zeros(1, n)])
+        w_i = torch.cat([_ridge_solve(a[:-1, :-1], b[:-1], ridge), a.new_zeros(1, m)])
     else:
-        w_all = torch.cat([conv.weight.detach().reshape(n, -1).T.double(),
-                           (conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(n)).double()[None]])
-    w_i = w_all[:, intrinsic]
+        w_i = torch.cat([conv.weight.detach().reshape(n, -1).T.double(),
+                         (conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(n)).double()[None]])
+        w_i = w_i[:, intrinsic]
     prim = ghost.primary
     prim.weight.copy_(w_i[:-1].T.reshape(prim.weight.shape).to(prim.weight.dtype))
     if prim.bias is not None:
@@ -363,12 +382,12 @@ def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None
     b = torch.zeros(g, q, dtype=torch.float64)
     for x, y, pos in zip(xs, ys, pos_per_batch):
         z = prim(x)
-        zc = F.unfold(z, d, padding=d // 2)[:, :, pos]  # (N, m*d*d, P)
+        zc = _gather(F.pad(z, (d // 2,) * 4), (d, d), (1, 1), (1, 1), pos, z.shape[3])  # (N, m*d*d, P)
         zc = zc.reshape(len(z), z.shape[1], d * d, -1)[:, parents]  # (N, g, d*d, P)
-        zc = torch.cat([zc, zc.new_ones(zc.shape[0], g, 1, zc.shape[-1])], 2).double()
-        t = y.flatten(2)[:, slots][:, :, pos].double()  # (N, g, P)
-        a += torch.einsum("ngip,ngjp->gij", zc, zc)
-        b += torch.einsum("ngip,ngp->gi", zc, t)
+        zc = torch.cat([zc, zc.new_ones(zc.shape[0], g, 1, zc.shape[-1])], 2).float()
+        t = y.flatten(2)[:, slots][:, :, pos].float()  # (N, g, P)
+        a += torch.einsum("ngip,ngjp->gij", zc, zc).double()
+        b += torch.einsum("ngip,ngp->gi", zc, t).double()
     lam = ridge * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
     sol = torch.linalg.solve(a + lam[:, None, None] * torch.eye(q, dtype=a.dtype), b[..., None])[..., 0]
     dw = ghost.cheap.conv
@@ -383,11 +402,11 @@ def _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> Non
     a = torch.zeros(m + 1, m + 1, dtype=torch.float64)
     b = torch.zeros(m + 1, len(slots), dtype=torch.float64)
     for x, y, pos in zip(xs, ys, pos_per_batch):
-        z = prim(x).flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, m).double()
+        z = prim(x).flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, m).float()
         z = torch.cat([z, z.new_ones(len(z), 1)], 1)
-        t = y.flatten(2)[:, slots][:, :, pos].permute(0, 2, 1).reshape(-1, len(slots)).double()
-        a += z.T @ z
-        b += z.T @ t
+        t = y.flatten(2)[:, slots][:, :, pos].permute(0, 2, 1).reshape(-1, len(slots)).float()
+        a += (z.T @ z).double()
+        b += (z.T @ t).double()
     sol = _ridge_solve(a, b, ridge)
     ghost.cheap.load_mix(sol[:-1].T)
     _set_ghost_bias(ghost, ghost.cheap.mix, sol[-1], len(slots))

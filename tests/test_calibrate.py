@@ -246,3 +246,24 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
     assert a.keys() == b.keys() and len(a) >= 2
     for name in a:
         assert a[name]["heldout_error"] == pytest.approx(b[name]["heldout_error"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=(3, 5), dilation=2, padding="same"), dict(kernel_size=1, stride=2),
+                                dict(kernel_size=3, padding="valid")])
+def test_patches_at_sampled_positions_equal_unfold(kw):
+    from ghostify.calibrate import _pads, _patches
+
+    conv = nn.Conv2d(4, 6, **kw)
+    x = torch.randn(2, 4, 11, 9)
+    y = conv(x)
+    pos = torch.randperm(y.shape[2] * y.shape[3])[:7]
+    cols = nn.functional.unfold(nn.functional.pad(x, _pads(conv, x)), conv.kernel_size, dilation=conv.dilation,
+                                stride=conv.stride)
+    expected = cols[:, :, pos].permute(0, 2, 1).reshape(-1, cols.shape[1])
+    got = _patches(conv, x, pos, y.shape[3])
+    torch.testing.assert_close(got[:, :-1], expected)
+    assert (got[:, -1] == 1).all()
+    # the rows reproduce the conv's outputs at those positions
+    w = torch.cat([conv.weight.reshape(6, -1).T, conv.bias[None]])
+    torch.testing.assert_close(got @ w, y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, 6), rtol=1e-4, atol=1e-5)
