@@ -25,7 +25,10 @@ def main(argv=None):
     p.add_argument("--ratio", type=int, default=2)
     p.add_argument("--cheap", default="dw")
     p.add_argument("--hooks", action="store_true", help="force per-layer capture instead of the lockstep pass")
+    p.add_argument("--quick", action="store_true", help="resnet18, 16 images: checks the script only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.images, args.batch_size = "resnet18", 16, 8
 
     import torch
     import torchvision

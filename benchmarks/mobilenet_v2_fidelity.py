@@ -30,7 +30,10 @@ def main(argv=None):
     p.add_argument("--ratios", default="2,3,4")
     p.add_argument("--goal", type=float, default=0.90)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="16 + 16 crops, ratio 2: checks the script only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.calib, args.heldout, args.ratios = 16, 16, "2"
 
     import ghostify
 
