@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import GhostifyError
-from .modules import GhostConv2d
+from .modules import GhostConv2d, ghost_macs_per_position
 from .transfer import Layer, copy_layer, pair_ghosts, register_init, select_intrinsic
 
 __all__ = ["init_calib", "as_input_batches"]
@@ -283,7 +283,7 @@ def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen)
     candidates = [layer.ghost]
     if layer.cheap_auto and layer.ghost.cheap is not None:
         mix = GhostConv2d.from_conv(layer.conv, layer.ghost.ratio, 1, "mix", cheap_bias=True)
-        if _macs_per_position(mix) <= layer.conv.weight.numel():  # not where mixing costs more than the conv
+        if _cost(layer.conv, mix) <= layer.conv.weight.numel():  # not where mixing costs more than the conv
             candidates.append(mix)
     scored = []
     for ghost in candidates:
@@ -292,7 +292,7 @@ def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen)
         rec = {"calib_error": _rel_error(outs[:len(xs)], ys)}
         if hx:
             rec["heldout_error"] = _rel_error(outs[len(xs):], hy)
-        scored.append((rec.get("heldout_error", rec["calib_error"]) * _macs_per_position(ghost), ghost, rec, outs))
+        scored.append((rec.get("heldout_error", rec["calib_error"]) * _cost(layer.conv, ghost), ghost, rec, outs))
     _, ghost, rec, outs = min(scored, key=lambda t: t[0])
     if layer.cheap_auto:
         rec["cheap"] = {"cheap": ghost.cheap_kind, "dw_size": ghost.dw_size,
@@ -301,9 +301,10 @@ def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen)
     return rec, outs
 
 
-def _macs_per_position(ghost: GhostConv2d) -> int:
-    """Multiply-adds per output position of a Ghost layer (its convs' weights)."""
-    return sum(m.weight.numel() for m in ghost.modules() if isinstance(m, nn.Conv2d))
+def _cost(conv: nn.Conv2d, ghost: GhostConv2d) -> int:
+    """Multiply-adds per output position of ``ghost`` (the plan's formula, so both agree)."""
+    return ghost_macs_per_position(conv.in_channels, conv.out_channels, conv.kernel_size, ghost.ratio,
+                                   ghost.dw_size, ghost.cheap_kind)[0]
 
 
 init_calib.cheap_bias = True  # the ghosts' fitted intercepts need a bias in the cheap op

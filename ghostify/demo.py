@@ -33,7 +33,7 @@ def _model(name: str):
         return get_model(name, weights="none"), "random (no network)"
 
 
-def _training_free(threads: int) -> None:
+def _training_free() -> None:
     import ghostify
     from pathlib import Path
 
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         print(rep.table(layers=False))
         print()
     if "--skip-training-free" not in (sys.argv[1:] if argv is None else argv):
-        _training_free(threads)
+        _training_free()
 
 
 if __name__ == "__main__":
