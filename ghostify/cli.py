@@ -10,6 +10,7 @@ import sys
 import click
 
 from .errors import GhostifyError
+from .ratio import check_ratio
 from .tradeoff_cli import budget_options
 
 # Python-API fields the layer options mirror (ghostify.LayerSpec); kept in step by a test.
@@ -54,6 +55,19 @@ def _user_errors(fn):
     return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of unexpected errors.")(wrapper)
 
 
+class _Ratio(click.ParamType):
+    name = "RATIO"
+
+    def convert(self, value, param, ctx):
+        try:
+            return check_ratio(float(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a ratio; use a number >= 1, e.g. 2 or 1.5", param, ctx)
+
+
+RATIO = _Ratio()
+
+
 def _parse_override(text: str) -> tuple[str, dict | None]:
     pattern, sep, spec = text.partition(":")
     if not sep or not pattern:
@@ -68,9 +82,10 @@ def _parse_override(text: str) -> tuple[str, dict | None]:
             raise GhostifyError(f"--override '{text}': '{item}' is not KEY=VALUE with KEY in {', '.join(LAYER_OPTIONS)}")
         if key in ("ratio", "dw_size"):
             try:
-                value = int(value)
+                value = check_ratio(float(value)) if key == "ratio" else int(value)
             except ValueError:
-                raise GhostifyError(f"--override '{text}': {key} must be an integer (got '{value}')") from None
+                kind = "a number >= 1" if key == "ratio" else "an integer"
+                raise GhostifyError(f"--override '{text}': {key} must be {kind} (got '{value}')") from None
         out[key] = value
     return pattern, out
 
@@ -101,8 +116,9 @@ def _selection_options(fn):
     opts = [
         click.option("--weights", default="DEFAULT", show_default=True,
                      help="DEFAULT, a weights enum name (IMAGENET1K_V2), none, or a state-dict file."),
-        click.option("--ratio", type=click.IntRange(min=1), default=2, show_default=True,
-                     help="s: keep ceil(n/s) intrinsic filters per converted conv."),
+        click.option("--ratio", type=RATIO, default=2, show_default=True,
+                     help="s: keep ceil(n/s) intrinsic filters per converted conv (2, 3, 4, ... or a fraction "
+                          "like 1.5)."),
         click.option("--dw-size", type=int, default=3, show_default=True, callback=_odd,
                      help="Kernel size of the cheap depthwise op (odd)."),
         click.option("--init", "init", default="copy", show_default=True,

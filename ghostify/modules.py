@@ -18,14 +18,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .ratio import check_ratio, per_parent
+
 __all__ = ["ghost_macs_per_position", "GhostConv2d", "GhostModule", "DepthwiseCheap", "MixCheap", "CHEAP_OPS", "register_cheap_op"]
 
 
 class DepthwiseCheap(nn.Module):
-    """The paper's cheap op: a ``dw_size x dw_size`` depthwise conv, ``ratio - 1`` ghosts per intrinsic map.
+    """The paper's cheap op: a ``dw_size x dw_size`` depthwise conv, ``ceil(ratio - 1)`` ghosts per intrinsic map.
 
-    Ghost slot ``k`` is computed from intrinsic map ``k // (ratio - 1)`` (see :meth:`parents`).
-    Slots past ``num_ghosts`` are computed by the conv and dropped.
+    Ghost slot ``k`` is computed from intrinsic map ``k // ceil(ratio - 1)`` (see :meth:`parents`).
+    Slots past ``num_ghosts`` are computed by the conv and dropped (with a fractional ratio
+    below 2 only the first ``num_ghosts`` intrinsic maps have a ghost).
 
     Example:
         >>> op = DepthwiseCheap(intrinsic=4, num_ghosts=7, ratio=3, dw_size=3)
@@ -33,12 +36,12 @@ class DepthwiseCheap(nn.Module):
         torch.Size([1, 7, 8, 8])
     """
 
-    def __init__(self, intrinsic: int, num_ghosts: int, ratio: int, dw_size: int = 3, bias: bool = False):
+    def __init__(self, intrinsic: int, num_ghosts: int, ratio: float, dw_size: int = 3, bias: bool = False):
         super().__init__()
         if dw_size < 1 or dw_size % 2 == 0:
             raise ValueError(f"dw_size must be a positive odd number (got {dw_size}); use 1, 3 or 5")
         self.num_ghosts = num_ghosts
-        self.per_parent = ratio - 1
+        self.per_parent = per_parent(ratio)
         self.conv = nn.Conv2d(intrinsic, intrinsic * self.per_parent, dw_size, padding=dw_size // 2,
                               groups=intrinsic, bias=bias)
 
@@ -111,11 +114,11 @@ def register_cheap_op(name: str, factory: Callable[..., nn.Module] | None = None
     return add(factory) if factory is not None else add
 
 
-def ghost_macs_per_position(in_channels: int, out_channels: int, kernel_size, ratio: int, dw_size: int,
+def ghost_macs_per_position(in_channels: int, out_channels: int, kernel_size, ratio: float, dw_size: int,
                             cheap: str) -> tuple[int, int]:
     """Multiply-adds per output position of a Ghost layer and of the conv it replaces: ``(ghost, conv)``.
 
-    The primary conv costs ``m * in * kh * kw``; ``dw`` adds ``m * (ratio - 1) * d^2`` (its conv
+    The primary conv costs ``m * in * kh * kw``; ``dw`` adds ``m * ceil(ratio - 1) * d^2`` (its conv
     computes every slot), ``mix`` adds ``m * (n - m)`` and ``(n - m) * d^2`` with a depthwise
     conv after it. Other families are counted like ``dw``.
 
@@ -131,7 +134,7 @@ def ghost_macs_per_position(in_channels: int, out_channels: int, kernel_size, ra
     cheap_cost = 0
     if ghosts:
         cheap_cost = (m * ghosts + (ghosts * dw_size * dw_size if dw_size > 1 else 0) if cheap == "mix"
-                      else m * (ratio - 1) * dw_size * dw_size)
+                      else m * per_parent(ratio) * dw_size * dw_size)
     return m * in_channels * kh * kw + cheap_cost, out_channels * in_channels * kh * kw
 
 
@@ -141,7 +144,8 @@ class GhostConv2d(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias:
             as ``nn.Conv2d`` (string and per-dimension padding included); ``groups`` is 1.
-        ratio: ``s``; the primary conv computes ``m = ceil(out_channels / s)`` maps.
+        ratio: ``s``; the primary conv computes ``m = ceil(out_channels / s)`` maps (an integer
+            >= 1 or a fraction > 1: ``s = 4/3`` keeps three quarters of the filters).
         dw_size: kernel size of the cheap op (odd).
         cheap: name of a cheap-op family in :data:`CHEAP_OPS`.
 
@@ -160,15 +164,13 @@ class GhostConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True, *, ratio: int = 2, dw_size: int = 3, cheap: str = "dw",
+                 bias: bool = True, *, ratio: float = 2, dw_size: int = 3, cheap: str = "dw",
                  cheap_bias: bool | None = None, device=None, dtype=None):
         super().__init__()
-        if int(ratio) != ratio or ratio < 1:
-            raise ValueError(f"ratio must be an integer >= 1 (got {ratio!r})")
         if cheap not in CHEAP_OPS:
             raise ValueError(f"unknown cheap op {cheap!r}; choose one of {sorted(CHEAP_OPS)}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.ratio, self.dw_size, self.cheap_kind = int(ratio), dw_size, cheap
+        self.ratio, self.dw_size, self.cheap_kind = check_ratio(ratio), dw_size, cheap
         m = math.ceil(out_channels / self.ratio)
         self.primary = nn.Conv2d(in_channels, m, kernel_size, stride, padding, dilation, bias=bias,
                                  device=device, dtype=dtype)
@@ -182,7 +184,7 @@ class GhostConv2d(nn.Module):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ratio: int = 2, dw_size: int = 3, cheap: str = "dw",
+    def from_conv(cls, conv: nn.Conv2d, ratio: float = 2, dw_size: int = 3, cheap: str = "dw",
                   cheap_bias: bool | None = None) -> "GhostConv2d":
         """An uninitialised ``GhostConv2d`` with the geometry of ``conv`` (same device and dtype).
 

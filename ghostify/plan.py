@@ -23,6 +23,7 @@ from torch import nn
 from . import tracing
 from .errors import GhostifyError
 from .modules import CHEAP_OPS, GhostConv2d, ghost_macs_per_position
+from .ratio import check_ratio
 
 __all__ = ["LayerSpec", "GhostConfig", "PlanEntry", "Plan", "make_plan"]
 
@@ -34,7 +35,8 @@ class LayerSpec:
     """How one conv is converted.
 
     Attributes:
-        ratio: ``s``; the layer keeps ``ceil(n / s)`` intrinsic filters (integer >= 1).
+        ratio: ``s``; the layer keeps ``ceil(n / s)`` intrinsic filters (an integer >= 1 or a
+            fraction > 1, e.g. 1.5 keeps two thirds).
         dw_size: kernel size of the cheap op (odd, >= 1).
         init: name of a weight-transfer strategy (see ``ghostify.transfer.INITS``).
         cheap: name of a cheap-op family (see ``ghostify.modules.CHEAP_OPS``), or ``"auto"``:
@@ -42,14 +44,16 @@ class LayerSpec:
             lower held-out error per MAC (``init="calib"`` does; the plan then records the choice).
     """
 
-    ratio: int = 2
+    ratio: int | float = 2
     dw_size: int = 3
     init: str = "copy"
     cheap: str = "dw"
 
     def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio < 1:
-            raise GhostifyError(f"ratio must be an integer >= 1 (got {self.ratio!r}); try --ratio 2")
+        try:
+            object.__setattr__(self, "ratio", check_ratio(self.ratio))  # 2.0 -> 2
+        except ValueError as e:
+            raise GhostifyError(str(e)) from None
         if isinstance(self.dw_size, bool) or not isinstance(self.dw_size, int) or self.dw_size < 1 or self.dw_size % 2 == 0:
             raise GhostifyError(f"dw_size must be an odd integer >= 1 (got {self.dw_size!r}); try --dw-size 3")
         from .transfer import INITS  # late: transfer imports plan's users
@@ -309,8 +313,8 @@ def _decide(name: str, conv: nn.Conv2d, stem: bool, shared: bool, cfg: GhostConf
         return skip(f"stem (first conv on the input); an override on '{name}' converts it")
     if shared:
         return skip("module is called more than once; Ghost conversion would change every call site")
-    if conv.out_channels < 2 * spec.ratio:
-        return skip(f"out_channels={conv.out_channels} < 2*ratio={2 * spec.ratio}: too few channels to gain")
+    if conv.out_channels < 2 * spec.ratio or (spec.ratio > 1 and math.ceil(conv.out_channels / spec.ratio) == conv.out_channels):
+        return skip(f"out_channels={conv.out_channels} is too few for ratio {spec.ratio}: no ghost channel to gain")
     cheap = "dw" if spec.cheap == "auto" else spec.cheap
     ghost, plain = ghost_macs_per_position(conv.in_channels, conv.out_channels, conv.kernel_size, spec.ratio,
                                            spec.dw_size, cheap)

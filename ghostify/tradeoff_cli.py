@@ -10,6 +10,7 @@ import json
 import click
 
 from .errors import GhostifyError
+from .ratio import check_ratio
 
 
 def _floats(text: str | None) -> list[float]:
@@ -24,6 +25,14 @@ def _ints(text: str | None) -> list[int]:
         return [int(t) for t in (text or "").replace(" ", "").split(",") if t]
     except ValueError:
         raise GhostifyError(f"'{text}': expected comma-separated integers, e.g. 2,3,4") from None
+
+
+def _ratios(text: str | None) -> list[int | float]:
+    """Comma-separated ratios: integers >= 1 or fractions > 1 (``2,3,4`` or ``1.5,2``)."""
+    try:
+        return [check_ratio(float(t)) for t in (text or "").replace(" ", "").split(",") if t]
+    except ValueError:
+        raise GhostifyError(f"'{text}': expected comma-separated ratios >= 1, e.g. 2,3,4 or 1.5,2") from None
 
 
 def _words(text: str | None) -> list[str]:
@@ -118,7 +127,7 @@ def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, che
         if table is None and init == "calib" and calib_data is None:
             raise GhostifyError("--target-macs with --init calib needs --calib-data (or --sensitivity FILE)")
         alloc = allocate(original, target_macs=target_macs, target_latency=target_latency, table=table,
-                         ratios=_ints(budget.get("budget_ratios")) or [ratio], dw_size=dw_size, init=init,
+                         ratios=_ratios(budget.get("budget_ratios")) or [ratio], dw_size=dw_size, init=init,
                          cheap=cheap, include=include, exclude=exclude, overrides=overrides, calib_data=calib_data,
                          eval_data=eval_data, input_size=size, only_faster=budget.get("skip_slower", False),
                          threads=budget.get("threads"), leaf_modules=leaf)
@@ -184,7 +193,7 @@ def register(cli, user_errors, selection_parsers):
         from .zoo import get_model
 
         size = parse_input_size(input_size, default_input(model))
-        grid = {"ratio": _ints(ratios), "dw_size": _ints(dw_sizes), "init": _words(inits), "cheap": _words(cheaps)}
+        grid = {"ratio": _ratios(ratios), "dw_size": _ints(dw_sizes), "init": _words(inits), "cheap": _words(cheaps)}
         flags = {"false": False, "true": True}
         try:
             grid["scatter"] = [flags[w.lower()] for w in _words(scatters)]
@@ -200,7 +209,7 @@ def register(cli, user_errors, selection_parsers):
         extra = [{**first, "target_macs": t} for t in _floats(targets)]
         sw = Sweep(original, grid, out_dir, eval_data=ev, calib_data=calib, input_size=size, latency=latency,
                    batch_sizes=tuple(_ints(batch_sizes)), threads=threads, repeats=repeats, meta=meta,
-                   alloc_ratios=tuple(_ints(alloc_ratios)), alloc_method=alloc_method, alloc_eval_data=alloc_ev,
+                   alloc_ratios=tuple(_ratios(alloc_ratios)), alloc_method=alloc_method, alloc_eval_data=alloc_ev,
                    extra_points=extra)
         if sens_file:
             from .layer_sensitivity import SensitivityTable
@@ -243,7 +252,7 @@ def register(cli, user_errors, selection_parsers):
         original = get_model(model, weights=weights).eval()
         calib = resolve_data(calib_spec(calib_data), batch_size=32, limit=calib_size) if calib_data else None
         ev = resolve_data(eval_data, batch_size=50, limit=eval_limit) if eval_data else None
-        table = measure_sensitivity(original, ratios=_ints(ratios), dw_size=dw_size, init=init, cheap=cheap,
+        table = measure_sensitivity(original, ratios=_ratios(ratios), dw_size=dw_size, init=init, cheap=cheap,
                                     calib_data=calib, eval_data=ev, method=method or ("alone" if ev else "proxy"),
                                     measure=measure, input_size=size, exclude=exclude)
         table.settings["model"] = model

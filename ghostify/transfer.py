@@ -106,7 +106,7 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d, fixed_order: bool = False) -
     intrinsic filters and the pairing.
     """
     w = conv.weight.detach()
-    n, m, s = ghost.out_channels, ghost.intrinsic_channels, ghost.ratio
+    n, m = ghost.out_channels, ghost.intrinsic_channels
     if ghost.cheap is None:
         ghost.primary.weight.copy_(w)
         if conv.bias is not None:
@@ -122,7 +122,7 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostConv2d, fixed_order: bool = False) -
     else:
         intrinsic = select_intrinsic(gram, m)
         rest = sorted(set(range(n)) - set(intrinsic))
-        slots = pair_ghosts(gram, intrinsic, rest, s - 1)  # slots[k] = original channel of ghost slot k
+        intrinsic, slots = pair_ghosts(gram, intrinsic, rest, ghost.cheap.per_parent)  # slots[k]: channel of ghost k
     parents = torch.as_tensor(intrinsic)[ghost.cheap.parents()]
     kernels, residual = fit_dw_kernels(w, parents, torch.as_tensor(slots), ghost.dw_size,
                                        conv.stride, conv.dilation)
@@ -204,12 +204,16 @@ def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 12) -> list[int]:
     return chosen
 
 
-def pair_ghosts(gram: torch.Tensor, intrinsic: list[int], rest: list[int], per_parent: int) -> list[int]:
+def pair_ghosts(gram: torch.Tensor, intrinsic: list[int], rest: list[int],
+                per_parent: int) -> tuple[list[int], list[int]]:
     """Assign each non-intrinsic channel to a ghost slot (``per_parent`` slots per intrinsic, in order).
 
     Minimises the total scalar-fit residual ``g[c, c] - g[c, j]^2 / g[j, j]`` (``gram`` as in
     :func:`select_intrinsic`) with the Hungarian method; in weight space the scalar fit
-    bounds the ``d x d`` fit from above. Returns the original channel of each slot.
+    bounds the ``d x d`` fit from above. With fewer ghosts than intrinsic maps (a ratio below
+    2) any intrinsic map may be a parent; the intrinsic list is reordered so that the parents
+    come first, as the cheap op expects. Returns ``(intrinsic, slots)``: the intrinsic channels
+    in internal order and the original channel of each ghost slot.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -217,12 +221,17 @@ def pair_ghosts(gram: torch.Tensor, intrinsic: list[int], rest: list[int], per_p
     diag = g.diagonal()
     cross = g[rest][:, intrinsic]
     cost = (diag[rest][:, None] - cross**2 / diag[intrinsic].clamp_min(1e-300)[None, :]).cpu().numpy()
+    if per_parent == 1 and len(rest) < len(intrinsic):
+        rows, cols = linear_sum_assignment(cost)  # each ghost to a distinct intrinsic map
+        parents = [intrinsic[c] for c in cols]
+        order = parents + [c for c in intrinsic if c not in set(parents)]
+        return order, [rest[r] for r in rows]
     cost = cost[:, np.arange(len(rest)) // per_parent] if per_parent > 1 else cost[:, : len(rest)]
     rows, cols = linear_sum_assignment(cost)
     slots = [0] * len(rest)
     for r, c in zip(rows, cols):
         slots[c] = rest[r]
-    return slots
+    return list(intrinsic), slots
 
 
 def fit_dw_kernels(w: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor, d: int, stride,

@@ -175,11 +175,13 @@ def test_unknown_model():
 
 @pytest.mark.parametrize("args,needle", [
     (["--ratio", "0"], "--ratio"),
-    (["--ratio", "2.5"], "--ratio"),
+    (["--ratio", "0.5"], "--ratio"),
+    (["--ratio", "two"], "--ratio"),
     (["--dw-size", "4"], "--dw-size"),
     (["--dw-size", "0"], "--dw-size"),
     (["--override", "layer4"], "--override"),
-    (["--override", "layer4.*:ratio=two"], "ratio must be an integer"),
+    (["--override", "layer4.*:ratio=two"], "ratio must be a number >= 1"),
+    (["--override", "layer4.*:dw_size=3.5"], "dw_size must be an integer"),
     (["--override", "layer4.*:speed=1"], "speed=1"),
     (["--init", "magic"], "unknown init 'magic'"),
 ])

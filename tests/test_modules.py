@@ -10,6 +10,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from ghostify import CHEAP_OPS, DepthwiseCheap, GhostConv2d, GhostModule, register_cheap_op
+from ghostify.modules import ghost_macs_per_position
 from ghostify.transfer import copy_layer as _copy_layer
 
 
@@ -209,10 +210,24 @@ def test_depthwise_cheap_rejects_bad_sizes(dw_size):
 # -- construction errors and accounting ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("ratio", [0, -1, 2.5])
+@pytest.mark.parametrize("ratio", [0, -1, 0.5, float("nan"), float("inf"), "2", True])
 def test_bad_ratio(ratio):
     with pytest.raises(ValueError, match="ratio"):
         GhostConv2d(4, 8, 3, ratio=ratio)
+
+
+@pytest.mark.parametrize("cheap", ["dw", "mix"])
+def test_fractional_ratio_shapes_and_macs(cheap):
+    # n=12, s=1.5: m = ceil(12/1.5) = 8 intrinsic maps, 4 ghosts; dw: one slot per intrinsic map (8, 4 kept)
+    g = GhostConv2d(5, 12, 3, padding=1, ratio=1.5, cheap=cheap, dw_size=3)
+    assert g.intrinsic_channels == 8 and g.ratio == 1.5
+    assert g(torch.randn(2, 5, 6, 6)).shape == (2, 12, 6, 6)
+    ghost, conv = ghost_macs_per_position(5, 12, 3, 1.5, 3, cheap)
+    assert conv == 12 * 5 * 9
+    assert ghost == 8 * 5 * 9 + (8 * 1 * 9 if cheap == "dw" else 8 * 4 + 4 * 9)
+    if cheap == "dw":
+        assert g.cheap.conv.out_channels == 8 and g.cheap.parents().tolist() == [0, 1, 2, 3]
+    assert GhostConv2d(5, 12, 3, ratio=2.0).ratio == 2 and isinstance(GhostConv2d(5, 12, 3, ratio=2.0).ratio, int)
 
 
 def test_unknown_cheap_op():
