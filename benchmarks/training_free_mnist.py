@@ -5,7 +5,8 @@ per model, ratio, dw_size, init and cheap op: MACs ratio, test top-1, agreement 
 original, KL(original || converted) and conversion wall time.
 
     python benchmarks/training_free_mnist.py                       # full grid (about 40 min on 2 cores)
-    python benchmarks/training_free_mnist.py --compact             # the README table (about 30 min)
+    python benchmarks/training_free_mnist.py --compact             # a compact grid (about 30 min)
+    python benchmarks/training_free_mnist.py --readme              # exactly the README rows (about 6 min)
     python benchmarks/training_free_mnist.py --quick               # ratio 2 only, 2,000 test images
     python benchmarks/training_free_mnist.py --sources             # ratio 2, calib from each data source
 
@@ -27,6 +28,16 @@ from ghostify.data import resolve_data
 from ghostify.evaluation import evaluate
 
 
+# (ratio, (dw_size, init, cheap, scatter)) of each README row
+README_ROWS = {
+    "resnet20": [(2, (3, "copy", "dw", False)), (2, (1, "calib", "dw", False)), (2, (3, "calib", "dw", False)),
+                 (2, (3, "calib", "dw", True)), (2, (1, "calib", "mix", False)), (2, (3, "calib", "auto", False)),
+                 (2, (1, "calib", "mix", True)), (3, (3, "calib", "dw", False)), (4, (1, "calib", "mix", True))],
+    "vgg_small": [(2, (3, "copy", "dw", False)), (2, (3, "calib", "dw", True)), (2, (1, "calib", "mix", False)),
+                  (4, (1, "calib", "mix", False))],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet20", "vgg_small"])
@@ -39,6 +50,7 @@ def main() -> None:
     ap.add_argument("--compact", action="store_true",
                     help="copy/dw3, calib with dw1, dw3, mix1, auto (fixed order) and mix1 (scatter)")
     ap.add_argument("--sources", action="store_true", help="ratio 2: compare calibration data sources")
+    ap.add_argument("--readme", action="store_true", help="only the rows of the README table")
     ap.add_argument("--synthetic-steps", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
@@ -74,6 +86,8 @@ def main() -> None:
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)
         points = [(r, g, src) for r, g in itertools.product(args.ratios, grid)
                   for src in (sources if g[1] == "calib" else ["-"])]
+        if args.readme:
+            points = [(r, g, "-" if g[1] == "copy" else "mnist:train") for r, g in README_ROWS[name]]
         for ratio, (dw, init, cheap, scatter), src in points:
             t0 = time.perf_counter()
             ghost = ghostify.convert(model, ratio=ratio, dw_size=dw, init=init, cheap=cheap, scatter=scatter,

@@ -149,7 +149,7 @@ def _pivoted_cholesky(cov: torch.Tensor, m: int) -> list[int]:
 def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *, calib_data=None,
                calib_size: int | None = None, sequential: bool = True, refit_intrinsic: bool = True,
                positions: int = 256, ridge: float = 1e-6, holdout: float = 0.2, max_layer_error: float | None = None,
-               seed: int = 0, **_) -> dict:
+               weighting: str = "bn", channel_weights: dict | None = None, seed: int = 0, **_) -> dict:
     """Fit every layer in ``layers`` to the original model's outputs on ``calib_data`` (see the module doc).
 
     Args:
@@ -162,6 +162,12 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         ridge: ridge strength, relative to the mean diagonal of the normal matrix.
         holdout: fraction of the batches kept out of fitting to measure each layer's error.
         max_layer_error: keep a layer as its original conv when its held-out relative error exceeds this.
+        weighting: ``"bn"`` (default) measures and fits each output channel as the BatchNorm that
+            reads it will see it, scaled by ``|gamma| / sqrt(var + eps)``; ``"none"`` uses the raw
+            conv outputs. Without it a channel of tiny raw variance that BN blows up to unit scale
+            is neglected by the channel choice and the errors.
+        channel_weights: ``{layer name: (out_channels,) tensor}`` used instead of reading the BN
+            (for layers fitted outside their model, e.g. by :func:`ghostify.sensitivity`).
 
     Layers planned with ``cheap="auto"`` are fitted twice, with the planned depthwise op and
     with ``mix`` (1x1 from the intrinsic maps, no depthwise after it); the one with the lower
@@ -182,6 +188,8 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
                             "or --calib-data on the command line")
     if any(original.get_submodule(l.name) is l.ghost for l in layers):
         raise GhostifyError("init='calib' needs the unmodified original model; convert with inplace=False")
+    if weighting not in ("bn", "none"):
+        raise GhostifyError(f"weighting={weighting!r} is not known; use 'bn' or 'none'")
     batches = as_input_batches(calib_data, calib_size)
     dev = next(iter(converted.parameters())).device
     batches = [b.to(dev) for b in batches]
@@ -189,10 +197,14 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
     gen = torch.Generator().manual_seed(seed)
     n_fit = len(batches) - n_hold
 
+    scales = _output_scales(converted, layers) if weighting == "bn" else {}
+    scales.update(channel_weights or {})
+
     def fit(layer: Layer, xs: list, ys: list) -> tuple[dict, list]:
         """Fit ``layer`` on batches ``[:n_fit]``, measure on the rest; returns its record and its outputs."""
+        scale = scales.get(layer.name, torch.ones(layer.conv.out_channels, dtype=torch.float64))
         rec, outs = _calibrate_layer(layer, xs[:n_fit], ys[:n_fit], xs[n_fit:], ys[n_fit:], positions, ridge,
-                                     refit_intrinsic, gen)
+                                     refit_intrinsic, gen, scale)
         rec["kept_conv"] = bool(max_layer_error is not None
                                 and rec.get("heldout_error", rec["calib_error"]) > max_layer_error)
         if rec["kept_conv"]:  # the conv's own outputs (on the converted model's inputs when sequential)
@@ -209,6 +221,29 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         info[layer.name] = fit(layer, _capture(src, src_mod, batches, "input"),
                                _capture(original, original.get_submodule(layer.name), batches, "output"))[0]
     return info
+
+
+def _output_scales(converted: nn.Module, layers) -> dict[str, torch.Tensor]:
+    """``|gamma| / sqrt(var + eps)`` of the eval-mode BatchNorm that alone reads a layer's output, by layer name.
+
+    ``layers``: :class:`Layer` objects or names. The scales are in the channel order the BN
+    reads (a folded layer's internal order), normalised to mean 1.
+    """
+    if not isinstance(converted, fx.GraphModule):
+        return {}
+    names = {getattr(layer, "name", layer) for layer in layers}
+    out = {}
+    for node in converted.graph.nodes:
+        if node.op != "call_module" or node.target not in names or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        bn = converted.get_submodule(user.target) if user.op == "call_module" else None
+        if (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+                and bn.running_var is not None and user.args[0] is node):
+            gamma = bn.weight.detach().double() if bn.weight is not None else 1.0
+            scale = (gamma / (bn.running_var.double() + bn.eps).sqrt()).abs().cpu()
+            out[node.target] = scale / scale.mean().clamp_min(1e-30)  # only the channels' relative weights matter
+    return out
 
 
 def _single_input(graph: fx.Graph) -> bool:
@@ -275,7 +310,7 @@ def _fetch(root: nn.Module, target: str):
     return obj
 
 
-def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen) -> tuple[dict, list]:
+def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen, scale) -> tuple[dict, list]:
     """Fit ``layer.ghost`` (and, for ``cheap="auto"``, a ``mix`` candidate that may replace it) on ``xs -> ys``.
 
     Returns the record and the chosen layer's outputs on ``xs + hx``.
@@ -287,11 +322,11 @@ def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen)
             candidates.append(mix)
     scored = []
     for ghost in candidates:
-        _fit_layer(layer.conv, ghost, xs, ys, positions, ridge, refit, gen, layer.fixed_order)
+        _fit_layer(layer.conv, ghost, xs, ys, positions, ridge, refit, gen, layer.fixed_order, scale)
         outs = [ghost(x) for x in xs + hx]
-        rec = {"calib_error": _rel_error(outs[:len(xs)], ys)}
+        rec = {"calib_error": _rel_error(outs[:len(xs)], ys, scale)}
         if hx:
-            rec["heldout_error"] = _rel_error(outs[len(xs):], hy)
+            rec["heldout_error"] = _rel_error(outs[len(xs):], hy, scale)
         scored.append((rec.get("heldout_error", rec["calib_error"]) * _cost(layer.conv, ghost), ghost, rec, outs))
     _, ghost, rec, outs = min(scored, key=lambda t: t[0])
     if layer.cheap_auto:
@@ -311,21 +346,23 @@ init_calib.cheap_bias = True  # the ghosts' fitted intercepts need a bias in the
 init_calib.chooses_cheap = True  # supports cheap="auto"
 
 
-def _rel_error(outs, ys) -> float:
-    num = sum(((o - y) ** 2).sum().item() for o, y in zip(outs, ys))
-    den = sum((y**2).sum().item() for y in ys)
+def _rel_error(outs, ys, scale: torch.Tensor) -> float:
+    """``||outs - ys|| / ||ys||`` with each channel weighted by ``scale``."""
+    w = scale.float().to(ys[0].device)[None, :, None, None] ** 2
+    num = sum((w * (o - y) ** 2).sum().item() for o, y in zip(outs, ys))
+    den = sum((w * y**2).sum().item() for y in ys)
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
 def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridge: float, refit: bool,
-               gen: torch.Generator, fixed_order: bool = False) -> None:
+               gen: torch.Generator, fixed_order: bool = False, scale: torch.Tensor | None = None) -> None:
     n, m = ghost.out_channels, ghost.intrinsic_channels
     if ghost.cheap is None:
         copy_layer(conv, ghost, fixed_order)
         return
     d_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
-    a = torch.zeros(d_in, d_in, dtype=torch.float64)
-    b = torch.zeros(d_in, n, dtype=torch.float64)
+    a = torch.zeros(2, d_in, d_in, dtype=torch.float64)  # two halves of the images, for choosing the ridge
+    b = torch.zeros(2, d_in, n, dtype=torch.float64)
     yy = torch.zeros(n, n, dtype=torch.float64)
     ysum = torch.zeros(n, dtype=torch.float64)
     count = 0
@@ -336,41 +373,103 @@ def _fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int, ridg
         # products in float32 (the bulk of the time, 2x faster than float64), sums in float64
         p = _patches(conv, x.cpu().float(), pos, y.shape[3])
         t = y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, n).cpu().float()
-        a += (p.T @ p).double()
-        b += (p.T @ t).double()
+        half = (torch.arange(len(p)) // len(pos) + count // len(pos)) % 2  # rows are image-major
+        for k in (0, 1):
+            pk, tk = p[half == k], t[half == k]
+            a[k] += (pk.T @ pk).double()
+            b[k] += (pk.T @ tk).double()
         yy += (t.T @ t).double()
         ysum += t.double().sum(0)
         count += len(t)
     mean = ysum / count
-    cov = yy / count - torch.outer(mean, mean)
-
-    if fixed_order:
-        intrinsic = list(range(m))
-    elif ghost.cheap_kind == "mix":
-        intrinsic = _pivoted_cholesky(cov, m)
+    scale = torch.ones(n, dtype=torch.float64) if scale is None else scale.double()
+    cov = (yy / count - torch.outer(mean, mean)) * torch.outer(scale, scale)  # as the next BN sees it
+    has_bias = conv.bias is not None
+    if not has_bias:  # no bias in the layer: fit without the intercept column
+        a, b = a[:, :-1, :-1], b[:, :-1]
+    dw_ridge = ridge  # a d x d kernel has few unknowns; the chosen ridge is for the filters and the mix
+    if refit and count < _CV_ROWS * len(a[0]):  # few rows per unknown: choose the ridge on the other half
+        ridge = _choose_ridge(a, b, scale, ridge)
+    a, b = a.sum(0), b.sum(0)
+    rank_reduced = refit and ghost.cheap_kind == "mix" and ghost.cheap.mix.groups == 1 and not fixed_order
+    if rank_reduced:
+        w_i, intrinsic = _reduced_rank(a, b, m, scale, ridge, count, has_bias)
     else:
-        intrinsic = select_intrinsic(cov.float(), m)
-    rest = sorted(set(range(n)) - set(intrinsic))
-    b = b[:, intrinsic]  # only the intrinsic filters are refit
-    if refit and conv.bias is not None:
-        w_i = _ridge_solve(a, b, ridge)
-    elif refit:  # no bias in the layer: fit without the intercept column
-        w_i = torch.cat([_ridge_solve(a[:-1, :-1], b[:-1], ridge), a.new_zeros(1, m)])
-    else:
-        w_i = torch.cat([conv.weight.detach().reshape(n, -1).T.double(),
-                         (conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(n)).double()[None]])
-        w_i = w_i[:, intrinsic]
+        if fixed_order:
+            intrinsic = list(range(m))
+        elif ghost.cheap_kind == "mix":
+            intrinsic = _pivoted_cholesky(cov, m)
+        else:
+            intrinsic = select_intrinsic(cov.float(), m)
+        if refit:  # only the intrinsic filters are refit
+            w_i = _ridge_solve(a, b[:, intrinsic], ridge)
+        else:
+            w_i = conv.weight.detach().reshape(n, -1).T.double()[:, intrinsic]
+            if has_bias:
+                w_i = torch.cat([w_i, conv.bias.detach().double()[None, intrinsic]])
+    if not has_bias:
+        w_i = torch.cat([w_i, a.new_zeros(1, m)])
+    slots = sorted(set(range(n)) - set(intrinsic))
+    if ghost.cheap_kind != "mix" and not fixed_order:
+        order, slots = pair_ghosts(cov.float(), intrinsic, slots, ghost.cheap.per_parent)
+        w_i = w_i[:, [intrinsic.index(c) for c in order]]
+        intrinsic = order
     prim = ghost.primary
     prim.weight.copy_(w_i[:-1].T.reshape(prim.weight.shape).to(prim.weight.dtype))
     if prim.bias is not None:
         prim.bias.copy_(w_i[-1].to(prim.bias.dtype))
     if ghost.cheap_kind == "mix":
-        slots = rest
         _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
     else:
-        slots = rest if fixed_order else pair_ghosts(cov.float(), intrinsic, rest, ghost.ratio - 1)
-        _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
+        _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, dw_ridge)
     ghost.set_channel_map(torch.as_tensor(intrinsic + slots))
+
+
+_CV_ROWS = 100  # below this many rows per unknown, the ridge is chosen by two-fold cross-validation
+_RIDGES = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+
+def _choose_ridge(a, b, scale, ridge: float) -> float:
+    """The ridge (from ``ridge`` and :data:`_RIDGES`) whose fit on one half of the images best predicts the other.
+
+    ``a[k], b[k]`` are the normal equations of half ``k``; the error of a fit ``W`` on half ``o``
+    is ``tr(W^T A_o W) - 2 tr(W^T B_o)`` (plus a constant), channels weighted by ``scale``.
+    """
+    w2 = (scale**2)[None, :]
+    best = (math.inf, ridge)
+    for lam in sorted({ridge, *_RIDGES}):
+        err = 0.0
+        for k in (0, 1):
+            w = _ridge_solve(a[k], b[k], lam)
+            o = 1 - k
+            err += (((a[o] @ w) * w - 2 * b[o] * w) * w2).sum().item()
+        best = min(best, (err, lam))
+    return best[1]
+
+
+def _reduced_rank(a, b, m: int, scale, ridge: float, count: int, centred: bool) -> tuple[torch.Tensor, list[int]]:
+    """Intrinsic filters and channels for ``mix``: the best rank-``m`` linear map, in the BN-weighted metric.
+
+    The full least-squares fit ``W`` predicts all ``n`` channels; the top ``m`` principal
+    directions ``U`` of its weighted predictions (centred when the mix's bias can carry the
+    mean) give the rank-``m`` map ``W S U U^T S^-1``, which any ``m`` channels whose rows of ``U``
+    are independent can carry, the rest being linear mixes of them. The channels are chosen by
+    pivoted Cholesky on ``U U^T`` (greedy maximal volume), which keeps the mixing weights small.
+    """
+    w = _ridge_solve(a, b, ridge)  # (d, n)
+    ws = w * scale[None, :]
+    second = a / count
+    if centred:  # the last row of ``a`` sums the patches (their trailing 1)
+        mu = a[-1] / count
+        second = second - torch.outer(mu, mu)
+    pred = ws.T @ second @ ws  # (n, n): covariance of the weighted predictions
+    u = torch.linalg.eigh(pred)[1][:, -m:]
+    intrinsic = _pivoted_cholesky(u @ u.T, m)
+    proj = (scale[:, None] * u) @ (u.T / scale[None, :])  # S U U^T S^-1
+    w_r = w @ proj
+    if centred:  # project only the variation: (P w - mean) proj + mean
+        w_r[-1] += mu @ w - (mu @ w) @ proj
+    return w_r[:, intrinsic], intrinsic
 
 
 def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:

@@ -74,13 +74,17 @@ def evaluate(model: nn.Module, data: Iterable, baseline: nn.Module | None = None
 
 
 @torch.no_grad()
-def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, progress: bool = True) -> dict[str, float]:
+def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, progress: bool = True,
+                 weighting: str = "bn") -> dict[str, float]:
     """Each converted layer's relative output error on ``data``, the layer alone.
 
     For every conv that ``converted`` holds as a :class:`~ghostify.GhostConv2d`, the Ghost
     layer gets the input the original conv gets inside ``original`` and
     ``||ghost(x) - conv(x)|| / ||conv(x)||`` is summed over all of ``data`` (one forward pass
     of the original per batch). Use data never used for calibration to measure fidelity.
+    With ``weighting="bn"`` (default, as calibration measures it) each channel counts as the
+    BatchNorm after the layer sees it, scaled by ``|gamma| / sqrt(var + eps)``; ``"none"``
+    compares the raw conv outputs.
 
     Example:
         >>> import ghostify, torchvision
@@ -95,7 +99,15 @@ def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, p
 
     from .modules import GhostConv2d, _inverse
 
+    from .calibrate import _output_scales
+
+    if weighting not in ("bn", "none"):
+        raise GhostifyError(f"weighting={weighting!r} is not known; use 'bn' or 'none'")
     ghosts = {name: m for name, m in converted.named_modules() if isinstance(m, GhostConv2d)}
+    scales = _output_scales(converted, list(ghosts)) if weighting == "bn" else {}
+    for name, s in scales.items():  # a folded layer's BN reads its internal order
+        if ghosts[name].emit_internal_order:
+            scales[name] = s[_inverse(ghosts[name].channel_map.cpu())]
     num = dict.fromkeys(ghosts, 0.0)
     den = dict.fromkeys(ghosts, 0.0)
     handles = []
@@ -106,8 +118,9 @@ def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, p
             y = g(args[0])
             if g.emit_internal_order:  # folded layer: its output is in internal channel order
                 y = y[:, _inverse(g.channel_map)]
-            num[name] += (y - out).pow(2).sum().item()
-            den[name] += out.pow(2).sum().item()
+            w = scales[name].to(out)[None, :, None, None] ** 2 if name in scales else 1.0
+            num[name] += (w * (y - out).pow(2)).sum().item()
+            den[name] += (w * out.pow(2)).sum().item()
         return fn
 
     modes = (original.training, converted.training)

@@ -175,7 +175,7 @@ def _calibrate_alone(model: nn.Module, ghost: nn.Module, names: list[str], auto:
     from tqdm import tqdm
 
     from .allocation import _capture_inputs
-    from .calibrate import as_input_batches
+    from .calibrate import _output_scales, as_input_batches
     from .fold import foldable_layers
     from .transfer import INITS, Layer
 
@@ -191,6 +191,7 @@ def _calibrate_alone(model: nn.Module, ghost: nn.Module, names: list[str], auto:
         used += per_layer[n]
     groups.append(cur)
     foldable = foldable_layers(ghost) if hasattr(ghost, "graph") else set()
+    scales = _output_scales(ghost, names) if options.get("weighting", "bn") == "bn" else {}
     info = {}
     bar = tqdm(total=len(names), disable=not progress, file=sys.stderr, desc="fit alone", leave=False)
     for group in groups:
@@ -202,7 +203,9 @@ def _calibrate_alone(model: nn.Module, ghost: nn.Module, names: list[str], auto:
             conv, layer = model.get_submodule(n), ghost.get_submodule(n)
             item = Layer("layer", conv, layer, fixed_order=not scatter and n not in foldable, cheap_auto=n in auto)
             holder = _Holder(layer)
-            rec = INITS["calib"](_Holder(conv), holder, [item], calib_data=got.pop(n), **options)["layer"]
+            weights = {"layer": scales[n]} if n in scales else None
+            rec = INITS["calib"](_Holder(conv), holder, [item], calib_data=got.pop(n), channel_weights=weights,
+                                 **options)["layer"]
             if holder.layer is not layer:  # cheap="auto" picked another family
                 ghost.set_submodule(n, holder.layer)
             info[n] = rec

@@ -267,3 +267,127 @@ def test_patches_at_sampled_positions_equal_unfold(kw):
     # the rows reproduce the conv's outputs at those positions
     w = torch.cat([conv.weight.reshape(6, -1).T, conv.bias[None]])
     torch.testing.assert_close(got @ w, y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, 6), rtol=1e-4, atol=1e-5)
+
+
+# -- BN weighting, reduced-rank mix, ridge choice, fractional ratios -----------------------------
+
+
+class OneByOne(nn.Module):
+    """A 1x1 conv (6 -> 8) that reads the input directly, optionally followed by a BatchNorm."""
+
+    def __init__(self, bn: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.conv = nn.Conv2d(6, 8, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(8, 6, 1, 1, generator=g))
+            self.conv.bias.copy_(torch.randn(8, generator=g))
+        self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+        if bn:
+            with torch.no_grad():
+                self.bn.running_var.copy_(torch.rand(8, generator=g) * 4 + 0.01)
+                self.bn.weight.copy_(torch.randn(8, generator=g))
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_mix_reaches_the_best_rank_m_error_in_the_bn_metric(bn):
+    """ratio 2, mix: the fit on every position equals the optimal rank-4 approximation of the outputs, as the BN sees them."""
+    torch.manual_seed(0)
+    model = OneByOne(bn).eval()
+    data = [torch.randn(4, 6, 5, 5) for _ in range(3)]
+    ghost = ghostify.convert(model, ratio=2, cheap="mix", dw_size=1, init="calib", calib_data=data, holdout=0,
+                             ridge=1e-10, scatter=True, overrides={"conv": {}})  # the stem converts by name
+    got = ghost.ghostify_info.layer_info["conv"]["calib_error"]
+    # by hand: outputs weighted by |gamma| / sqrt(var + eps); the mix's bias absorbs the mean,
+    # so the best rank-4 error is the tail of the centred covariance's spectrum
+    with torch.no_grad():
+        y = torch.cat([model.conv(x) for x in data]).permute(0, 2, 3, 1).reshape(-1, 8).double()
+    s = ((model.bn.weight / (model.bn.running_var + model.bn.eps).sqrt()).abs().double() if bn
+         else torch.ones(8, dtype=torch.float64))
+    yw = y * s
+    centred = yw - yw.mean(0)
+    tail = torch.linalg.eigvalsh(centred.T @ centred)[:4].sum()
+    assert got == pytest.approx((tail / (yw**2).sum()).sqrt().item(), rel=1e-3)
+    # and the Ghost layer's own outputs reproduce that error
+    with torch.no_grad():
+        yg = torch.cat([ghost.get_submodule("conv")(x) for x in data]).permute(0, 2, 3, 1).reshape(-1, 8).double()
+    assert (((yg - y) * s).norm() / yw.norm()).item() == pytest.approx(got, rel=1e-3)
+
+
+def test_bn_weighting_fits_the_channels_the_bn_amplifies():
+    """Six channels are one filter (plus small noise); channels 2 and 5 are independent but 100x
+    smaller, and the BN scales them up 100x. With two intrinsic maps the BN-weighted fit keeps
+    one of them; the raw fit spends its second map on the noise and loses both after the BN."""
+    g = torch.Generator().manual_seed(0)
+    model = OneByOne(bn=True).eval()
+    f = torch.randn(6, generator=g)
+    w = torch.randn(8, 1, generator=g) * f + 0.05 * torch.randn(8, 6, generator=g)
+    w[[2, 5]] = 0.01 * torch.randn(2, 6, generator=g)
+    with torch.no_grad():
+        model.conv.weight.copy_(w[:, :, None, None])
+        model.conv.bias.zero_()
+        model.bn.running_var.fill_(1.0)
+        model.bn.running_var[[2, 5]] = 1e-4
+        model.bn.weight.fill_(1.0)
+    data = [torch.randn(4, 6, 5, 5, generator=g) for _ in range(4)]
+    x = torch.randn(8, 6, 5, 5, generator=g)
+    errs = {}
+    for weighting in ("bn", "none"):
+        ghost = ghostify.convert(model, ratio=4, cheap="mix", dw_size=1, init="calib", calib_data=data,
+                                 weighting=weighting, scatter=True, overrides={"conv": {}}).eval()
+        with torch.no_grad():
+            errs[weighting] = ((ghost(x) - model(x)).norm() / model(x).norm()).item()
+    assert errs["bn"] < 0.8 * errs["none"], errs
+
+
+def test_ridge_is_chosen_by_the_other_half():
+    from ghostify.calibrate import _choose_ridge
+
+    g = torch.Generator().manual_seed(0)
+    d, rows = 40, 60  # few rows per unknown
+    w_true = torch.randn(d, 3, generator=g, dtype=torch.float64)
+
+    def halves(noise):
+        a, b = [], []
+        for _ in range(2):
+            p = torch.randn(rows, d, generator=g, dtype=torch.float64)
+            t = p @ w_true + noise * torch.randn(rows, 3, generator=g, dtype=torch.float64)
+            a.append(p.T @ p), b.append(p.T @ t)
+        return torch.stack(a), torch.stack(b)
+
+    ones = torch.ones(3, dtype=torch.float64)
+    assert _choose_ridge(*halves(0.0), ones, 1e-6) == 1e-6  # exact targets: no shrinkage
+    assert _choose_ridge(*halves(30.0), ones, 1e-6) >= 1e-2  # noise dominates: shrink
+
+
+def test_weighting_must_be_known():
+    with pytest.raises(ghostify.GhostifyError, match="weighting"):
+        ghostify.convert(OneByOne(False), init="calib", calib_data=[torch.randn(2, 6, 4, 4)], weighting="bnn",
+                         overrides={"conv": {}})
+
+
+@pytest.mark.parametrize("init", ["copy", "calib"])
+def test_fractional_ratio_converts_counts_and_round_trips(init, tmp_path):
+    # 8 outputs at ratio 4/3: m = ceil(8 * 3 / 4) = 6 intrinsic filters, 2 ghosts
+    torch.manual_seed(0)
+    model = Planted().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    ghost = ghostify.convert(model, ratio=4 / 3, dw_size=1, init=init, calib_data=data, scatter=True).eval()
+    g = ghost.get_submodule("conv")
+    assert g.intrinsic_channels == 6 and g.cheap.num_ghosts == 2
+    # planted: every ghost is a scaled copy of an intrinsic filter, so both inits reproduce it
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), model(x), rtol=1e-4, atol=1e-4)
+    # MACs by hand: stem 3*6*9 + conv 6*6*9 (primary) + 6 (dw 1x1, one slot per intrinsic map), per position
+    macs = ghostify.count(ghost, torch.zeros(1, 3, 12, 12)).macs
+    assert macs == 144 * (3 * 6 * 9 + 6 * 6 * 9 + 6)
+    path = tmp_path / "frac.safetensors"
+    ghostify.save(ghost, path)
+    back = ghostify.load(path, model=Planted()).eval()
+    assert back.get_submodule("conv").ratio == pytest.approx(4 / 3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ghost(x))

@@ -5,7 +5,8 @@ import torch
 import ghostify
 
 
-def test_layer_errors_match_a_hand_computation_with_and_without_folding(chain_net, bn_randomizer):
+@pytest.mark.parametrize("weighting", ["none", "bn"])
+def test_layer_errors_match_a_hand_computation_with_and_without_folding(chain_net, bn_randomizer, weighting):
     model = bn_randomizer(chain_net).eval()
     data = [torch.randn(4, 3, 10, 10) for _ in range(3)]
     folded = ghostify.convert(model, ratio=2, dw_size=3, init="copy")
@@ -13,16 +14,19 @@ def test_layer_errors_match_a_hand_computation_with_and_without_folding(chain_ne
     assert "conv1" in ghostify.conversion_info(folded).folded  # the folded path is exercised
     inputs = []
     handle = model.conv1.register_forward_hook(lambda m, a, o: inputs.append((a[0], o)))
+    bn = model.bn1  # the BatchNorm that reads conv1
+    w = ((bn.weight / (bn.running_var + bn.eps).sqrt()).abs()[None, :, None, None] ** 2
+         if weighting == "bn" else torch.ones(1))
     with torch.no_grad():
         for x in data:
             model(x)
         handle.remove()
-        num = sum((plain.get_submodule("conv1")(x) - y).pow(2).sum() for x, y in inputs)
-        den = sum(y.pow(2).sum() for _, y in inputs)
+        num = sum((w * (plain.get_submodule("conv1")(x) - y).pow(2)).sum() for x, y in inputs)
+        den = sum((w * y.pow(2)).sum() for _, y in inputs)
     expected = (num / den).sqrt().item()
     assert expected > 1e-3  # a real, non-zero error
     for ghost in (folded, plain):
-        errs = ghostify.layer_errors(model, ghost, data, progress=False)
+        errs = ghostify.layer_errors(model, ghost, data, progress=False, weighting=weighting)
         assert set(errs) == {"conv1", "conv2"}
         assert errs["conv1"] == pytest.approx(expected, rel=1e-4)
     assert model.training is False
