@@ -12,6 +12,11 @@ MACs saving that keeps >= 90 % top-1 agreement on photos never used for calibrat
 
     python benchmarks/mobilenet_v2_fidelity.py                 # 256 calib crops, 256 held-out crops
     python benchmarks/mobilenet_v2_fidelity.py --calib 128 --heldout 128 --ratios 2
+    python benchmarks/mobilenet_v2_fidelity.py --calib 128 --heldout 128 --uniform 1.1,1.25,2   # uniform only
+
+``--uniform`` converts every convertible conv at each (possibly fractional) ratio with
+``cheap=auto`` (sequential calibration) and prints agreement on the held-out crops and each
+layer's held-out error, then stops.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def main(argv=None):
     p.add_argument("--goal", type=float, default=0.90)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="16 + 16 crops, ratio 2: checks the script only")
+    p.add_argument("--uniform", default=None, help="only: uniform conversion at these ratios, e.g. 1.1,1.25,2")
     args = p.parse_args(argv)
     if args.quick:
         args.calib, args.heldout, args.ratios = 16, 16, "2"
@@ -47,6 +53,23 @@ def main(argv=None):
     print(f"MobileNetV2 IMAGENET1K_V1, {sum(map(len, calib))} calib crops, {sum(map(len, held))} held-out crops, "
           f"{len(layer_macs)} convertible convs, {total_macs / 1e6:.0f} M MACs")
 
+    if args.uniform:
+        for ratio in (float(r) for r in args.uniform.split(",")):
+            t0 = time.perf_counter()
+            ghost = ghostify.convert(model, ratio=ratio, init="calib", calib_data=calib, cheap="auto", dw_size=1)
+            res = ghostify.evaluate(ghost, held, baseline=model, progress=False)
+            macs = ghostify.report(model, ghost).macs_after / total_macs
+            info = ghost.ghostify_info.layer_info
+            kinds = {}
+            for name, rec in info.items():
+                kind = "expansion" if name.endswith("conv.0.0") else "projection" if name.endswith("conv.2") else "other"
+                kinds.setdefault(kind, []).append(rec.get("heldout_error", rec["calib_error"]))
+            errs = ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} (median {sorted(v)[len(v) // 2]:.2f})"
+                             for k, v in sorted(kinds.items()))
+            print(f"uniform ratio {ratio:g}, cheap auto: MACs x{macs:.3f}, top-1 agreement {res['agree_top1']:.3f}, "
+                  f"top-5 {res['agree_top5']:.3f}, KL {res['kl']:.3f}; held-out layer errors in sequence: {errs} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        return
     table: dict[str, dict[str, float]] = {}
     for ratio in map(int, args.ratios.split(",")):
         for form, spec in FORMS.items():

@@ -126,6 +126,10 @@ def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, che
             eval_data = resolve_data(budget["sensitivity_data"], batch_size=32, limit=64)
         if table is None and init == "calib" and calib_data is None:
             raise GhostifyError("--target-macs with --init calib needs --calib-data (or --sensitivity FILE)")
+        if table is None and init != "calib" and eval_data is None:
+            raise GhostifyError(f"--target-macs/--target-latency rank the convs by measured loss; with --init {init} "
+                                f"give --sensitivity-data SPEC (e.g. photos:calib) or --sensitivity FILE, or use "
+                                f"--init calib --calib-data SPEC")
         alloc = allocate(original, target_macs=target_macs, target_latency=target_latency, table=table,
                          ratios=_ratios(budget.get("budget_ratios")) or [ratio], dw_size=dw_size, init=init,
                          cheap=cheap, include=include, exclude=exclude, overrides=overrides, calib_data=calib_data,

@@ -115,6 +115,11 @@ def test_cli_convert_target_macs_prints_saves_and_replays_the_plan(tmp_path, cha
 def test_cli_budget_errors_are_one_line():
     r = CliRunner().invoke(cli, ["convert", "conftest:ChainNet", "--weights", "none", "--target-macs", "1.5"])
     assert r.exit_code != 0 and "fraction" in r.output
+    # init copy has no calibration error to rank by: the error names the options that give a loss
+    r = CliRunner().invoke(cli, ["convert", "conftest:ChainNet", "--weights", "none", "--input-size", "3,16,16",
+                                 "--init", "copy", "--target-latency", "0.9"])
+    assert r.exit_code != 0 and "--sensitivity-data" in r.stderr and "--init calib" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
