@@ -230,6 +230,9 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
     ratios = tuple(sorted(set(ratios)))
     if table is None:
         method = method or ("alone" if eval_data is not None else "proxy")
+        if method == "context" and init_options.get("reference") is None:  # the uniform ratio nearest the budget
+            init_options["reference"] = _nearest_uniform(model, ratios, target_macs or target, input_size,
+                                                         dw_size, cheap, include, exclude, overrides, leaf_modules)
         table = sensitivity(model, ratios=ratios, dw_size=dw_size, init=init, cheap=cheap, calib_data=calib_data,
                             eval_data=eval_data, method=method, measure=measure, input_size=input_size,
                             include=include, exclude=exclude, overrides=overrides, leaf_modules=leaf_modules,
@@ -274,6 +277,21 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
     plan = _budget_plan(model, base_plan, choices, reasons)
     return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
                       1 - saved / total if total else 1.0, loss, table.measure, moves)
+
+
+def _nearest_uniform(model, ratios, target, input_size, dw_size, cheap, include, exclude, overrides,
+                     leaf_modules) -> int | float:
+    """The ratio whose uniform conversion's MACs fraction is closest to ``target`` (no weights are fitted)."""
+    from .conversion import convert
+    from .counting import count
+
+    x = torch.zeros(*input_size)
+    total = count(model, x).macs
+    cheap = "dw" if cheap == "auto" else cheap
+    fractions = {r: count(convert(model, ratio=r, dw_size=dw_size, cheap=cheap, init="none", include=include,
+                                  exclude=exclude, overrides=overrides, leaf_modules=leaf_modules), x).macs / total
+                 for r in ratios}
+    return min(ratios, key=lambda r: abs(fractions[r] - target))
 
 
 def skip_slower(model: nn.Module, plan: Plan, inputs: torch.Tensor, *, repeats: int = 10,

@@ -11,7 +11,7 @@ import click
 
 from .errors import GhostifyError
 from .ratio import check_ratio
-from .tradeoff_cli import budget_options
+from .tradeoff_cli import RATIO, budget_options
 
 # Python-API fields the layer options mirror (ghostify.LayerSpec); kept in step by a test.
 LAYER_OPTIONS = ("ratio", "dw_size", "init", "cheap")
@@ -55,17 +55,6 @@ def _user_errors(fn):
     return click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of unexpected errors.")(wrapper)
 
 
-class _Ratio(click.ParamType):
-    name = "RATIO"
-
-    def convert(self, value, param, ctx):
-        try:
-            return check_ratio(float(value))
-        except ValueError:
-            self.fail(f"{value!r} is not a ratio; use a number >= 1, e.g. 2 or 1.5", param, ctx)
-
-
-RATIO = _Ratio()
 
 
 def _parse_override(text: str) -> tuple[str, dict | None]:

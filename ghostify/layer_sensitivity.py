@@ -13,6 +13,13 @@ For every convertible conv and every candidate ratio, one row: MACs before/after
 * ``method="proxy"``: no evaluation at all: the same single calibration pass records each
   layer's relative output error on the calibration data's held-out batches, and
   ``loss = error**2`` (the relative noise power the layer injects).
+* ``method="context"``: each conv is moved alone away from a *uniformly converted* model
+  (ratio ``reference``, sequential calibration): for each layer and ratio the whole model is
+  converted and calibrated with that layer at that ratio, and once with the layer kept as a
+  conv; ``loss`` = measured loss with the layer at the ratio minus with it kept. Later layers
+  are refitted each time, so the table sees how sequential calibration absorbs a layer's
+  error, which the ``alone`` measure cannot. It costs one calibrated conversion and one
+  evaluation per layer and ratio (plus one per layer for "kept"): for small models.
 
 Losses are combined additively by :func:`ghostify.allocate` (KL and ``-log`` agreement are
 close to additive for small, independent perturbations; that is an approximation, and the
@@ -225,6 +232,39 @@ class _Holder(nn.Module):
         return self.layer(x)
 
 
+def _context_rows(model, ratios, reference, inputs, refs, labels, measure, baseline, x0, macs0, progress,
+                  options: dict, overrides: dict) -> list[LayerSensitivity]:
+    """``method="context"``: every layer at every ratio (and kept) inside the uniform ratio-``reference`` model."""
+    from tqdm import tqdm
+
+    from .conversion import convert
+    from .counting import count
+
+    def measured(layer_overrides):
+        ghost = convert(model, ratio=reference, overrides={**overrides, **layer_overrides}, **options).eval()
+        metrics = _compare(_outputs(ghost, inputs), refs, labels)
+        return ghost, metrics, _loss(measure, metrics, baseline)
+
+    uniform, uniform_metrics, uniform_loss = measured({})
+    names = [e.name for e in uniform.ghostify_info.plan.converted]
+    macs_ref = count(uniform, x0).macs_by_module
+    rows = []
+    for name in tqdm(names, disable=not progress, file=sys.stderr, desc=f"context (ratio {reference})", leave=False):
+        kept = measured({name: None})[2]
+        for ratio in ratios:
+            if ratio == reference:
+                metrics, loss, after = dict(uniform_metrics), uniform_loss, macs_ref.get(name, 0)
+            else:
+                ghost, metrics, loss = measured({name: {"ratio": ratio}})
+                if name not in {e.name for e in ghost.ghostify_info.plan.converted}:
+                    continue  # the plan skips this layer at this ratio
+                after = count(ghost, x0).macs_by_module.get(name, 0)
+            metrics["kept_loss"] = kept
+            rows.append(LayerSensitivity(name, ratio, int(macs0.macs_by_module.get(name, 0)), int(after),
+                                         loss - kept, metrics))
+    return rows
+
+
 @torch.no_grad()
 def _outputs(model: nn.Module, batches) -> list[torch.Tensor]:
     return [model(x) for x in batches]
@@ -256,7 +296,7 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
                 cheap: str = "dw", calib_data=None, eval_data=None, method: str = "alone", measure: str | None = None,
                 input_size=(1, 3, 224, 224), include: Iterable[str] = (), exclude: Iterable[str] = (),
                 overrides: dict | None = None, scatter: bool = False, leaf_modules=(), progress: bool = True,
-                **init_options) -> SensitivityTable:
+                reference: int | float | None = None, **init_options) -> SensitivityTable:
     """Measure, for each convertible conv of ``model`` and each ratio, the cost of converting it alone.
 
     Args:
@@ -265,8 +305,10 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
         calib_data: calibration data for ``init="calib"``.
         eval_data: batches of ``x`` or ``(x, y)`` on which ``method="alone"`` evaluates; use data
             the final check will not use (e.g. other crops of the calibration photos).
-        method: ``"alone"`` (evaluate each layer converted alone) or ``"proxy"`` (calibration's
-            held-out relative error, no evaluation; needs ``init="calib"``).
+        method: ``"alone"`` (evaluate each layer converted alone), ``"proxy"`` (calibration's
+            held-out relative error, no evaluation; needs ``init="calib"``) or ``"context"`` (each
+            layer moved alone away from the uniform ratio-``reference`` model; see the module doc).
+        reference: the uniform ratio ``method="context"`` starts from (default: the smallest ratio).
         measure: the loss: ``"kl"`` (default for ``alone``), ``"agree"``, ``"top1"`` or ``"error"``
             (the only one for ``proxy``).
 
@@ -286,15 +328,18 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
     from .counting import count
     from .plan import make_plan
 
-    if method not in ("alone", "proxy"):
-        raise GhostifyError(f"unknown sensitivity method {method!r}; use 'alone' or 'proxy'")
-    measure = measure or ("kl" if method == "alone" else "error")
+    if method not in ("alone", "proxy", "context"):
+        raise GhostifyError(f"unknown sensitivity method {method!r}; use 'alone', 'proxy' or 'context'")
+    measure = measure or ("error" if method == "proxy" else "kl")
     if measure not in MEASURES:
         raise GhostifyError(f"unknown sensitivity measure {measure!r}; choose one of {', '.join(MEASURES)}")
     if method == "proxy" and (measure != "error" or init != "calib"):
         raise GhostifyError("method='proxy' measures calibration's held-out error: use init='calib', measure='error'")
-    if method == "alone" and eval_data is None:
-        raise GhostifyError("method='alone' evaluates each converted layer: pass eval_data (or use method='proxy')")
+    if method != "proxy" and eval_data is None:
+        raise GhostifyError(f"method={method!r} evaluates each converted layer: pass eval_data (or use "
+                            f"method='proxy')")
+    if method == "context" and measure == "error":
+        raise GhostifyError("method='context' measures the model's output: use measure='kl', 'agree' or 'top1'")
     if init == "calib":
         if calib_data is None:
             raise GhostifyError("init='calib' needs calib_data (or --calib-data)")
@@ -305,7 +350,7 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
     x0 = torch.zeros(*input_size)
     macs0 = count(model, x0)
     baseline, refs, inputs, labels = {}, None, None, None
-    if method == "alone":
+    if method != "proxy":
         pairs = [b if isinstance(b, (tuple, list)) else (b, None) for b in eval_data]
         inputs = as_input_batches([x for x, _ in pairs])
         labels = [y for _, y in pairs] if all(y is not None for _, y in pairs) else None
@@ -315,9 +360,18 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
         baseline = _compare(refs, refs, labels)
 
     rows: list[LayerSensitivity] = []
+    if method == "context":
+        try:
+            rows = _context_rows(model, tuple(ratios), reference or min(ratios), inputs, refs, labels, measure,
+                                 baseline, x0, macs0, progress,
+                                 dict(dw_size=dw_size, init=init, cheap=cheap, include=include, exclude=exclude,
+                                      scatter=scatter, leaf_modules=leaf_modules, **init_options),
+                                 dict(overrides or {}))
+        finally:
+            model.train(training)
     work = copy.deepcopy(model)
     try:
-        for ratio in ratios:
+        for ratio in ratios if method != "context" else ():
             cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides)
             plan = make_plan(model, cfg, leaf_modules=leaf_modules)
             if not plan.converted:
@@ -351,4 +405,6 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
     if not rows:
         raise GhostifyError("no conv converts with these settings; see `ghostify inspect`")
     settings = {"dw_size": dw_size, "init": init, "cheap": cheap, "scatter": scatter, "ratios": list(ratios)}
+    if method == "context":
+        settings["reference"] = reference or min(ratios)
     return SensitivityTable(measure, method, int(macs0.macs), rows, baseline, settings, tuple(input_size))

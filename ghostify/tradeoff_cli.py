@@ -27,6 +27,19 @@ def _ints(text: str | None) -> list[int]:
         raise GhostifyError(f"'{text}': expected comma-separated integers, e.g. 2,3,4") from None
 
 
+class _Ratio(click.ParamType):
+    name = "RATIO"
+
+    def convert(self, value, param, ctx):
+        try:
+            return check_ratio(float(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a ratio; use a number >= 1, e.g. 2 or 1.5", param, ctx)
+
+
+RATIO = _Ratio()
+
+
 def _ratios(text: str | None) -> list[int | float]:
     """Comma-separated ratios: integers >= 1 or fractions > 1 (``2,3,4`` or ``1.5,2``)."""
     try:
@@ -73,6 +86,10 @@ def budget_options(fn):
         click.option("--sensitivity-data", default=None, metavar="SPEC",
                      help="Evaluate each layer converted alone on this data (KL against the original) "
                           "instead of calibration's held-out error; keep it apart from your test data."),
+        click.option("--sensitivity-method", type=click.Choice(["alone", "proxy", "context"]), default=None,
+                     help="How --sensitivity-data ranks the convs (default alone; see ghostify sensitivity). "
+                          "context: each conv moved alone away from the uniform model nearest the budget, all "
+                          "recalibrated (slow; the most faithful with --init calib)."),
         click.option("--skip-slower", is_flag=True,
                      help="Keep a conv when its Ghost layer, timed alone on its real input, is not faster."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -126,6 +143,9 @@ def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, che
             eval_data = resolve_data(budget["sensitivity_data"], batch_size=32, limit=64)
         if table is None and init == "calib" and calib_data is None:
             raise GhostifyError("--target-macs with --init calib needs --calib-data (or --sensitivity FILE)")
+        if table is None and budget.get("sensitivity_method") in ("alone", "context") and eval_data is None:
+            raise GhostifyError(f"--sensitivity-method {budget['sensitivity_method']} evaluates the model: give "
+                                f"--sensitivity-data SPEC (data your final test does not use)")
         if table is None and init != "calib" and eval_data is None:
             raise GhostifyError(f"--target-macs/--target-latency rank the convs by measured loss; with --init {init} "
                                 f"give --sensitivity-data SPEC (e.g. photos:calib) or --sensitivity FILE, or use "
@@ -133,7 +153,8 @@ def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, che
         alloc = allocate(original, target_macs=target_macs, target_latency=target_latency, table=table,
                          ratios=_ratios(budget.get("budget_ratios")) or [ratio], dw_size=dw_size, init=init,
                          cheap=cheap, include=include, exclude=exclude, overrides=overrides, calib_data=calib_data,
-                         eval_data=eval_data, input_size=size, only_faster=budget.get("skip_slower", False),
+                         eval_data=eval_data, method=budget.get("sensitivity_method"), input_size=size,
+                         only_faster=budget.get("skip_slower", False),
                          threads=budget.get("threads"), leaf_modules=leaf)
         plan = alloc.plan
         click.echo(alloc.summary(), err=True)
@@ -235,8 +256,11 @@ def register(cli, user_errors, selection_parsers):
     @click.option("--eval", "eval_data", default=None, metavar="SPEC",
                   help="Evaluate each layer converted alone here (method alone).")
     @click.option("--eval-limit", type=click.IntRange(min=1), default=None)
-    @click.option("--method", type=click.Choice(["alone", "proxy"]), default=None,
-                  help="alone: evaluate (default with --eval); proxy: calibration's held-out error only.")
+    @click.option("--method", type=click.Choice(["alone", "proxy", "context"]), default=None,
+                  help="alone: evaluate (default with --eval); proxy: calibration's held-out error only; "
+                       "context: each layer moved alone away from the uniform --reference model, all recalibrated.")
+    @click.option("--reference", type=RATIO, default=None,
+                  help="The uniform ratio --method context starts from (default: the smallest of --ratio).")
     @click.option("--measure", type=click.Choice(["kl", "agree", "top1", "error"]), default=None,
                   help="The loss: kl (default for alone), agree (-log agreement), top1 (accuracy drop), error.")
     @click.option("--exclude", multiple=True, metavar="GLOB")
@@ -246,7 +270,7 @@ def register(cli, user_errors, selection_parsers):
     @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
     @user_errors
     def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_size, eval_data, eval_limit,
-                    method, measure, exclude, input_size, output, plot, as_json):
+                    method, reference, measure, exclude, input_size, output, plot, as_json):
         """For each conv of MODEL converted alone: MACs saved and the loss in accuracy/agreement."""
         from .data import resolve_data
         from .layer_sensitivity import sensitivity as measure_sensitivity
@@ -258,7 +282,7 @@ def register(cli, user_errors, selection_parsers):
         ev = resolve_data(eval_data, batch_size=50, limit=eval_limit) if eval_data else None
         table = measure_sensitivity(original, ratios=_ratios(ratios), dw_size=dw_size, init=init, cheap=cheap,
                                     calib_data=calib, eval_data=ev, method=method or ("alone" if ev else "proxy"),
-                                    measure=measure, input_size=size, exclude=exclude)
+                                    measure=measure, input_size=size, exclude=exclude, reference=reference)
         table.settings["model"] = model
         if output:
             table.save(output)

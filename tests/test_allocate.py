@@ -120,6 +120,27 @@ def test_cli_budget_errors_are_one_line():
                                  "--init", "copy", "--target-latency", "0.9"])
     assert r.exit_code != 0 and "--sensitivity-data" in r.stderr and "--init calib" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["convert", "conftest:ChainNet", "--weights", "none", "--input-size", "3,16,16",
+                                 "--target-macs", "0.9", "--sensitivity-method", "context"])
+    assert r.exit_code != 0 and "--sensitivity-data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_context_allocation_starts_from_the_uniform_ratio_nearest_the_budget(chain_net, monkeypatch):
+    import ghostify.layer_sensitivity as sens
+
+    seen = {}
+
+    def fake(model, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(sens, "sensitivity", fake)
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    r4 = ghostify.count(ghostify.convert(chain_net, ratio=4, init="none"), torch.zeros(*SIZE)).macs / total
+    with pytest.raises(RuntimeError, match="stop"):
+        allocate(chain_net, target_macs=r4 + 0.01, ratios=(2, 4), method="context", eval_data=[torch.zeros(1)],
+                 calib_data=[torch.zeros(1)], input_size=SIZE, progress=False)
+    assert seen["method"] == "context" and seen["reference"] == 4
 
 
 def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):

@@ -75,3 +75,31 @@ def test_cli_sensitivity_writes_table_and_plot(tmp_path):
     assert r.exit_code == 0, r.output
     assert "conv2" in r.stdout and out.exists() and plot.read_bytes()[:4] == b"\x89PNG"
     assert SensitivityTable.load(out).settings["model"] == "conftest:ChainNet"
+
+
+def test_context_rows_are_measured_moves_away_from_the_uniform_model(chain_net, data, bn_randomizer):
+    net = bn_randomizer(chain_net).eval()
+    ev = [torch.randn(16, *SIZE[1:])]
+    t = sensitivity(net, ratios=(2, 4), method="context", reference=2, calib_data=data, eval_data=ev,
+                    input_size=SIZE, progress=False)
+    assert t.method == "context" and t.settings["reference"] == 2 and t.layers == ["conv1", "conv2"]
+
+    def kl(overrides):
+        g = ghostify.convert(net, ratio=2, init="calib", calib_data=data, overrides=overrides).eval()
+        with torch.no_grad():
+            ref, out = net(ev[0]), g(ev[0])
+        return F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean").item()
+
+    for row in t.rows:
+        moved = {} if row.ratio == 2 else {row.name: {"ratio": row.ratio}}
+        expected = kl(moved) - kl({row.name: None})  # the layer at its ratio, against it kept; the rest at ratio 2
+        assert row.loss == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    # the greedy allocation runs on the table as on any other
+    a = ghostify.allocate(net, target_macs=0.9, table=t, ratios=(2, 4), input_size=SIZE, calib_data=data,
+                          progress=False)
+    assert a.predicted_cost_ratio <= 0.9
+
+
+def test_context_needs_eval_data(chain_net, data):
+    with pytest.raises(ghostify.GhostifyError, match="eval_data"):
+        sensitivity(chain_net, method="context", calib_data=data, input_size=SIZE, progress=False)
