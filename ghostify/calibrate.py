@@ -8,8 +8,12 @@ and its target is the original conv's output on the original model. Per layer:
    ``A = sum p p^T`` over input patches ``p`` (with a bias 1), ``B = sum p y^T``, and the
    output covariance ``C``;
 2. the intrinsic channels and the intrinsic->ghost pairing are chosen on ``C`` (greedy
-   facility location + Hungarian for the depthwise form, pivoted Cholesky for ``mix``);
-3. the intrinsic filters and biases are refit by ridge least squares ``(A + lI) w = B``;
+   facility location + Hungarian for the depthwise form); channels are weighted as the
+   BatchNorm after the conv sees them (``weighting="bn"``);
+3. the intrinsic filters and biases are refit by ridge least squares ``(A + lI) w = B``; for
+   ``mix`` (free channel order) they are the best rank-``m`` map instead (reduced-rank
+   regression, channels by pivoted Cholesky); with few rows per unknown the ridge ``l`` is
+   chosen by two-fold cross-validation over images;
 4. the cheap op is fitted in closed form on the refit intrinsic maps: per ghost a
    ``d x d`` kernel and bias for ``dw``, a linear map for ``mix``.
 
