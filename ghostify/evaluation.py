@@ -97,9 +97,8 @@ def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, p
     """
     from tqdm import tqdm
 
-    from .modules import GhostConv2d, _inverse
-
     from .calibrate import _output_scales
+    from .modules import GhostConv2d, _inverse
 
     if weighting not in ("bn", "none"):
         raise GhostifyError(f"weighting={weighting!r} is not known; use 'bn' or 'none'")
