@@ -360,51 +360,49 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
         baseline = _compare(refs, refs, labels)
 
     rows: list[LayerSensitivity] = []
-    if method == "context":
-        try:
-            rows = _context_rows(model, tuple(ratios), reference or min(ratios), inputs, refs, labels, measure,
-                                 baseline, x0, macs0, progress,
-                                 dict(dw_size=dw_size, init=init, cheap=cheap, include=include, exclude=exclude,
-                                      scatter=scatter, leaf_modules=leaf_modules, **init_options),
-                                 dict(overrides or {}))
-        finally:
-            model.train(training)
-    work = copy.deepcopy(model)
+    reference = (reference or min(ratios)) if method == "context" else None
     try:
-        for ratio in ratios if method != "context" else ():
-            cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides)
-            plan = make_plan(model, cfg, leaf_modules=leaf_modules)
-            if not plan.converted:
-                continue
-            if progress:
-                print(f"sensitivity: ratio {ratio}: fitting {len(plan.converted)} layers", file=sys.stderr)
-            ghost = convert(model, plan=plan, fold=False, scatter=scatter, leaf_modules=leaf_modules,
-                            initialize=init != "calib", **({} if init == "calib" else init_options))
-            info = ghost.ghostify_info
-            if init == "calib":
-                auto = {e.name for e in plan.converted if e.spec.cheap == "auto"}
-                info.layer_info.update(_calibrate_alone(model, ghost, [e.name for e in plan.converted], auto,
-                                                        scatter, progress, **init_options))
-            macs1 = count(ghost, x0)
-            names = [e.name for e in info.plan.converted]
-            for name in tqdm(names, disable=not progress or method != "alone", file=sys.stderr,
-                             desc=f"ratio {ratio}", leave=False):
-                metrics = {k: v for k, v in info.layer_info.get(name, {}).items() if k == "heldout_error"}
-                if method == "alone":
-                    original = work.get_submodule(name)
-                    work.set_submodule(name, ghost.get_submodule(name))
-                    try:
-                        metrics.update(_compare(_outputs(work, inputs), refs, labels))
-                    finally:
-                        work.set_submodule(name, original)
-                rows.append(LayerSensitivity(name, ratio, int(macs0.macs_by_module.get(name, 0)),
-                                             int(macs1.macs_by_module.get(name, 0)), _loss(measure, metrics, baseline),
-                                             metrics))
+        if method == "context":
+            rows = _context_rows(model, tuple(ratios), reference, inputs, refs, labels, measure, baseline, x0, macs0,
+                                 progress, dict(dw_size=dw_size, init=init, cheap=cheap, include=include,
+                                                exclude=exclude, scatter=scatter, leaf_modules=leaf_modules,
+                                                **init_options), dict(overrides or {}))
+        else:
+            work = copy.deepcopy(model)
+            for ratio in ratios:
+                cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides)
+                plan = make_plan(model, cfg, leaf_modules=leaf_modules)
+                if not plan.converted:
+                    continue
+                if progress:
+                    print(f"sensitivity: ratio {ratio}: fitting {len(plan.converted)} layers", file=sys.stderr)
+                ghost = convert(model, plan=plan, fold=False, scatter=scatter, leaf_modules=leaf_modules,
+                                initialize=init != "calib", **({} if init == "calib" else init_options))
+                info = ghost.ghostify_info
+                if init == "calib":
+                    auto = {e.name for e in plan.converted if e.spec.cheap == "auto"}
+                    info.layer_info.update(_calibrate_alone(model, ghost, [e.name for e in plan.converted], auto,
+                                                            scatter, progress, **init_options))
+                macs1 = count(ghost, x0)
+                names = [e.name for e in info.plan.converted]
+                for name in tqdm(names, disable=not progress or method != "alone", file=sys.stderr,
+                                 desc=f"ratio {ratio}", leave=False):
+                    metrics = {k: v for k, v in info.layer_info.get(name, {}).items() if k == "heldout_error"}
+                    if method == "alone":
+                        original = work.get_submodule(name)
+                        work.set_submodule(name, ghost.get_submodule(name))
+                        try:
+                            metrics.update(_compare(_outputs(work, inputs), refs, labels))
+                        finally:
+                            work.set_submodule(name, original)
+                    rows.append(LayerSensitivity(name, ratio, int(macs0.macs_by_module.get(name, 0)),
+                                                 int(macs1.macs_by_module.get(name, 0)),
+                                                 _loss(measure, metrics, baseline), metrics))
     finally:
         model.train(training)
     if not rows:
         raise GhostifyError("no conv converts with these settings; see `ghostify inspect`")
     settings = {"dw_size": dw_size, "init": init, "cheap": cheap, "scatter": scatter, "ratios": list(ratios)}
     if method == "context":
-        settings["reference"] = reference or min(ratios)
+        settings["reference"] = reference
     return SensitivityTable(measure, method, int(macs0.macs), rows, baseline, settings, tuple(input_size))
