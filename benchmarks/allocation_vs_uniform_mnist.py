@@ -8,7 +8,7 @@ and 3): the uniform ratio-R model, then ``ghostify.allocate`` at exactly its MAC
 the uniform ratio-R model, everything recalibrated) and, for comparison, from the ``alone``
 table (each layer fitted and evaluated alone in the original).
 
-    python benchmarks/allocation_vs_uniform_mnist.py                    # about 45 min on 2 cores
+    python benchmarks/allocation_vs_uniform_mnist.py                    # the sensitivity tables take 411 + 894 + 652 s on 2 cores
     python benchmarks/allocation_vs_uniform_mnist.py --references 2 --no-alone
 """
 from __future__ import annotations

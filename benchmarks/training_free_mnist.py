@@ -6,7 +6,7 @@ original, KL(original || converted) and conversion wall time.
 
     python benchmarks/training_free_mnist.py                       # full grid (about 40 min on 2 cores)
     python benchmarks/training_free_mnist.py --compact             # a compact grid (about 30 min)
-    python benchmarks/training_free_mnist.py --readme              # exactly the README rows (about 6 min)
+    python benchmarks/training_free_mnist.py --readme              # exactly the README rows
     python benchmarks/training_free_mnist.py --quick               # ratio 2 only, 2,000 test images
     python benchmarks/training_free_mnist.py --sources             # ratio 2, calib from each data source
 
