@@ -10,10 +10,9 @@ map-style ``Dataset``, one tensor of examples). A new spec is one function regis
 :func:`register_source`.
 
 MNIST is read from the four idx files (``.gz`` or unpacked, in ``ROOT`` or torchvision's
-``ROOT/MNIST/raw``), looked for in: the ``root`` argument, ``$GHOSTIFY_MNIST_ROOT``,
-``~/.cache/ghostify/mnist``, then ``../shared/data/mnist`` and ``shared/data/mnist``
-relative to the current directory and to the repository. Only when none has them is a
-download tried (torchvision, into ``~/.cache/ghostify/mnist``).
+``ROOT/MNIST/raw``), looked for in: the ``root`` argument, ``$GHOSTIFY_MNIST_ROOT``, then
+the user cache ``~/.cache/ghostify/mnist``. Only when none has them is a download tried
+(torchvision, into the user cache, 20 s socket timeout).
 """
 from __future__ import annotations
 
@@ -237,13 +236,10 @@ def _mnist_names(split: str) -> tuple[str, str]:
 
 
 def _mnist_dirs(root) -> list[Path]:
-    repo = Path(__file__).resolve().parent.parent
     dirs = [Path(root)] if root else []
     if os.environ.get("GHOSTIFY_MNIST_ROOT"):
         dirs.append(Path(os.environ["GHOSTIFY_MNIST_ROOT"]))
     dirs.append(MNIST_CACHE)
-    for base in (Path.cwd(), repo):
-        dirs += [base.parent / "shared" / "data" / "mnist", base / "shared" / "data" / "mnist"]
     return list(dict.fromkeys(d.expanduser().resolve() for d in dirs))
 
 
@@ -258,8 +254,11 @@ def _files_in(folder: Path, split: str) -> tuple[Path, Path] | None:
     return None
 
 
-def find_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def find_mnist(split: str = "test", root: str | os.PathLike | None = None, *,
+               download: bool = True) -> tuple[Path, Path]:
     """The (images, labels) idx files of an MNIST split, searched for as the module docstring says.
+
+    ``download=False``: raise at once when no folder has them.
 
     Example:
         >>> images, labels = find_mnist("test")                       # doctest: +SKIP
@@ -273,20 +272,22 @@ def find_mnist(split: str = "test", root: str | os.PathLike | None = None) -> tu
             return found
     from .zoo import _download_timeout
 
+    reason = "was not tried (download=False)"
     try:
-        import torchvision
+        if download:
+            import torchvision
 
-        with _download_timeout():
-            torchvision.datasets.MNIST(str(MNIST_CACHE), train=split == "train", download=True)
-        found = _files_in(MNIST_CACHE, split)
-        if found:
-            return found
-        reason = "the download left no files"
+            with _download_timeout():
+                torchvision.datasets.MNIST(str(MNIST_CACHE), train=split == "train", download=True)
+            found = _files_in(MNIST_CACHE, split)
+            if found:
+                return found
+            reason = "failed (it left no files)"
     except Exception as exc:
-        reason = describe(exc)
+        reason = f"failed ({describe(exc)})"
     images, labels = _mnist_names(split)
     raise GhostifyError(f"MNIST {split} files not found; looked in {', '.join(map(str, dirs))} (and their "
-                        f"MNIST/raw/), and the download failed ({reason}). Put {images}.gz and {labels}.gz "
+                        f"MNIST/raw/), and the download {reason}. Put {images}.gz and {labels}.gz "
                         f"(or unpacked) in a folder and pass root=FOLDER or set GHOSTIFY_MNIST_ROOT=FOLDER, "
                         f"or copy them to {MNIST_CACHE}")
 
