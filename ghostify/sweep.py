@@ -17,6 +17,7 @@ A point that fails is recorded with its error and the sweep goes on.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -317,7 +318,7 @@ class Sweep:
         if self.alloc_table is not None:
             return self.alloc_table
         if key not in self._tables:
-            name = f"sensitivity-{abs(hash(key)) % 10**8:08d}.json"
+            name = f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"  # the same in every process
             path = self.out_dir / name
             cached = SensitivityTable.load(path) if path.exists() else None
             if cached is not None and cached.settings.get("key") == key:
