@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import GhostifyError
+from .ratio import check_ratio
 
 __all__ = ["Recipe", "ModelConfig", "ConversionConfig", "DataConfig", "TrainConfig", "OptimConfig",
            "ScheduleConfig", "LossConfig", "load_recipe", "from_dict", "apply_override", "to_dict", "dump_yaml",
@@ -58,7 +59,7 @@ class ModelConfig:
 class ConversionConfig:
     """How the model is converted (see :func:`ghostify.convert`)."""
 
-    ratio: int = field(default=2, metadata={"min": 1})
+    ratio: float = field(default=2, metadata={"ratio": True})  # an integer >= 1 or a fraction > 1, e.g. 1.5
     dw_size: int = field(default=3, metadata={"min": 1, "odd": True})
     cheap: str = "dw"  # a cheap-op family in ghostify.CHEAP_OPS (dw, mix, ...)
     init: str = "copy"  # an init strategy in ghostify.INITS (copy, calib, random, ...)
@@ -370,6 +371,12 @@ def _coerce(value: Any, tp, f: dataclasses.Field, path: str) -> Any:
         raise GhostifyError(f"recipe key '{path}': must be <= {meta['max']}, got {out}")
     if meta.get("odd") and out % 2 == 0:
         raise GhostifyError(f"recipe key '{path}': must be odd (the cheap op keeps the map size), got {out}")
+    if meta.get("ratio"):
+        try:
+            out = check_ratio(out)
+        except ValueError:
+            raise GhostifyError(f"recipe key '{path}': must be a number >= 1 (an integer, or a fraction > 1 "
+                                f"such as 1.5), got {value!r}") from None
     return out
 
 

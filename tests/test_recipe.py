@@ -52,6 +52,15 @@ def test_overrides_coerce_to_field_types(tmp_path):
     assert cfg.model.weights == "none" and cfg.data.val is None
 
 
+def test_fractional_ratio_as_on_the_command_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("conversion:\n  ratio: 1.5\n  init: calib\n")
+    c = load_recipe(path).conversion
+    assert (c.ratio, c.init) == (1.5, "calib")
+    two = apply_override(Recipe(), "conversion.ratio=2.0").conversion.ratio
+    assert two == 2 and isinstance(two, int)  # as check_ratio gives it to convert
+
+
 def test_section_override_keeps_other_keys():
     cfg = apply_override(Recipe(), "optim={lr: 0.2}")
     assert cfg.optim.lr == 0.2 and cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
@@ -68,6 +77,8 @@ def test_section_override_keeps_other_keys():
     ("schedule.name=linear", r"is not one of cosine, step, constant"),
     ("train.amp=fp8", r"is not one of auto, off, bf16, fp16"),
     ("conversion.dw_size=2", r"must be odd"),
+    ("conversion.ratio=0.5", r"'conversion.ratio': must be a number >= 1 \(an integer, or a fraction > 1"),
+    ("conversion.ratio=half", r"'conversion.ratio': expected a number, got 'half'"),
     ("loss.alpha=1.5", r"'loss.alpha': must be <= 1, got 1.5"),
     ("loss.temperature=0", r"'loss.temperature': must be > 0"),
     ("train.freeze_bn=maybe", r"'train.freeze_bn': expected true or false, got 'maybe'"),
