@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "convert": "conversion", "build_config": "conversion", "ConversionInfo": "conversion", "conversion_info": "conversion",
     "make_plan": "plan", "GhostConfig": "plan", "LayerSpec": "plan", "Plan": "plan", "PlanEntry": "plan",
+    "default_cheap": "plan",
     "GhostConv2d": "modules", "GhostModule": "modules", "DepthwiseCheap": "modules", "CHEAP_OPS": "modules",
     "register_cheap_op": "modules",
     "INITS": "transfer", "register_init": "transfer",

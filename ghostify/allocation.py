@@ -188,8 +188,8 @@ def _budget_plan(model: nn.Module, base_plan: Plan, choices: dict[str, int | Non
 
 
 def allocate(model: nn.Module, *, target_macs: float | None = None, target_latency: float | None = None,
-             table=None, ratios: Iterable[int] = (2, 3, 4), dw_size: int = 3, init: str = "calib",
-             cheap: str = "dw", include: Iterable[str] = (), exclude: Iterable[str] = (),
+             table=None, ratios: Iterable[int] = (2, 3, 4), dw_size: int | None = None, init: str = "calib",
+             cheap: str | None = None, include: Iterable[str] = (), exclude: Iterable[str] = (),
              overrides: dict | None = None, calib_data=None, eval_data=None, method: str | None = None,
              measure: str | None = None, input_size=(1, 3, 224, 224), only_faster: bool = False,
              threads: int | None = None, repeats: int = 10, leaf_modules=(), progress: bool = True,
@@ -219,7 +219,7 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
         >>> ghost = ghostify.convert(net, plan=a.plan, calib_data=data)
     """
     from .conversion import build_config
-    from .plan import make_plan
+    from .plan import default_cheap, make_plan
     from .layer_sensitivity import sensitivity
 
     if (target_macs is None) == (target_latency is None):
@@ -232,14 +232,15 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
         method = method or ("alone" if eval_data is not None else "proxy")
         if method == "context" and init_options.get("reference") is None:  # the uniform ratio nearest the budget
             init_options["reference"] = _nearest_uniform(model, ratios, target_macs or target, input_size,
-                                                         dw_size, cheap, include, exclude, overrides, leaf_modules)
+                                                         *default_cheap(init, cheap, dw_size), include, exclude,
+                                                         overrides, leaf_modules)
         table = sensitivity(model, ratios=ratios, dw_size=dw_size, init=init, cheap=cheap, calib_data=calib_data,
                             eval_data=eval_data, method=method, measure=measure, input_size=input_size,
                             include=include, exclude=exclude, overrides=overrides, leaf_modules=leaf_modules,
                             progress=progress, **init_options)
     cfg = build_config(min(ratios), dw_size, init, cheap, include, exclude, overrides)
     base_plan = make_plan(model, cfg, leaf_modules=leaf_modules)
-    candidates = {e.name for e in base_plan.converted}
+    candidates = {e.name: e.spec for e in base_plan.converted}
     rows = {n: [r for r in table.options(n) if r.ratio in ratios] for n in table.layers if n in candidates}
 
     need_latency = target_latency is not None or only_faster
@@ -248,7 +249,7 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
         from .latency import measure_latency
 
         x = torch.randn(*input_size)
-        specs = {n: [(r.ratio, dw_size, cheap) for r in opts] for n, opts in rows.items()}
+        specs = {n: [(r.ratio, candidates[n].dw_size, candidates[n].cheap) for r in opts] for n, opts in rows.items()}
         lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress)
         total_ms = measure_latency({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
 
@@ -279,7 +280,7 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
                       1 - saved / total if total else 1.0, loss, table.measure, moves)
 
 
-def _nearest_uniform(model, ratios, target, input_size, dw_size, cheap, include, exclude, overrides,
+def _nearest_uniform(model, ratios, target, input_size, cheap, dw_size, include, exclude, overrides,
                      leaf_modules) -> int | float:
     """The ratio whose uniform conversion's MACs fraction is closest to ``target`` (no weights are fitted)."""
     from .conversion import convert

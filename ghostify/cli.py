@@ -108,13 +108,15 @@ def _selection_options(fn):
         click.option("--ratio", type=RATIO, default=2, show_default=True,
                      help="s: keep ceil(n/s) intrinsic filters per converted conv (2, 3, 4, ... or a fraction "
                           "like 1.5)."),
-        click.option("--dw-size", type=int, default=3, show_default=True, callback=_odd,
-                     help="Kernel size of the cheap depthwise op (odd)."),
+        click.option("--dw-size", type=int, default=None, callback=_odd,
+                     help="Kernel size of the cheap op (odd; default 1 for mix, 3 otherwise)."),
         click.option("--init", "init", default="copy", show_default=True,
                      help="Weight transfer: copy (exact intrinsic channels, fitted ghosts), calib (fitted on --calib-data) "
                           "or random."),
-        click.option("--cheap", default="dw", show_default=True, help="Cheap-op family: dw (depthwise, as the paper), mix (1x1 from the intrinsic maps), "
-                          "or auto (per layer, the better fit per MAC; needs --init calib)."),
+        click.option("--cheap", default=None,
+                     help="Cheap-op family: dw (depthwise, as the paper), mix (1x1 from the intrinsic maps), or auto "
+                          "(per layer, the better fit per MAC; needs --init calib). Default: mix with --init calib, "
+                          "else dw."),
         click.option("--include", multiple=True, metavar="GLOB", help="Convert only convs whose name matches."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Never convert convs whose name matches."),
         click.option("--override", multiple=True, metavar="PATTERN:SPEC",

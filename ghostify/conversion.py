@@ -38,7 +38,7 @@ class ConversionInfo:
                 "plan": self.plan.to_dict(), "layer_info": self.layer_info}
 
 
-def build_config(ratio: int = 2, dw_size: int = 3, init: str = "copy", cheap: str = "dw",
+def build_config(ratio: int = 2, dw_size: int | None = None, init: str = "copy", cheap: str | None = None,
                  include: Iterable[str] = (), exclude: Iterable[str] = (),
                  overrides: dict[Any, Any] | None = None, config: GhostConfig | None = None) -> GhostConfig:
     """A :class:`GhostConfig` from the flat keyword form that ``convert`` and the CLI take.
@@ -56,16 +56,18 @@ def build_config(ratio: int = 2, dw_size: int = 3, init: str = "copy", cheap: st
     return cfg
 
 
-def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "copy", cheap: str = "dw",
-            include: Iterable[str] = (), exclude: Iterable[str] = (), overrides: dict | None = None,
-            config: GhostConfig | None = None, plan: Plan | None = None, inplace: bool = False,
-            fold: bool = True, scatter: bool = False, leaf_modules: Iterable[type | str] = (),
+def convert(model: nn.Module, ratio: int = 2, dw_size: int | None = None, *, init: str = "copy",
+            cheap: str | None = None, include: Iterable[str] = (), exclude: Iterable[str] = (),
+            overrides: dict | None = None, config: GhostConfig | None = None, plan: Plan | None = None,
+            inplace: bool = False, fold: bool = True, scatter: bool = False, leaf_modules: Iterable[type | str] = (),
             initialize: bool = True, **init_options) -> nn.Module:
     """Replace the selected ``nn.Conv2d`` layers of ``model`` with :class:`GhostConv2d` and carry the weights over.
 
     Args:
         model: any ``nn.Module``; it is not modified unless ``inplace=True``.
-        ratio, dw_size, init, cheap: the global layer settings (see :class:`LayerSpec`).
+        ratio, dw_size, init, cheap: the global layer settings (see :class:`LayerSpec`). Without
+            ``cheap``/``dw_size``: ``init="calib"`` fits a 1x1 ``mix``, other inits the paper's
+            depthwise 3x3 ``dw`` (:func:`ghostify.plan.default_cheap`).
         include, exclude: glob patterns on module names.
         overrides: ``{type | glob | name: {"ratio": 4, ...} | None}``; priority
             global < type < glob < exact name, ``None`` keeps the conv.
@@ -98,6 +100,8 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     work = model if inplace else copy.deepcopy(model)
     traced = tracing.trace(work, leaf_modules)
     plan = copy.deepcopy(plan) if plan is not None else make_plan(work, cfg, traced=traced)
+    for e in plan.converted:
+        e.spec = e.spec.resolved()
     originals = {}
     for e in plan.converted:
         try:

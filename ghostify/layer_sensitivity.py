@@ -292,11 +292,11 @@ def _loss(measure: str, metrics: dict, baseline: dict) -> float:
     return metrics["heldout_error"] ** 2
 
 
-def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int = 3, init: str = "calib",
-                cheap: str = "dw", calib_data=None, eval_data=None, method: str = "alone", measure: str | None = None,
-                input_size=(1, 3, 224, 224), include: Iterable[str] = (), exclude: Iterable[str] = (),
-                overrides: dict | None = None, scatter: bool = False, leaf_modules=(), progress: bool = True,
-                reference: int | float | None = None, **init_options) -> SensitivityTable:
+def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int | None = None, init: str = "calib",
+                cheap: str | None = None, calib_data=None, eval_data=None, method: str = "alone",
+                measure: str | None = None, input_size=(1, 3, 224, 224), include: Iterable[str] = (),
+                exclude: Iterable[str] = (), overrides: dict | None = None, scatter: bool = False, leaf_modules=(),
+                progress: bool = True, reference: int | float | None = None, **init_options) -> SensitivityTable:
     """Measure, for each convertible conv of ``model`` and each ratio, the cost of converting it alone.
 
     Args:
@@ -326,7 +326,7 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
     from .calibrate import as_input_batches
     from .conversion import build_config, convert
     from .counting import count
-    from .plan import make_plan
+    from .plan import default_cheap, make_plan
 
     if method not in ("alone", "proxy", "context"):
         raise GhostifyError(f"unknown sensitivity method {method!r}; use 'alone', 'proxy' or 'context'")
@@ -402,6 +402,7 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
         model.train(training)
     if not rows:
         raise GhostifyError("no conv converts with these settings; see `ghostify inspect`")
+    cheap, dw_size = default_cheap(init, cheap, dw_size)  # recorded as converted
     settings = {"dw_size": dw_size, "init": init, "cheap": cheap, "scatter": scatter, "ratios": list(ratios)}
     if method == "context":
         settings["reference"] = reference

@@ -25,9 +25,31 @@ from .errors import GhostifyError
 from .modules import CHEAP_OPS, GhostConv2d, ghost_macs_per_position
 from .ratio import check_ratio
 
-__all__ = ["LayerSpec", "GhostConfig", "PlanEntry", "Plan", "make_plan"]
+__all__ = ["LayerSpec", "GhostConfig", "PlanEntry", "Plan", "make_plan", "default_cheap"]
 
 _GLOB_CHARS = set("*?[")
+
+# The cheap op a layer gets when none is given, by init strategy (every other init: the paper's "dw"),
+# and its kernel size, by cheap-op family (every other family: 3). Calibrated, the 1x1 mix measured
+# best on the MNIST reference models and on a ResNet-20 the project never saw (README, "Training-free
+# conversion"); copied weights keep the paper's depthwise 3x3.
+DEFAULT_CHEAP = {"calib": "mix"}
+DEFAULT_DW_SIZE = {"mix": 1}
+
+
+def default_cheap(init: str, cheap: str | None = None, dw_size: int | None = None) -> tuple[str, int]:
+    """The ``(cheap, dw_size)`` a layer converted with ``init`` gets: the given ones, else the defaults.
+
+    Without ``cheap``: ``mix`` for ``init="calib"``, ``dw`` (the paper's depthwise op) otherwise.
+    Without ``dw_size``: 1 for ``mix``, 3 for the other families. Every entry point (``convert``,
+    the CLI, recipes, sweeps, sensitivity) resolves its defaults here.
+
+    Example:
+        >>> default_cheap("copy"), default_cheap("calib"), default_cheap("calib", "dw"), default_cheap("calib", None, 3)
+        (('dw', 3), ('mix', 1), ('dw', 3), ('mix', 3))
+    """
+    cheap = DEFAULT_CHEAP.get(init, "dw") if cheap is None else cheap
+    return cheap, DEFAULT_DW_SIZE.get(cheap, 3) if dw_size is None else dw_size
 
 
 @dataclass(frozen=True)
@@ -37,30 +59,34 @@ class LayerSpec:
     Attributes:
         ratio: ``s``; the layer keeps ``ceil(n / s)`` intrinsic filters (an integer >= 1 or a
             fraction > 1, e.g. 1.5 keeps two thirds).
-        dw_size: kernel size of the cheap op (odd, >= 1).
+        dw_size: kernel size of the cheap op (odd, >= 1); None: 1 for ``mix``, else 3.
         init: name of a weight-transfer strategy (see ``ghostify.transfer.INITS``).
         cheap: name of a cheap-op family (see ``ghostify.modules.CHEAP_OPS``), or ``"auto"``:
             the init strategy fits the families it can and keeps, per layer, the one with the
             lower held-out error per MAC (``init="calib"`` does; the plan then records the choice).
+            None: ``mix`` for ``init="calib"``, ``dw`` otherwise (:func:`default_cheap`).
+
+    A plan's entries hold concrete values (:meth:`resolved`), so a saved model records them.
     """
 
     ratio: int | float = 2
-    dw_size: int = 3
+    dw_size: int | None = None
     init: str = "copy"
-    cheap: str = "dw"
+    cheap: str | None = None
 
     def __post_init__(self):
         try:
             object.__setattr__(self, "ratio", check_ratio(self.ratio))  # 2.0 -> 2
         except ValueError as e:
             raise GhostifyError(str(e)) from None
-        if isinstance(self.dw_size, bool) or not isinstance(self.dw_size, int) or self.dw_size < 1 or self.dw_size % 2 == 0:
-            raise GhostifyError(f"dw_size must be an odd integer >= 1 (got {self.dw_size!r}); try --dw-size 3")
+        d = self.dw_size
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1 or d % 2 == 0):
+            raise GhostifyError(f"dw_size must be an odd integer >= 1 (got {d!r}); try --dw-size 3")
         from .transfer import INITS  # late: transfer imports plan's users
 
         if self.init not in INITS:
             raise GhostifyError(f"unknown init {self.init!r}; choose one of {sorted(INITS)}")
-        if self.cheap not in CHEAP_OPS and self.cheap != "auto":
+        if self.cheap is not None and self.cheap not in CHEAP_OPS and self.cheap != "auto":
             raise GhostifyError(f"unknown cheap op {self.cheap!r}; choose one of {sorted(CHEAP_OPS) + ['auto']}")
         if self.cheap == "auto" and not getattr(INITS[self.init], "chooses_cheap", False):
             raise GhostifyError(f"cheap='auto' is chosen per layer from calibration data; use it with --init calib "
@@ -71,6 +97,16 @@ class LayerSpec:
         if unknown:
             raise GhostifyError(f"unknown layer setting(s) {sorted(unknown)}; valid: ratio, dw_size, init, cheap")
         return replace(self, **override)
+
+    def resolved(self) -> "LayerSpec":
+        """This spec with ``cheap`` and ``dw_size`` made concrete (:func:`default_cheap`).
+
+        Example:
+            >>> LayerSpec(init="calib").resolved()
+            LayerSpec(ratio=2, dw_size=1, init='calib', cheap='mix')
+        """
+        cheap, dw_size = default_cheap(self.init, self.cheap, self.dw_size)
+        return replace(self, cheap=cheap, dw_size=dw_size)
 
 
 Override = "dict[str, Any] | LayerSpec | None"
@@ -145,7 +181,7 @@ class GhostConfig:
         return None
 
     def resolve(self, name: str, module_types: Iterable[type] = ()) -> LayerSpec | None:
-        """The spec for layer ``name`` (``module_types``: the conv's class and its parents'), or None to skip."""
+        """The concrete spec for layer ``name`` (``module_types``: the conv's class and parents'), or None to skip."""
         module_types = tuple(module_types)
         levels: list[dict | None] = []
         levels += [o for t, o in self.by_type if any(issubclass(mt, t) for mt in module_types)]
@@ -155,7 +191,7 @@ class GhostConfig:
         spec: LayerSpec | None = self.global_spec
         for o in levels:
             spec = None if o is None else (spec or self.global_spec).merged(o)
-        return spec
+        return spec and spec.resolved()
 
     def explicit_name(self, name: str) -> bool:
         return self.by_name.get(name) is not None

@@ -6,7 +6,7 @@ A recipe has six sections (every key optional; the defaults below fine-tune on M
     seed: 0
     output_dir: runs/mnist_resnet20_r2
     model:      {name: checkpoints/resnet20_mnist.pt, weights: DEFAULT, kwargs: {}}
-    conversion: {ratio: 2, dw_size: 1, cheap: mix, init: calib, calib_size: 512, include: [], exclude: []}
+    conversion: {ratio: 2, init: calib, cheap: null, dw_size: null, calib_size: 512, include: [], exclude: []}
     data:       {train: mnist:train, val: mnist:test, root: null, image_size: null}
     train:      {epochs: 1, batch_size: 128, amp: auto, clip_grad_norm: null, ema_decay: null, freeze_bn: false}
     optim:      {name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0005}
@@ -60,8 +60,8 @@ class ConversionConfig:
     """How the model is converted (see :func:`ghostify.convert`)."""
 
     ratio: float = field(default=2, metadata={"ratio": True})  # an integer >= 1 or a fraction > 1, e.g. 1.5
-    dw_size: int = field(default=3, metadata={"min": 1, "odd": True})
-    cheap: str = "dw"  # a cheap-op family in ghostify.CHEAP_OPS (dw, mix, ...)
+    dw_size: Optional[int] = field(default=None, metadata={"min": 1, "odd": True})  # null: 1 for mix, else 3
+    cheap: Optional[str] = None  # a family in ghostify.CHEAP_OPS (dw, mix, ...); null: mix for calib, else dw
     init: str = "copy"  # an init strategy in ghostify.INITS (copy, calib, random, ...)
     include: list = field(default_factory=list)
     exclude: list = field(default_factory=list)
@@ -386,7 +386,7 @@ def check_registries(cfg: Recipe) -> None:
     from .transfer import INITS
 
     c = cfg.conversion
-    if c.cheap not in CHEAP_OPS and c.cheap != "auto":
+    if c.cheap is not None and c.cheap not in CHEAP_OPS and c.cheap != "auto":
         raise GhostifyError(f"recipe key 'conversion.cheap': '{c.cheap}' is not one of {', '.join(sorted(CHEAP_OPS))}")
     if c.init not in INITS:
         raise GhostifyError(f"recipe key 'conversion.init': '{c.init}' is not one of {', '.join(sorted(INITS))}")

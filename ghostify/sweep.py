@@ -246,6 +246,7 @@ class Sweep:
         from .counting import count
         from .latency import measure_latency
         from .layer_sensitivity import _compare, _outputs
+        from .plan import default_cheap
 
         model = self.model.eval()
         x = torch.zeros(*self.input_size)
@@ -269,6 +270,8 @@ class Sweep:
             plan = self._plan(s, opts)
             ghost = convert(model, plan=plan, **{k: v for k, v in opts.items() if k not in _SPEC_KEYS})
             row["converted"] = len(ghost.ghostify_info.plan.converted)
+            row["cheap"], row["dw_size"] = default_cheap(opts.get("init", "copy"), opts.get("cheap"),
+                                                         opts.get("dw_size"))
         counts = count(ghost, x)
         row.update(macs=counts.macs, macs_ratio=counts.macs / base.macs, params=counts.params,
                    params_ratio=counts.params / base.params)

@@ -186,9 +186,10 @@ def register(cli, user_errors, selection_parsers):
                   help="Output folder (results.json/.csv, summary.md, plot.png); an existing sweep there resumes.")
     @click.option("--weights", default="DEFAULT", show_default=True, help="As for convert.")
     @click.option("--ratios", default="2,4", show_default=True, help="Uniform ratios to sweep.")
-    @click.option("--dw-sizes", default="3", show_default=True, help="Cheap-op kernel sizes to sweep.")
+    @click.option("--dw-sizes", default="", help="Cheap-op kernel sizes to sweep (default: 1 for mix, 3 otherwise).")
     @click.option("--init", "inits", default="copy", show_default=True, help="Inits to sweep, e.g. copy,calib.")
-    @click.option("--cheap", "cheaps", default="dw", show_default=True, help="Cheap ops to sweep, e.g. dw,mix.")
+    @click.option("--cheap", "cheaps", default="",
+                  help="Cheap ops to sweep, e.g. dw,mix (default: mix for init calib, dw otherwise).")
     @click.option("--scatter", "scatters", default="false", show_default=True, help="false, true or false,true.")
     @click.option("--target-macs", "targets", default="", help="Also budgeted allocations, e.g. 0.9,0.8 "
                                                                "(with the first --dw-sizes/--init/--cheap).")
@@ -218,7 +219,8 @@ def register(cli, user_errors, selection_parsers):
         from .zoo import get_model
 
         size = parse_input_size(input_size, default_input(model))
-        grid = {"ratio": _ratios(ratios), "dw_size": _ints(dw_sizes), "init": _words(inits), "cheap": _words(cheaps)}
+        grid = {"ratio": _ratios(ratios), "init": _words(inits)}
+        grid.update({k: v for k, v in (("dw_size", _ints(dw_sizes)), ("cheap", _words(cheaps))) if v})  # else defaults
         flags = {"false": False, "true": True}
         try:
             grid["scatter"] = [flags[w.lower()] for w in _words(scatters)]
@@ -248,9 +250,9 @@ def register(cli, user_errors, selection_parsers):
     @click.argument("model")
     @click.option("--weights", default="DEFAULT", show_default=True, help="As for convert.")
     @click.option("--ratio", "ratios", default="2", show_default=True, help="Ratio(s) to measure, e.g. 2 or 2,4.")
-    @click.option("--dw-size", type=int, default=3, show_default=True)
+    @click.option("--dw-size", type=int, default=None, help="Cheap-op kernel size (default: 1 for mix, 3 otherwise).")
     @click.option("--init", "init", default="calib", show_default=True, help="calib (fitted) or copy.")
-    @click.option("--cheap", default="dw", show_default=True, help="dw, mix or auto.")
+    @click.option("--cheap", default=None, help="dw, mix or auto (default: mix for init calib, dw otherwise).")
     @click.option("--calib-data", default=None, metavar="SPEC", help="Calibration data for init calib.")
     @click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True)
     @click.option("--eval", "eval_data", default=None, metavar="SPEC",

@@ -222,6 +222,24 @@ def test_cheap_auto_picks_the_family_that_fits(kind, tmp_path):
         torch.testing.assert_close(back(x), ghost(x))
 
 
+def test_calibrated_default_is_the_1x1_mix_and_the_saved_plan_records_it(chain_net, net_classes, tmp_path):
+    """convert(init="calib") with no cheap op is convert(init="calib", cheap="mix", dw_size=1); copy keeps dw 3x3."""
+    data = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    ghost = ghostify.convert(chain_net, init="calib", calib_data=data)
+    explicit = ghostify.convert(chain_net, init="calib", cheap="mix", dw_size=1, calib_data=data)
+    spec = lambda g: {e.name: (e.spec.cheap, e.spec.dw_size) for e in g.ghostify_info.plan.converted}
+    assert spec(ghost) == spec(explicit) == {"conv1": ("mix", 1), "conv2": ("mix", 1)}
+    assert all(isinstance(ghost.get_submodule(n).cheap, MixCheap) for n in ("conv1", "conv2"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), explicit(x), rtol=0, atol=0)
+        ghostify.save(ghost, tmp_path / "g.safetensors")
+        back = ghostify.load(tmp_path / "g.safetensors", model=net_classes["ChainNet"]())
+        torch.testing.assert_close(back(x), ghost(x))
+    assert spec(back) == spec(ghost)  # the file holds the concrete choice, not "the default"
+    assert spec(ghostify.convert(chain_net)) == {"conv1": ("dw", 3), "conv2": ("dw", 3)}  # copy: the paper's op
+
+
 def test_cheap_auto_needs_a_strategy_that_chooses():
     with pytest.raises(ghostify.GhostifyError, match="--init calib"):
         ghostify.LayerSpec(cheap="auto", init="copy")

@@ -56,9 +56,26 @@ def test_fractional_ratio_as_on_the_command_line(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("conversion:\n  ratio: 1.5\n  init: calib\n")
     c = load_recipe(path).conversion
-    assert (c.ratio, c.init) == (1.5, "calib")
+    assert (c.ratio, c.init, c.cheap, c.dw_size) == (1.5, "calib", None, None)  # None: the init's default op
     two = apply_override(Recipe(), "conversion.ratio=2.0").conversion.ratio
     assert two == 2 and isinstance(two, int)  # as check_ratio gives it to convert
+
+
+def test_recipe_conversion_resolves_the_cheap_op_like_convert(chain_net):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from ghostify.finetune import _convert
+
+    calib = TensorDataset(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))
+
+    def specs(*sets):
+        ghost = _convert(from_dict({}, overrides=list(sets)), chain_net, calib)
+        return {(e.spec.ratio, e.spec.init, e.spec.cheap, e.spec.dw_size) for e in ghost.ghostify_info.plan.converted}
+
+    assert specs() == {(2, "copy", "dw", 3)}
+    assert specs("conversion.init=calib", "conversion.ratio=1.5") == {(1.5, "calib", "mix", 1)}
+    assert specs("conversion.init=calib", "conversion.cheap=dw") == {(2, "calib", "dw", 3)}  # explicit wins
 
 
 def test_section_override_keeps_other_keys():

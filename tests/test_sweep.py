@@ -97,6 +97,7 @@ def test_allocation_points_beside_uniform_ones(chain_net, labelled, tmp_path):
                   extra_points=[{"init": "calib", "target_macs": 0.8}], alloc_ratios=(2, 4)).run(progress=False)
     budget = rows[-1]
     assert budget["status"] == "ok", budget.get("error")
+    assert (rows[1]["cheap"], rows[1]["dw_size"]) == ("mix", 1)  # the row records what calib's default resolved to
     assert budget["target_macs"] == 0.8 and budget["macs_ratio"] <= 0.8
     assert list(tmp_path.glob("sensitivity-*.json"))  # cached for the next run
 
