@@ -34,7 +34,7 @@ def test_planted_ghosts_are_found_and_reproduced(init):
     data = [torch.randn(4, 3, 12, 12) for _ in range(4)]
     # the planted conv feeds the model output, so its order cannot be folded: scatter=True lets
     # the conversion choose the intrinsic filters freely and reorder at run time
-    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, calib_data=data, scatter=True).eval()
+    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, cheap="dw", calib_data=data, scatter=True).eval()
     assert not ghost.get_submodule("conv")._identity_order  # reordered at run time
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_sequential_is_no_worse_than_per_layer():
     test = torch.randn(16, 3, 16, 16, generator=gen)
     errs = {}
     for seq in (True, False):
-        g = ghostify.convert(model, ratio=2, init="calib", calib_data=data, sequential=seq).eval()
+        g = ghostify.convert(model, ratio=2, init="calib", cheap="dw", calib_data=data, sequential=seq).eval()
         with torch.no_grad():
             errs[seq] = _rel(g(test), model(test))
     assert errs[True] <= errs[False] + 1e-6, errs
@@ -393,7 +393,8 @@ def test_fractional_ratio_converts_counts_and_round_trips(init, tmp_path):
     torch.manual_seed(0)
     model = Planted().eval()
     data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
-    ghost = ghostify.convert(model, ratio=4 / 3, dw_size=1, init=init, calib_data=data, scatter=True).eval()
+    ghost = ghostify.convert(model, ratio=4 / 3, dw_size=1, init=init, cheap="dw", calib_data=data,
+                             scatter=True).eval()
     g = ghost.get_submodule("conv")
     assert g.intrinsic_channels == 6 and g.cheap.num_ghosts == 2
     # planted: every ghost is a scaled copy of an intrinsic filter, so both inits reproduce it

@@ -190,7 +190,8 @@ def test_cli_finetune_then_eval_the_saved_model(tmp_path):
                               "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout[res.stdout.index("{"):])["top1"] == pytest.approx(report["after"]["top1"])
-    res = runner.invoke(cli, ["finetune", "recipes/mnist_vgg_r2.yaml", "-o", str(out), "--no-progress"])
+    res = runner.invoke(cli, ["finetune", "recipes/mnist_vgg_r2.yaml", "-o", str(out), "--no-progress",
+                              *sum((["--set", s] for s in DIGITS), [])])
     assert res.exit_code != 0 and "exists and is not empty; pass --force" in res.output
     res = runner.invoke(cli, ["finetune", "--resume", str(out / "last.ckpt"), "--no-progress", "--json"])
     assert res.exit_code == 0, res.output  # a finished run resumes to its end at once
