@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -192,16 +193,14 @@ def _check_layer(e, conv: nn.Conv2d, check_weights: bool) -> None:
         raise GhostifyError(f"layer '{e.name}' has {what}, which a Ghost layer would silently drop; remove it "
                             f"before converting (torch.nn.utils.parametrize.remove_parametrizations, handle.remove()) "
                             f"or keep the conv with --exclude '{e.name}'")
-    if check_weights:
-        for pname, p in (("weight", conv.weight), ("bias", conv.bias)):
-            if p is None:
-                continue
-            if not torch.isfinite(p).all():
-                raise GhostifyError(f"layer '{e.name}': its {pname} holds NaN or Inf values; fix the model (a "
-                                    f"diverged training?) or keep the conv with --exclude '{e.name}'")
-            if not torch.isfinite(p.detach().double().pow(2).sum()):
-                raise GhostifyError(f"layer '{e.name}': its {pname} values are too large to fit (their squares "
-                                    f"overflow); rescale the model or keep the conv with --exclude '{e.name}'")
+    for pname, p in (("weight", conv.weight), ("bias", conv.bias)) if check_weights else ():
+        largest = torch.linalg.vector_norm(p.detach(), math.inf).item() if p is not None and p.numel() else 0.0
+        if not math.isfinite(largest):
+            raise GhostifyError(f"layer '{e.name}': its {pname} holds NaN or Inf values; fix the model (a "
+                                f"diverged training?) or keep the conv with --exclude '{e.name}'")
+        if largest > 1e150:  # the fits' float64 sums of squares would overflow
+            raise GhostifyError(f"layer '{e.name}': its {pname} values are too large to fit (up to {largest:.3g}); "
+                                f"rescale the model or keep the conv with --exclude '{e.name}'")
 
 
 def conversion_info(model: nn.Module) -> ConversionInfo | None:
