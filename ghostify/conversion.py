@@ -102,6 +102,12 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     was_training = model.training
     source = (type(model), [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
     cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, config)
+    if initialize:  # before the copy, so that a model with broken weights fails at once
+        broken = {n: why for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and (why := _weight_problem(m))}
+        planned = (plan or make_plan(model, cfg, leaf_modules=leaf_modules)).converted if broken else []
+        for e in planned:
+            if e.name in broken:
+                raise GhostifyError(f"layer '{e.name}': {broken[e.name]} or keep the conv with --exclude '{e.name}'")
     work = model if inplace else copy.deepcopy(model)
     traced = tracing.trace(work, leaf_modules)
     plan = copy.deepcopy(plan) if plan is not None else make_plan(work, cfg, traced=traced)
@@ -117,7 +123,7 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
         if not isinstance(originals[e.name], nn.Conv2d):
             raise GhostifyError(f"layer '{e.name}': the plan converts it but the model holds "
                                 f"{type(originals[e.name]).__name__} there; make the plan from this model")
-        _check_layer(e, originals[e.name], check_weights=initialize)
+        _check_layer(e, originals[e.name])
     layers = []
     for e in plan.converted:
         conv = originals[e.name]
@@ -167,9 +173,21 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     return result
 
 
-def _check_layer(e, conv: nn.Conv2d, check_weights: bool) -> None:
+def _weight_problem(conv: nn.Conv2d) -> str | None:
+    """What makes ``conv``'s weights unfit to carry over (NaN, Inf, or squares that overflow), or None."""
+    for pname, p in (("weight", conv.weight), ("bias", conv.bias)):
+        lo, hi = torch.aminmax(p.detach()) if p is not None and p.numel() else (torch.zeros(()),) * 2
+        largest = max(-lo.item(), hi.item())  # NaN when any value is NaN
+        if not math.isfinite(largest):
+            return f"its {pname} holds NaN or Inf values; fix the model (a diverged training?)"
+        if largest > 1e150:  # the fits' float64 sums of squares would overflow
+            return f"its {pname} values are too large to fit (up to {largest:.3g}); rescale the model"
+    return None
+
+
+def _check_layer(e, conv: nn.Conv2d) -> None:
     """Refuse what a Ghost layer cannot carry over or what would make the conversion run away:
-    a plan entry made for another conv, hooks or parametrizations on the conv, non-finite weights."""
+    a plan entry made for another conv, hooks or parametrizations on the conv."""
     from torch.nn.utils import parametrize
 
     geometry = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), conv.groups)
@@ -193,14 +211,6 @@ def _check_layer(e, conv: nn.Conv2d, check_weights: bool) -> None:
         raise GhostifyError(f"layer '{e.name}' has {what}, which a Ghost layer would silently drop; remove it "
                             f"before converting (torch.nn.utils.parametrize.remove_parametrizations, handle.remove()) "
                             f"or keep the conv with --exclude '{e.name}'")
-    for pname, p in (("weight", conv.weight), ("bias", conv.bias)) if check_weights else ():
-        largest = torch.linalg.vector_norm(p.detach(), math.inf).item() if p is not None and p.numel() else 0.0
-        if not math.isfinite(largest):
-            raise GhostifyError(f"layer '{e.name}': its {pname} holds NaN or Inf values; fix the model (a "
-                                f"diverged training?) or keep the conv with --exclude '{e.name}'")
-        if largest > 1e150:  # the fits' float64 sums of squares would overflow
-            raise GhostifyError(f"layer '{e.name}': its {pname} values are too large to fit (up to {largest:.3g}); "
-                                f"rescale the model or keep the conv with --exclude '{e.name}'")
 
 
 def conversion_info(model: nn.Module) -> ConversionInfo | None:
