@@ -162,7 +162,7 @@ def cumulative_errors(trunk, ghost, batches, refs, scales) -> tuple[float, dict[
         def fn(mod, args, out):
             if internal and mod.emit_internal_order:  # a folded layer emits its internal channel order
                 out = out[:, torch.argsort(mod.channel_map)]
-            store[name] = out
+            store[name] = out.clone()  # the ReLU after it works in place
         return fn
 
     last_num = last_den = 0.0
