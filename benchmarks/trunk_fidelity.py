@@ -21,8 +21,9 @@ beside the calibration crops. Two parts:
 2. ``--variants`` (conversions): for each, the last feature map's relative error on the
    calibration crops the fit used (``init_calib`` keeps the last 20 % of the batches out of
    the fit) and on the held-out crops; per converted conv the cumulative error of its output
-   inside the converted trunk (fitted / held-out crops), its own held-out error
-   (``ghostify.layer_errors``: the layer fed the original's input) and the ridge that
+   inside the converted trunk (fitted / held-out crops), its own held-out error (the layer
+   fed the original's input, in the channel order folding gave it; ``ghostify.layer_errors``
+   forgets that order for a conv after a folded one) and the ridge that
    calibration chose (``ridge`` column; ``-`` where none is solved for).
 
 ``--from-layer NAME`` measures the tail of the trunk from conv NAME on (its input computed by
@@ -185,6 +186,41 @@ def cumulative_errors(trunk, ghost, batches, refs, scales) -> tuple[float, dict[
     return math.sqrt(last_num / last_den), {n: math.sqrt(num[n] / den[n]) for n in ghosts}
 
 
+@torch.no_grad()
+def own_errors(trunk, ghost, batches, scales) -> dict[str, float]:
+    """Per converted conv, its relative error fed the original's input (as ``ghostify.layer_errors``).
+
+    Unlike ``layer_errors`` it gives a conv the input in the channel order it was folded to read:
+    in these chains (conv -> [BN] -> ReLU -> [pool] -> conv) a folded Ghost layer emits its
+    internal order and the next conv's input channels were permuted to match.
+    """
+    from ghostify import GhostConv2d
+
+    ghosts = {n: m for n, m in ghost.named_modules() if isinstance(m, GhostConv2d)}
+    order, perm, prev = list(ghosts), {}, None
+    for n in order:
+        perm[n] = ghosts[prev].channel_map if prev is not None and ghosts[prev].emit_internal_order else None
+        prev = n
+    num, den, seen = dict.fromkeys(ghosts, 0.0), dict.fromkeys(ghosts, 0.0), {}
+    hs = [trunk._modules[n].register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0].clone(), o.clone())))
+          for n in ghosts]
+    try:
+        for x in batches:
+            trunk(x)
+            for n, g in ghosts.items():
+                inp, ref = seen[n]
+                out = g(inp if perm[n] is None else inp[:, perm[n]])
+                if g.emit_internal_order:
+                    out = out[:, torch.argsort(g.channel_map)]
+                w = scales[n].float()[None, :, None, None] ** 2 if n in scales else 1.0
+                num[n] += (w * (out - ref) ** 2).sum().item()
+                den[n] += (w * ref**2).sum().item()
+    finally:
+        for h in hs:
+            h.remove()
+    return {n: math.sqrt(num[n] / den[n]) for n in ghosts}
+
+
 def run_variant(trunk, variant, calib, held, refs_held, scales, first):
     import ghostify
     import ghostify.calibrate as calibrate
@@ -216,7 +252,7 @@ def run_variant(trunk, variant, calib, held, refs_held, scales, first):
         refs_calib = [trunk(x) for x in fitted]
     last_c, cum_c = cumulative_errors(trunk, ghost, fitted, refs_calib, scales)
     last_h, cum_h = cumulative_errors(trunk, ghost, held, refs_held, scales)
-    local = ghostify.layer_errors(trunk, ghost, held, progress=False)
+    local = own_errors(trunk, ghost, held, scales)
     names = list(cum_h)
     ridges = {}
     if "ridge" in variant:
