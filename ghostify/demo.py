@@ -18,25 +18,24 @@ from __future__ import annotations
 import sys
 import time
 
+from pathlib import Path
+
 import torch
+
+import ghostify
+from .errors import GhostifyError
 
 
 def _model(name: str):
-    from . import get_model
-    from .errors import GhostifyError
-
     try:
-        return get_model(name, weights="DEFAULT"), "ImageNet (DEFAULT)"
+        return ghostify.get_model(name, weights="DEFAULT"), "ImageNet (DEFAULT)"
     except GhostifyError as exc:
         print(f"  {name}: {exc}\n  -> using random weights (MACs, params and latency do not depend on them)",
               file=sys.stderr)
-        return get_model(name, weights="none"), "random (no network)"
+        return ghostify.get_model(name, weights="none"), "random (no network)"
 
 
 def _training_free() -> None:
-    import ghostify
-    from pathlib import Path
-
     print("== training-free conversion (init=calib, no training), measured on data not used to calibrate\n")
     ckpt = Path(__file__).resolve().parent.parent / "checkpoints" / "resnet20_mnist.pt"
     if not ckpt.exists():
@@ -62,8 +61,6 @@ def _training_free() -> None:
 
 
 def main(argv=None) -> None:
-    import ghostify
-
     torch.manual_seed(0)
     threads = 2
     placed = ghostify.install_offline_weights()

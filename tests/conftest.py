@@ -14,7 +14,7 @@ from torch import nn
 
 
 def _have_full_mnist() -> bool:
-    from ghostify.data import find_mnist
+    from ghostify.zoo.data import find_mnist
     from ghostify.errors import GhostifyError
 
     try:

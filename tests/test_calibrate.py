@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import ghostify
-from ghostify.modules import GhostConv2d, MixCheap
+from ghostify.layers import GhostConv2d, MixCheap
 
 
 class Planted(nn.Module):
@@ -151,7 +151,7 @@ def test_mix_copy_is_exact_on_low_rank_filters():
         base = torch.randn(4, 5 * 9)
         conv.weight.copy_((torch.randn(8, 4) @ base).reshape(8, 5, 3, 3))
     ghost = GhostConv2d.from_conv(conv, ratio=2, dw_size=1, cheap="mix")
-    from ghostify.transfer import copy_layer
+    from ghostify.init.transfer import copy_layer
 
     copy_layer(conv, ghost)
     x = torch.randn(2, 5, 7, 7)
@@ -253,7 +253,7 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
     data = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]
     options = dict(ratio=2, init="calib", cheap="auto", calib_data=data, sequential=sequential)
     fast = ghostify.convert(model, **options)
-    import ghostify.calibrate as calibrate
+    import ghostify.init.calib as calibrate
 
     monkeypatch.setattr(calibrate, "_single_input", lambda graph: False)  # force the hook path
     slow = ghostify.convert(model, **options)
@@ -270,7 +270,7 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
                                 dict(kernel_size=(3, 5), dilation=2, padding="same"), dict(kernel_size=1, stride=2),
                                 dict(kernel_size=3, padding="valid")])
 def test_patches_at_sampled_positions_equal_unfold(kw):
-    from ghostify.calibrate import _pads, _patches
+    from ghostify.init.fitting import conv_padding as _pads, patches as _patches
 
     conv = nn.Conv2d(4, 6, **kw)
     x = torch.randn(2, 4, 11, 9)
@@ -362,7 +362,7 @@ def test_bn_weighting_fits_the_channels_the_bn_amplifies():
 
 
 def test_ridge_is_chosen_by_the_other_half():
-    from ghostify.calibrate import _choose_ridge
+    from ghostify.init.fitting import choose_ridge as _choose_ridge
 
     g = torch.Generator().manual_seed(0)
     d, rows = 40, 60  # few rows per unknown

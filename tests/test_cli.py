@@ -143,7 +143,7 @@ def test_convert_writes_a_loadable_file(tmp_path):
     loaded = ghostify.load(out)
     # the same conversion through the API, from the same weights, gives the same model
     # (the function by its module path: see test_public_names_survive_submodule_imports in test_convert.py)
-    from ghostify.conversion import convert as api_convert
+    from ghostify.conversion.rewrite import convert as api_convert
 
     expected = api_convert(model)
     x = torch.randn(1, 3, 32, 32)

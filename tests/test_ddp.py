@@ -12,7 +12,7 @@ import torch
 
 WORKER = textwrap.dedent("""
     import os, sys, torch
-    from ghostify.finetune import finetune
+    from ghostify.train.run import finetune
     out = sys.argv[1]
     res = finetune("recipes/mnist_resnet20_r2.yaml", output_dir=os.path.join(out, "run"), progress=False,
                    overrides=sys.argv[2:])

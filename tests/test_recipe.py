@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from ghostify.cli import cli
 from ghostify.errors import GhostifyError
-from ghostify.recipe import REQUIRED, Recipe, apply_override, check_registries, from_dict, load_recipe, to_dict
+from ghostify.train.recipe import REQUIRED, Recipe, apply_override, check_registries, from_dict, load_recipe, to_dict
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -65,7 +65,7 @@ def test_recipe_conversion_resolves_the_cheap_op_like_convert(chain_net):
     import torch
     from torch.utils.data import TensorDataset
 
-    from ghostify.finetune import _convert
+    from ghostify.train.session import convert_model as _convert
 
     calib = TensorDataset(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import ghostify
 from ghostify.cli import cli
-from ghostify.layer_sensitivity import SensitivityTable, sensitivity
+from ghostify.tradeoffs.sensitivity import SensitivityTable, sensitivity
 
 SIZE = (1, 3, 16, 16)
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from ghostify.cli import cli
-from ghostify.sweep import Sweep, pareto_front, read_csv, read_results, write_csv
+from ghostify.tradeoffs.sweep import Sweep, pareto_front, read_csv, read_results, write_csv
 
 SIZE = (1, 3, 16, 16)
 
@@ -104,15 +104,15 @@ def test_allocation_points_beside_uniform_ones(chain_net, labelled, tmp_path):
 
 RESUMED = """
 import sys, torch
-import ghostify.layer_sensitivity
+import ghostify.tradeoffs.sweep
 from conftest import ChainNet
-from ghostify.sweep import Sweep
+from ghostify.tradeoffs.sweep import Sweep
 
 out, target, reuse = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "reuse"
 if reuse:  # the second process must find the first one's table
     def measured_again(*args, **kwargs):
         raise AssertionError("the sensitivity table was measured again")
-    ghostify.layer_sensitivity.sensitivity = measured_again
+    ghostify.tradeoffs.sweep.sensitivity = measured_again
 torch.manual_seed(0)
 net, data = ChainNet().eval(), [torch.randn(8, 3, 16, 16) for _ in range(3)]
 rows = Sweep(net, {"ratio": [2], "init": ["calib"]}, out, eval_data=data[:1], calib_data=data, input_size=(1, 3, 16, 16),
