@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..errors import GhostifyError
+from ..outputs import atomic_write
 from .options import (budget_options, check_input, default_input, parse_input_size, parse_override, selection_options,
                       trust_code_option, user_errors)
 
@@ -194,8 +195,6 @@ def env():
 
 def _save_plan(plan, path: str, *, force: bool = False) -> None:
     """Write ``plan`` as JSON (``--save-plan``): atomically, never over a file without ``force``."""
-    from ..outputs import atomic_write
-
     atomic_write(path, plan.to_json(indent=1), force=force)
     click.echo(f"wrote the plan to {path}", err=True)
 
