@@ -316,6 +316,7 @@ needs = lambda *names: pytest.mark.skipif(not _have(*names), reason=f"needs the 
 @needs("photos-gcompris", "photos-opencv", "photos-lomiri")
 def test_photo_corpus_split(monkeypatch):
     from ghostify.zoo import photos as data
+    from ghostify.zoo.data import resolve_data
 
     monkeypatch.setattr(data, "PHOTOS_DIRS", (str(A.cache_dir() / "photos"),))
     monkeypatch.setattr(data, "_builtin_photos", lambda: [])
@@ -323,7 +324,7 @@ def test_photo_corpus_split(monkeypatch):
     every = sorted(data._folder_photos(A.cache_dir() / "photos"))
     assert len(every) == 241 + 19 + 14
     held = every[1::3]  # 91 photos; limit=3 takes one crop of photos 30, 60 and 90 of them
-    src = data.resolve_data("photos:heldout", limit=3)
+    src = resolve_data("photos:heldout", limit=3)
     assert len(held) == 91 and src.photos == (held[30], held[60], held[90]) and src.num_examples == 3
 
 
