@@ -70,8 +70,7 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
         alloc = allocate(original, config=config, target_macs=target_macs, target_latency=target_latency,
                          table=table, ratios=parse_ratios(budget.get("budget_ratios")) or [config.global_spec.ratio],
                          calib_data=calib_data, eval_data=eval_data, method=budget.get("sensitivity_method"),
-                         input_size=size,
-                         only_faster=budget.get("skip_slower", False),
+                         input_size=size, only_faster=budget.get("skip_slower", False),
                          threads=budget.get("threads"), leaf_modules=leaf)
         plan = alloc.plan
         _note(alloc.summary())
