@@ -57,7 +57,7 @@ class Plan:
     Example:
         >>> import torchvision
         >>> plan = make_plan(torchvision.models.resnet18(), GhostConfig())
-        >>> len(plan.converted), plan.skipped[0].name, plan.skipped[0].reason.split(":")[0]
+        >>> len(plan.converted), plan.skipped[0].name, plan.skipped[0].reason.split(" (")[0]
         (19, 'conv1', 'stem')
     """
 
