@@ -362,6 +362,44 @@ def table(rows: list[dict], setups: dict[str, Setup]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def equal_latency(rows: list[dict], setups: dict[str, Setup], bs: str = "1", slack: float = 1.05) -> str:
+    """For each ghostify point, the best fidelity of each peer family at no more ORT latency (``slack`` x).
+
+    Training-free (best repair of each peer) and after KD. A peer with no point that fast shows "-".
+    """
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        s = setups[name]
+        mine = [r for r in rows if r["model"] == name and r["method"] != "original" and bs in r.get("ort_ms", {})]
+        if not mine:
+            continue
+        better = max if higher_is_better(s) else min
+        peers = [f for f in FAMILIES.values() if f != "ghostify"]
+        kd = any(r.get("kd") is not None for r in mine)
+        lines += [f"\n### {name}: best {s.metric} at no more ORT batch-{bs} latency than each ghostify point "
+                  f"(x{slack})\n",
+                  "| ghostify point | ms | " + s.metric + " | " + " | ".join(peers)
+                  + (" | after KD | " + " | ".join(f"{p} after KD" for p in peers) if kd else "") + " |",
+                  "|---|---|---|" + "---|" * len(peers) + ("---|" * (len(peers) + 1) if kd else "")]
+        for g in (r for r in mine if family(r["method"]) == "ghostify"):
+            ms = g["ort_ms"][bs]
+            cells = [f"{g['target']} {g['method']}", f"{ms:.2f}", fmt_fid(s, g["fidelity"])]
+            fast = [r for r in mine if r["ort_ms"][bs] <= ms * slack]
+            for key in ("fidelity", "kd") if kd else ("fidelity",):
+                if key == "kd":
+                    cells.append(fmt_fid(s, g.get("kd")))
+                for fam in peers:
+                    vals = [(r[key], r) for r in fast if family(r["method"]) == fam and r.get(key) is not None]
+                    if vals:
+                        v, r = better(vals, key=lambda t: t[0])
+                        cells.append(f"{fmt_fid(s, v)} ({r['target']} {r['method']} {r['repair']}, "
+                                     f"{r['ort_ms'][bs]:.2f} ms)")
+                    else:
+                        cells.append("-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], s: Setup, path: Path) -> None:
     import matplotlib
 
@@ -543,7 +581,7 @@ def main(argv=None) -> None:
         run_model(SETUPS[name], args, out, rows, meta, how)
     meta["load_end"] = os.getloadavg()
     save(out, rows, meta)
-    md = table(rows, SETUPS)
+    md = table(rows, SETUPS) + equal_latency(rows, SETUPS)
     (out / "table.md").write_text("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
                                   + "\n\nexport: " + EXPORT_DESC[how] + "\n\n" + ORT_DESC.format(threads=args.threads)
                                   + "\n\nTaylor gradients: "
