@@ -425,8 +425,9 @@ def fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
 
     Example:
         >>> import ghostify
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
-        >>> net[1].running_mean.uniform_(); net[1].running_var.uniform_(0.5, 2)
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+        ...                     nn.BatchNorm2d(16)).eval()  # the first conv (on the input) stays a conv
+        >>> _ = net[3].running_mean.uniform_(), net[3].running_var.uniform_(0.5, 2)
         >>> g = ghostify.convert(net, ratio=2, init="copy")
         >>> x = torch.randn(1, 3, 6, 6)
         >>> folded, n = fold_bn(g)
