@@ -526,18 +526,10 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 
 
 def kd_loss_fn():
-    """ghostify's KD loss, wherever the package keeps it (``ghostify.finetune`` before the restructure)."""
+    """ghostify's KD loss (``ghostify.kd_loss``, the fine-tune recipes' loss)."""
     import ghostify
 
-    fn = getattr(ghostify, "kd_loss", None)
-    if fn is not None:
-        return fn
-    for mod in ("ghostify.finetune", "ghostify.training.finetune", "ghostify.train.finetune"):
-        try:
-            return import_module(mod).kd_loss
-        except (ImportError, AttributeError):
-            continue
-    raise SystemExit("cannot find ghostify's kd_loss; update benchmarks/peer_methods.kd_loss_fn")
+    return ghostify.kd_loss
 
 
 def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], *, steps: int = 150,

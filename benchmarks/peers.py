@@ -19,8 +19,8 @@ Models and data (the same calibration images and the same evaluation data for ev
 
 Methods (``--methods``, default all):
 
-- ``ghostify``: ``init="calib"`` with the defaults (depthwise 3x3 cheap op), one fractional ratio for every conv;
-  ``ghostify-mix``: the same with ``cheap="mix", dw_size=1`` (the README's training-free setting);
+- ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
+  ``ghostify-mix``: the same with ``cheap="mix", dw_size=1`` (what ``init="calib"`` picks by default);
   ``ghostify-alloc``: ``ghostify.allocate(target_macs=F)`` (ratios 2/3/4 or keep, mix, ``proxy`` sensitivity
   on the calibration images), then calibrated.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
@@ -61,7 +61,7 @@ from benchmarks import peer_methods as P
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
-METHODS = ["ghostify", "ghostify-mix", "ghostify-alloc", *TP_METHODS, "lowrank"]
+METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", *TP_METHODS, "lowrank"]
 FAMILIES = {"ghostify": "ghostify", "tp": "Torch-Pruning", "lowrank": "low-rank"}
 
 
@@ -221,8 +221,8 @@ TAYLOR_LOSS = {"mnist": "CE on the labels", "photos": "CE on the original's top-
 def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dict[str, nn.Module]]:
     """``(compressed model, hyper-parameter, {repair: model})`` for one method at one MACs target."""
     m, x0, calib = ctx.model, ctx.x0, ctx.calib_x
-    if method in ("ghostify", "ghostify-mix"):
-        kw = {} if method == "ghostify" else {"cheap": "mix", "dw_size": 1}
+    if method in ("ghostify-dw", "ghostify-mix"):  # explicit: "none" and "calib" default to different cheap ops
+        kw = {"cheap": "dw", "dw_size": 3} if method == "ghostify-dw" else {"cheap": "mix", "dw_size": 1}
         ratio, _ = P.bisect(lambda r: ctx.macs(ghostify.convert(m, ratio=round(r, 4), init="none", **kw)), target,
                             1.01, 8.0, increasing=False)
         ratio = round(ratio, 4)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "get_model": "zoo.models", "list_models": "zoo.models", "install_offline_weights": "zoo.models",
     "trace": "conversion.tracing", "GhostTracer": "conversion.tracing",
     "GhostifyError": "errors",
-    "load_recipe": "train.recipe", "Recipe": "train.recipe",
+    "load_recipe": "train.recipe", "Recipe": "train.recipe", "kd_loss": "train.loss",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
