@@ -30,6 +30,7 @@ _EXPORTS = {
     "trace": "tracing", "GhostTracer": "tracing",
     "GhostifyError": "errors",
     "load_recipe": "recipe", "Recipe": "recipe",
+    "fuse": "deploy", "export": "deploy", "ExportCheck": "deploy", "runtime_latency": "deploy",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,7 +13,8 @@ __all__ = ["measure_latency", "measure_layers"]
 
 
 @contextmanager
-def _threads(n: int | None):
+def torch_threads(n: int | None):
+    """Within the block, torch runs ``n`` intra-op threads (None: as it is); restored afterwards."""
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -22,13 +24,14 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmup: int = 3, repeats: int = 10,
-                    threads: int | None = None) -> dict[str, dict[str, float]]:
+def measure_latency(models: dict[str, nn.Module | Callable], inputs: torch.Tensor, *, warmup: int = 3,
+                    repeats: int = 10, threads: int | None = None) -> dict[str, dict[str, float]]:
     """Median and spread (ms) of each model's forward on ``inputs``, measured in alternation.
 
     Every repeat runs each model once, in turn, so that drift on a shared machine hits all
     models alike. Runs under ``torch.inference_mode`` with ``threads`` intra-op threads
-    (default: leave as is) and synchronises CUDA when the input is on a GPU.
+    (default: leave as is) and synchronises CUDA when the input is on a GPU. A model may be
+    any callable taking ``inputs`` (e.g. a runtime session, see :func:`ghostify.runtime_latency`).
 
     Example:
         >>> r = measure_latency({"conv": nn.Conv2d(3, 8, 3)}, torch.randn(1, 3, 32, 32), repeats=3)
@@ -37,11 +40,11 @@ def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmu
     """
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
-    modes = {k: m.training for k, m in models.items()}
-    for m in models.values():
-        m.eval()
+    modes = {k: m.training for k, m in models.items() if isinstance(m, nn.Module)}
+    for k in modes:
+        models[k].eval()
     try:
-        with _threads(threads), torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             for _ in range(warmup):
                 for m in models.values():
                     m(inputs)
@@ -53,8 +56,8 @@ def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmu
                     sync()
                     times[k].append((time.perf_counter() - t0) * 1e3)
     finally:
-        for k, m in models.items():
-            m.train(modes[k])
+        for k, training in modes.items():
+            models[k].train(training)
     return {k: _summary(ts) for k, ts in times.items()}
 
 
@@ -105,7 +108,7 @@ def measure_layers(model: nn.Module, inputs: torch.Tensor, names=None, *, warmup
     training = model.training
     model.eval()
     try:
-        with _threads(threads), torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             for i in range(warmup + repeats):
                 recording[0] = i >= warmup
                 model(inputs)

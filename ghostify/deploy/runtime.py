@@ -1,0 +1,133 @@
+"""Latency where the model runs: eager PyTorch, ``torch.compile`` (inductor) or ONNX Runtime, side by side.
+
+Every runtime gets the same fused model (:func:`ghostify.fuse`, BN folded in original and
+converted alike) and the same timing loop as :func:`ghostify.measure_latency`: warm-up,
+fixed threads, models run in alternation, medians.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import io
+import json
+import os
+import tempfile
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import GhostifyError
+from .export import onnx_session, require_onnx
+
+__all__ = ["RUNTIMES", "runtime_callable", "runtime_latency", "onnx_bytes", "ort_profile"]
+
+RUNTIMES = ("torch", "compile", "ort")
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
+    """``model`` exported to ONNX in memory (TorchScript exporter, no custom ops)."""
+    require_onnx()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
+                          output_names=["output"])
+    return buf.getvalue()
+
+
+def runtime_callable(model: nn.Module, example: torch.Tensor, runtime: str = "torch", *, threads: int | None = None,
+                     fuse: bool = True) -> Callable[[torch.Tensor], object]:
+    """A function ``f(x)`` that runs ``model`` (fused for inference unless ``fuse=False``) in ``runtime``.
+
+    ``"torch"``: eager; ``"compile"``: ``torch.compile`` with inductor (compiled here, on
+    ``example``: needs a C++ compiler); ``"ort"``: exported to ONNX and run by ONNX Runtime
+    on the CPU (``ORT_ENABLE_ALL``, ``threads`` intra-op threads).
+
+    Example:
+        >>> f = runtime_callable(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16), "torch")
+        >>> f(torch.randn(1, 3, 16, 16)).shape
+        torch.Size([1, 8, 14, 14])
+    """
+    if runtime not in RUNTIMES:
+        raise GhostifyError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    model = _inference_copy(model, fuse)
+    if runtime == "ort":
+        sess = onnx_session(onnx_bytes(model, example), threads=threads)
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x.numpy()})
+    if runtime == "compile":
+        compiled = torch.compile(model, backend="inductor", dynamic=False)
+        with torch.inference_mode():
+            compiled(example)  # compiles now, so the warm-up runs measure warm code
+        return compiled
+    return model
+
+
+def _inference_copy(model: nn.Module, fuse: bool) -> nn.Module:
+    """The fused inference copy of ``model``, or (``fuse=False``) an eval-mode copy."""
+    if fuse:
+        from .fuse import fuse as fuse_model
+
+        return fuse_model(model)
+    return copy.deepcopy(model).eval()
+
+
+def runtime_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, runtime: str = "torch",
+                    fuse: bool = True, warmup: int = 3, repeats: int = 10,
+                    threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Median and spread (ms) of each model in ``runtime``, measured in alternation on ``inputs``.
+
+    Example:
+        >>> import torchvision, ghostify
+        >>> net = torchvision.models.resnet18().eval()
+        >>> r = runtime_latency({"original": net, "ghost": ghostify.convert(net)}, torch.randn(1, 3, 64, 64),
+        ...                     runtime="torch", repeats=3)
+        >>> sorted(r)
+        ['ghost', 'original']
+    """
+    from ..latency import measure_latency, torch_threads
+
+    with torch_threads(threads):
+        fns = {k: runtime_callable(m, inputs, runtime, threads=threads, fuse=fuse) for k, m in models.items()}
+    return measure_latency(fns, inputs, warmup=warmup, repeats=repeats, threads=threads)
+
+
+def ort_profile(model: nn.Module | bytes | str, inputs: torch.Tensor, *, threads: int | None = None, runs: int = 10,
+                fuse: bool = True) -> dict:
+    """Where ONNX Runtime spends the time: ``{"total_ms", "by_op": {op: (ms, nodes)}, "by_node": {node: ms}}``.
+
+    Per run, from ORT's own profiler (``SessionOptions.enable_profiling``); node names are
+    those of ORT's optimised graph (a fused conv is named after its last output, e.g.
+    ``.../Relu_output_0_nchwc``). ``model`` is a module (fused unless ``fuse=False``), ONNX
+    bytes or a path.
+    """
+    if isinstance(model, nn.Module):
+        model = onnx_bytes(_inference_copy(model, fuse), inputs)
+    prefix = os.path.join(tempfile.mkdtemp(), "ort")
+    sess = onnx_session(model, threads=threads, profile=prefix)
+    name = sess.get_inputs()[0].name
+    x = inputs.numpy()
+    for _ in range(3 + runs):
+        sess.run(None, {name: x})
+    path = sess.end_profiling()
+    try:
+        events = json.load(open(path))
+    finally:
+        os.remove(path)
+    n = 3 + runs
+    by_op: dict[str, float] = collections.defaultdict(float)
+    count: collections.Counter = collections.Counter()
+    by_node: dict[str, float] = collections.defaultdict(float)
+    total = 0.0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            by_op[op] += e["dur"] / n / 1e3
+            count[op] += 1
+            by_node[e["name"][: -len("_kernel_time")]] += e["dur"] / n / 1e3
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            total += e["dur"] / n / 1e3
+    return {"total_ms": total, "by_op": {op: (ms, count[op] // n) for op, ms in by_op.items()},
+            "by_node": dict(by_node)}
