@@ -165,6 +165,16 @@ def test_fused_resnet_runs_only_convs_in_onnxruntime(tmp_path):
     assert fused.count("Concat") == 1
 
 
+@pytest.mark.parametrize("exclude", [[], ["conv2"]])
+def test_residual_add_after_a_split_conv_still_fuses(residual_net, exclude, tmp_path):
+    # with conv2 kept as a conv, it reads conv1's Ghost halves split in two, and the residual add
+    # joins that sum: conv2_a(p) + (conv2_b(g) + x), which ONNX Runtime fuses into the two convs
+    ghost = convert(randomize_bn(residual_net), ratio=2, exclude=exclude).eval()
+    x = torch.randn(1, 3, 16, 16)
+    fused = check_fuse(ghost, x)
+    assert set(ort_optimized_ops(fused, x, tmp_path)) <= {"Conv", "ReorderInput", "ReorderOutput"}
+
+
 # -- export ---------------------------------------------------------------------------------------
 
 def small(name: str) -> nn.Module:

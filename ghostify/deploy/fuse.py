@@ -323,6 +323,9 @@ class PushThroughCat:
     name = "push_through_cat"
     preserves_computation = True
 
+    def __init__(self, adds: bool = True, split_producers: bool = True):
+        self.adds, self.split_producers = adds, split_producers
+
     def transform(self, gm: fx.GraphModule, report: FuseReport) -> None:
         while self._step(gm, report):
             pass
@@ -337,7 +340,7 @@ class PushThroughCat:
                     self._through_perm(gm, user, node)
                     report.applied.append((self.name, f"{user.name} through the order of {node.name}"))
                     return True
-            if _is_add(node) and any(_sizes(a) for a in node.args[:2]):
+            if self.split_producers and _is_add(node) and any(_sizes(a) for a in node.args[:2]):
                 a, b = node.args[:2]
                 other = b if _sizes(a) else a
                 if not _sizes(other) and self._split_producer(gm, other, _sizes(a) or _sizes(b), calls):
@@ -365,7 +368,7 @@ class PushThroughCat:
         conv = _mod(gm, user, nn.Conv2d)
         if conv is not None and conv.groups == 1 and user.args[0] is cat and calls[user.target] == 1:
             return "split"
-        if _is_add(user) and len(user.args) == 2 and _sizes(user.args[0]) == _sizes(user.args[1]) == sizes:
+        if self.adds and _is_add(user) and _sizes(user.args[0]) == _sizes(user.args[1]) == sizes:
             return "add"
         return "stuck"
 
@@ -562,22 +565,30 @@ class SplitConsumer:
                 continue
             _, sizes = cat.meta["ghostify_cat"]
             for u, conv in zip(users, convs):
-                with gm.graph.inserting_before(u):
-                    out, lo = None, 0
-                    parts = []
-                    for i, (piece, size) in enumerate(zip(cat.args[0], sizes)):
-                        part = copy.deepcopy(conv)
-                        part.weight = nn.Parameter(conv.weight.data[:, lo:lo + size].clone())
-                        part.in_channels = size
-                        if conv.bias is not None and i != len(sizes) - 1:
-                            part.bias = None
-                        lo += size
-                        parts.append((piece, _add_module(gm, u.target, part)))
-                    for piece, target in reversed(parts):
+                lo, parts = 0, []
+                for i, size in enumerate(sizes):
+                    part = _slice_conv(conv, cols=slice(lo, lo + size))
+                    if i != len(sizes) - 1:
+                        part.bias = None
+                    parts.append(_add_module(gm, u.target, part))
+                    lo += size
+                # a residual add after the conv joins the chain, so that it fuses too:
+                # conv(cat(p, g)) + r  ==>  conv_a(p) + (conv_b(g) + r)
+                add = next(iter(u.users)) if len(u.users) == 1 else None
+                if add is not None and _is_add(add) and add.args[0] is not add.args[1]:
+                    rest = add.args[1] if add.args[0] is u else add.args[0]
+                else:
+                    add, rest = None, None
+                where = add if add is not None else u
+                with gm.graph.inserting_before(where):
+                    out = rest
+                    for piece, target in reversed(list(zip(cat.args[0], parts))):
                         y = gm.graph.call_module(target, (piece,))
                         out = y if out is None else gm.graph.call_function(operator.add, (y, out))
-                u.replace_all_uses_with(out)
-                gm.graph.erase_node(u)
+                where.replace_all_uses_with(out)
+                gm.graph.erase_node(where)
+                if add is not None:
+                    gm.graph.erase_node(u)
             gm.graph.erase_node(cat)
             report.applied.append((self.name, cat.meta["ghostify_cat"][0]))
 
