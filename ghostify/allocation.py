@@ -147,13 +147,15 @@ def _timing_ghost(conv: nn.Conv2d, ratio: int, dw_size: int, cheap: str) -> nn.M
 
 def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]], inputs: torch.Tensor, *,
                   warmup: int = 3, repeats: int = 10, threads: int | None = None,
-                  progress: bool = True) -> dict[str, dict]:
+                  progress: bool = True, runtime: str = "torch") -> dict[str, dict]:
     """Each named conv's latency in isolation against Ghost layers of the given ``(ratio, dw_size, cheap)``.
 
     The conv's real input (captured from one forward of ``model`` on ``inputs``) is fed to
     the conv and to each Ghost candidate, alternately (:func:`ghostify.measure_latency`).
     Returns ``{name: {"conv": ms, ratio: ms, ...}}`` (medians; Ghost layers in the
-    identity channel layout, i.e. a plain ``cat``).
+    identity channel layout, i.e. a plain ``cat``). ``runtime="ort"`` or ``"compile"`` times
+    each candidate with the BN and activation after the conv, fused, in that runtime
+    (:func:`ghostify.deploy.runtime.layer_callables`).
     """
     from tqdm import tqdm
 
@@ -169,6 +171,10 @@ def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]]
     for name, cands in tqdm(specs.items(), disable=not progress, file=sys.stderr, desc="layer latency", leave=False):
         conv = model.get_submodule(name)
         mods = {"conv": conv, **{r: _timing_ghost(conv, r, d, c) for r, d, c in cands}}
+        if runtime != "torch":
+            from .deploy.runtime import layer_callables, layer_context
+
+            mods = layer_callables(mods, layer_context(model, name), xs[name], runtime, threads=threads)
         res = measure_latency(mods, xs[name], warmup=warmup, repeats=repeats, threads=threads)
         out[name] = {k: v["median_ms"] for k, v in res.items()}
     return out
@@ -295,21 +301,22 @@ def _nearest_uniform(model, ratios, target, input_size, dw_size, cheap, include,
 
 
 def skip_slower(model: nn.Module, plan: Plan, inputs: torch.Tensor, *, repeats: int = 10,
-                threads: int | None = None, progress: bool = True) -> Plan:
+                threads: int | None = None, progress: bool = True, runtime: str = "torch") -> Plan:
     """A copy of ``plan`` in which every layer whose Ghost layer is not faster than its conv is kept as a conv.
 
     Each layer is timed in isolation on its real input (:func:`layer_latency`), conv and Ghost
-    layer alternately; the skipped entries say both times.
+    layer alternately, in ``runtime`` (``torch``, ``ort``, ``compile``); the skipped entries
+    say both times.
     """
     specs = {e.name: [(e.spec.ratio, e.spec.dw_size, e.spec.cheap)] for e in plan.converted}
-    lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress)
+    lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
     out = copy.deepcopy(plan)
     for e in out.converted:
         t = lat[e.name]
         ghost_ms = t[e.spec.ratio]
         if not ghost_ms < t["conv"]:
             e.action, e.reason = "skip", (f"kept as conv: Ghost not faster here ({ghost_ms:.3f} ms against "
-                                          f"{t['conv']:.3f} ms as conv)")
+                                          f"{t['conv']:.3f} ms as conv{'' if runtime == 'torch' else ' in ' + runtime})")
             e.spec = None
     return out
 

@@ -30,7 +30,8 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
     """``model`` exported to ONNX in memory (TorchScript exporter, no custom ops)."""
     require_onnx()
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    example = example.clone()  # an inference-mode tensor (e.g. a captured layer input) cannot be traced
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
                           output_names=["output"])
@@ -131,3 +132,61 @@ def ort_profile(model: nn.Module | bytes | str, inputs: torch.Tensor, *, threads
             total += e["dur"] / n / 1e3
     return {"total_ms": total, "by_op": {op: (ms, count[op] // n) for op, ms in by_op.items()},
             "by_node": dict(by_node)}
+
+
+def layer_context(model: nn.Module, name: str, leaf_modules=()) -> list[nn.Module]:
+    """The BatchNorm and activation that follow conv ``name`` in ``model``'s graph (copies; may be empty).
+
+    A layer timed in a runtime is timed with them, because the runtime fuses them into the
+    conv (and a Ghost layer's deploy form depends on them).
+    """
+    from ..tracing import trace
+    from .fuse import _ACT_MODULES, _mod
+
+    gm = trace(model, leaf_modules).graph_module
+    if gm is None:
+        return []
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name), None)
+    out: list[nn.Module] = []
+    while node is not None and len(node.users) == 1:
+        node = next(iter(node.users))
+        mod = _mod(gm, node, (nn.BatchNorm2d,) + _ACT_MODULES)
+        if mod is None and node.op == "call_function" and node.target in _ACT_FUNCTION_MODULES:
+            mod = _ACT_FUNCTION_MODULES[node.target]()
+        if mod is None or (isinstance(mod, nn.BatchNorm2d) and out):
+            break
+        out.append(copy.deepcopy(mod))
+        if not isinstance(mod, nn.BatchNorm2d):
+            break
+    return out
+
+
+_ACT_FUNCTION_MODULES = {torch.relu: nn.ReLU, torch.nn.functional.relu: nn.ReLU, torch.nn.functional.relu6: nn.ReLU6,
+                         torch.nn.functional.silu: nn.SiLU, torch.nn.functional.hardswish: nn.Hardswish}
+
+
+def layer_callables(candidates: dict, context: list[nn.Module], example: torch.Tensor, runtime: str, *,
+                    threads: int | None = None) -> dict[object, Callable]:
+    """Each candidate layer (a conv, a Ghost layer), followed by ``context``, as a function run in ``runtime``.
+
+    The deploy form is what the whole model would run: BN folded, and a Ghost layer's two
+    halves returned as they are (in a whole model its consumer reads them without a cat).
+    """
+    from .fuse import fuse as fuse_model
+
+    out = {}
+    for key, layer in candidates.items():
+        gm = fuse_model(nn.Sequential(layer, *context).eval())
+        _return_pieces(gm)
+        out[key] = runtime_callable(gm, example, runtime, threads=threads, fuse=False)
+    return out
+
+
+def _return_pieces(gm) -> None:
+    """When the graph ends in a Ghost layer's cat, return the pieces instead (no cat is timed)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    cat = output.args[0]
+    if isinstance(cat, torch.fx.Node) and "ghostify_cat" in cat.meta:
+        output.args = (tuple(cat.args[0]),)
+        gm.graph.erase_node(cat)
+        gm.recompile()
