@@ -199,7 +199,7 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
              overrides: dict | None = None, calib_data=None, eval_data=None, method: str | None = None,
              measure: str | None = None, input_size=(1, 3, 224, 224), only_faster: bool = False,
              threads: int | None = None, repeats: int = 10, leaf_modules=(), progress: bool = True,
-             **init_options) -> Allocation:
+             runtime: str = "torch", **init_options) -> Allocation:
     """Pick a ratio per conv (or keep it) to meet a MACs or latency budget with the least predicted loss.
 
     Args:
@@ -211,6 +211,8 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
         ratios: the candidate ratios per layer (with "keep as conv").
         only_faster: never choose a ratio whose Ghost layer is not faster than the conv
             (measured in isolation).
+        runtime: where latencies are measured: ``torch`` (eager), ``ort`` (ONNX Runtime) or
+            ``compile`` (``torch.compile``), each model and layer fused for inference there.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
     Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
@@ -255,8 +257,14 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
 
         x = torch.randn(*input_size)
         specs = {n: [(r.ratio, dw_size, cheap) for r in opts] for n, opts in rows.items()}
-        lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress)
-        total_ms = measure_latency({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
+        lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+        if runtime == "torch":
+            total_ms = measure_latency({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
+        else:
+            from .deploy.runtime import runtime_latency
+
+            total_ms = runtime_latency({"model": model}, x, runtime=runtime, repeats=repeats,
+                                       threads=threads)["model"]["median_ms"]
 
     options, reasons = {}, {}
     for name, opts in rows.items():

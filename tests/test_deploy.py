@@ -310,3 +310,30 @@ def test_compile_runtime_computes_the_model(residual_net):
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         assert_same(runtime_callable(ghost, x, "compile", threads=1)(x), ghost(x))
+
+
+def test_layer_callables_time_the_layer_with_its_bn_and_activation(chain_net):
+    from ghostify import GhostConv2d
+    from ghostify.deploy.runtime import layer_callables, layer_context
+
+    context = layer_context(randomize_bn(chain_net), "conv1")
+    assert [type(m) for m in context] == [nn.BatchNorm2d, nn.ReLU]
+    ghost = GhostConv2d.from_conv(chain_net.conv1, ratio=2)
+    for p in ghost.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(1, 8, 12, 12)
+    out = layer_callables({"ghost": ghost}, context, x, "ort", threads=1)["ghost"](x)
+    assert len(out) == 2  # the intrinsic and ghost halves, not cat together
+    with torch.no_grad():
+        assert_same(torch.cat([torch.from_numpy(o) for o in out], 1), nn.Sequential(ghost, *context).eval()(x))
+
+
+def test_skip_slower_in_onnxruntime(chain_net):
+    from ghostify.allocation import layer_latency, skip_slower
+
+    x = torch.randn(1, 3, 16, 16)
+    res = layer_latency(chain_net, {"conv1": [(2, 3, "dw"), (4, 1, "mix")]}, x, repeats=2, progress=False,
+                        runtime="ort")
+    assert set(res["conv1"]) == {"conv", 2, 4} and all(v > 0 for v in res["conv1"].values())
+    plan = skip_slower(chain_net, ghostify.make_plan(chain_net), x, repeats=2, progress=False, runtime="ort")
+    assert all("in ort" in e.reason for e in plan.entries if e.action == "skip" and "not faster" in e.reason)

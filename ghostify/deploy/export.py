@@ -43,7 +43,7 @@ class ExportCheck:
     tolerance: float
     fused: bool
     fusions: dict = field(default_factory=dict)
-    not_fused: list = field(default_factory=list)
+    not_fused: list = field(default_factory=list)  # one line per pass skip and per unaligned cat left
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
@@ -209,9 +209,12 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
                 os.remove(tmp)
     finally:
         model.train(was_training)
+    notes = []
+    if report is not None:
+        notes = [f"{p} at {w}: {why}" for p, w, why in report.skipped]
+        notes += [f"cat of {layer} left with pieces {sizes} (not multiples of 8)" for layer, sizes in report.unaligned_cats()]
     return ExportCheck(str(path), fmt, input_size, abs_err, rel_err, same / total if logits else None, total,
-                       tolerance, fuse, report.counts() if report else {},
-                       [list(s) for s in report.skipped] if report else [])
+                       tolerance, fuse, report.counts() if report else {}, notes)
 
 
 def _export_onnx(model, example, tmp, dynamic_batch, opset):

@@ -51,6 +51,13 @@ class FuseReport:
 
     applied: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    cats: list[tuple[str, list[int]]] = field(default_factory=list)  # Ghost cats left, with their piece sizes
+
+    def unaligned_cats(self, block: int = 8) -> list[tuple[str, list[int]]]:
+        """The cats left whose pieces are not all multiples of ``block`` channels: ONNX Runtime's blocked
+        (NCHWc) layout keeps a concat in place only when they are (8 on AVX2, 16 on AVX-512), and
+        otherwise converts to and from plain NCHW around it."""
+        return [(layer, sizes) for layer, sizes in self.cats if any(s % block for s in sizes)]
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -60,7 +67,11 @@ class FuseReport:
 
     def summary(self) -> str:
         done = ", ".join(f"{k} x{v}" for k, v in self.counts().items()) or "nothing"
-        text = f"fused: {done}"
+        text = f"fused: {done}; {len(self.cats)} Ghost cats left"
+        bad = self.unaligned_cats()
+        if bad:
+            text += f" ({len(bad)} with pieces not multiples of 8: " + ", ".join(f"{n} {s}" for n, s in bad[:3])
+            text += ", ...)" if len(bad) > 3 else ")"
         if self.skipped:
             text += f"; {len(self.skipped)} skipped (" + "; ".join(f"{p} at {w}: {why}" for p, w, why in
                                                                self.skipped[:5])
@@ -69,11 +80,16 @@ class FuseReport:
         return text
 
     def to_dict(self) -> dict:
-        return {"applied": self.counts(), "skipped": [list(s) for s in self.skipped]}
+        return {"applied": self.counts(), "skipped": [list(s) for s in self.skipped],
+                "cats": [[n, list(s)] for n, s in self.cats]}
 
 
 class ChannelAffine(nn.Conv2d):
-    """``y[:, c] = scale[c] * x[:, c] + shift[c]`` as a depthwise 1x1 conv, so that runtimes fuse it like any conv.
+    """``y[:, c] = scale[c] * x[:, c] + shift[c]``: an element-wise op in PyTorch, a depthwise 1x1 conv in ONNX.
+
+    In ONNX it is a ``Conv`` so that ONNX Runtime fuses the activation or residual add after
+    it (as it does for any conv); in PyTorch (eager, ``torch.compile``, ``torch.export``) it is
+    one element-wise op, which is what those run fastest.
 
     Example:
         >>> a = ChannelAffine(torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.0]))
@@ -87,6 +103,15 @@ class ChannelAffine(nn.Conv2d):
         with torch.no_grad():
             self.weight.copy_(scale.reshape(c, 1, 1, 1))
             self.bias.copy_(shift)
+        self.unit_scale = bool((scale == 1).all())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return super().forward(x)
+        shift = self.bias.reshape(1, -1, 1, 1)
+        if self.unit_scale:
+            return x + shift
+        return torch.addcmul(shift, x, self.weight.reshape(1, -1, 1, 1))
 
 
 # -- graph helpers --------------------------------------------------------------------------------
@@ -464,6 +489,9 @@ def _sizes(node) -> list[int] | None:
 def _slice_conv(conv: nn.Conv2d, rows=None, cols=None, groups: bool = False) -> nn.Conv2d:
     """A copy of ``conv`` restricted to output channels ``rows`` / input channels ``cols`` (``groups``:
     a depthwise conv restricted to channels ``rows``)."""
+    if isinstance(conv, ChannelAffine) and cols is None:
+        bias = conv.bias.data[rows] if rows is not None else conv.bias.data
+        return ChannelAffine(conv.weight.data.reshape(-1)[rows if rows is not None else slice(None)], bias)
     w = conv.weight.data
     w = w[rows] if rows is not None else w
     w = w[:, cols] if cols is not None else w
@@ -626,6 +654,7 @@ def fuse(model: nn.Module, *, passes=DEFAULT_PASSES, leaf_modules=()) -> fx.Grap
     with torch.no_grad():
         for p in passes:
             (p() if isinstance(p, type) else p).transform(gm, report)
+    report.cats = [n.meta["ghostify_cat"] for n in gm.graph.nodes if "ghostify_cat" in n.meta]
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
