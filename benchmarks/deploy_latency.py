@@ -193,6 +193,14 @@ def main(argv=None):
                     f"  goal <= {goal}: {'met' if m['ratio'] <= goal else 'missed'}")
                 print(f"{res['model']:<14} {row['runtime']:<8} {key:<22} {m['ratio']:.3f} "
                       f"({m['ratio_min']:.3f}-{m['ratio_max']:.3f}){mark}")
+    print("\n== across runtimes: converted in ONNX Runtime / original in eager PyTorch (medians of separate runs) ==")
+    for res in results:
+        rows = {(row["batch"], row["runtime"]): row["models"] for row in res["latency"]}
+        for (b, rt), models in sorted(rows.items()):
+            if rt == "ort" and (b, "torch") in rows:
+                eager = rows[(b, "torch")]["original"]["median_ms"]
+                print(f"{res['model']:<14} bs {b}: " + ", ".join(
+                    f"{k} {m['median_ms'] / eager:.3f}" for k, m in models.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

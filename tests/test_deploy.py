@@ -122,9 +122,11 @@ def test_fuse_leaves_the_input_model_alone(residual_net):
     assert all(torch.equal(before[k], v) for k, v in ghost.state_dict().items())
 
 
-def test_untraceable_model_is_refused_in_one_line(untraceable_net):
+def test_untraceable_model_is_refused_in_one_line_and_exported_unfused(untraceable_net, tmp_path):
     with pytest.raises(GhostifyError, match="does not trace.*--no-fuse"):
         fuse(untraceable_net)
+    check = ghostify.export(convert(untraceable_net), tmp_path / "m.onnx", input_size=(1, 3, 8, 8))
+    assert check.fusions == {} and "does not trace" in check.not_fused[0] and check.max_rel_err <= 1e-4
 
 
 @pytest.mark.slow

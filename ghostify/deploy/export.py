@@ -48,6 +48,8 @@ class ExportCheck:
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
         fus = (", ".join(f"{k} x{v}" for k, v in self.fusions.items()) or "none") if self.fused else "off (--no-fuse)"
+        if self.not_fused:
+            fus += f" ({len(self.not_fused)} notes: {self.not_fused[0]}{', ...' if len(self.not_fused) > 1 else ''})"
         return (f"wrote {self.path} ({self.format}); checked on {self.samples} samples against PyTorch: "
                 f"max abs error {self.max_abs_err:.2e}, max relative error {self.max_rel_err:.2e} "
                 f"(tolerance {self.tolerance:g}){top1}; fusions: {fus}")
@@ -172,14 +174,16 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
     was_training = model.training
     model.eval()
     try:
-        report = None
-        target = model
+        report, target, notes = None, model, []
         if fuse:
             from .fuse import fuse as fuse_model
 
-            target = fuse_model(model)
-            report = target.meta["ghostify_fuse"]
-        example = torch.randn(input_size)
+            try:
+                target = fuse_model(model)
+                report = target.meta["ghostify_fuse"]
+            except GhostifyError as exc:  # an untraceable model is exported as it is
+                notes.append(str(exc).split(";")[0])
+        example = torch.randn(input_size, generator=torch.Generator().manual_seed(0))  # = the first random check batch
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
@@ -209,7 +213,6 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
                 os.remove(tmp)
     finally:
         model.train(was_training)
-    notes = []
     if report is not None:
         notes = [f"{p} at {w}: {why}" for p, w, why in report.skipped]
         notes += [f"cat of {layer} left with pieces {sizes} (not multiples of 8)" for layer, sizes in report.unaligned_cats()]
