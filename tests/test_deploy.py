@@ -339,3 +339,27 @@ def test_skip_slower_in_onnxruntime(chain_net):
     assert set(res["conv1"]) == {"conv", 2, 4} and all(v > 0 for v in res["conv1"].values())
     plan = skip_slower(chain_net, ghostify.make_plan(chain_net), x, repeats=2, progress=False, runtime="ort")
     assert all("in ort" in e.reason for e in plan.entries if e.action == "skip" and "not faster" in e.reason)
+
+
+class DoubleCheap(nn.Module):
+    """A cheap op of a family the deploy pass does not know: ghosts = twice the first intrinsic maps."""
+
+    def __init__(self, intrinsic, num_ghosts, ratio, dw_size, bias):
+        super().__init__()
+        self.num_ghosts = num_ghosts
+
+    def forward(self, x):
+        return 2 * x[:, : self.num_ghosts]
+
+
+def test_an_unknown_cheap_op_stays_opaque_and_the_skip_is_reported(residual_net, monkeypatch):
+    from ghostify.modules import CHEAP_OPS
+
+    monkeypatch.setitem(CHEAP_OPS, "double", DoubleCheap)
+    ghost = convert(randomize_bn(residual_net), cheap="double", init="random").eval()
+    fused = check_fuse(ghost, torch.randn(2, 3, 10, 10))
+    report = fused.meta["ghostify_fuse"]
+    assert [(p, w) for p, w, _ in report.skipped] == [("scale_into_primary", "conv1.primary"),
+                                                      ("scale_into_primary", "conv2.primary")]
+    assert "not a conv" in report.skipped[0][2]
+    assert modules(fused, nn.BatchNorm2d) == 4  # both halves of both layers keep their BN (split by the cat)

@@ -514,9 +514,11 @@ class ScaleIntoPrimary:
                       └─► cheap ─► ...    ==>                    └─► cheap·(1/a) ─► ...
 
     The primary conv's output is also the cheap op's input, so the BN cannot fold into it
-    whole: its scale ``a`` can (a zero-padded conv reads ``a * 0 = 0`` at the border, so the
-    cheap op stays exact with ``1/a`` on its input channels), its shift cannot (the cheap op's
-    padding would read ``shift`` instead of zeros) and stays a :class:`ChannelAffine` with
+    whole: its scale ``a`` can (every padding mode commutes with a per-channel scale: a
+    zero-padded conv reads ``a * 0 = 0`` at the border, so the cheap op stays exact with
+    ``1/a`` on its input channels), its shift cannot (a d x d cheap op's zero padding would
+    read ``shift`` instead of zeros; only a 1x1 cheap op could absorb it, and it would pay
+    nothing, since the primary conv's output still has two readers) and stays a :class:`ChannelAffine` with
     scale 1, which the runtime runs as one pass with the activation after it. Channels whose
     BN scale is zero keep scale 1 in the primary conv and their scale in the affine.
     """
@@ -561,8 +563,6 @@ class ScaleIntoPrimary:
             conv = _mod(gm, r, nn.Conv2d)
             if conv is None or r.args[0] is not node or calls[r.target] != 1:
                 return f"its output is also read by {r.name}, not a conv"
-            if conv.padding_mode != "zeros":
-                return f"{r.target} pads with {conv.padding_mode!r}"
         return None
 
 
