@@ -55,6 +55,8 @@ def modules(gm: fx.GraphModule, cls) -> int:
 
 CASES = {
     "dw3-r2": dict(ratio=2),
+    "dw3-r3": dict(ratio=3),  # two ghosts per map, the last map's second dropped (8 channels: 3 + 5)
+    "dw3-r4-scatter": dict(ratio=4, scatter=True),
     "dw3-r1.5-scatter": dict(ratio=1.5, scatter=True),
     "mix1-r2": dict(ratio=2, cheap="mix", dw_size=1),
     "mix1-r1.5-scatter": dict(ratio=1.5, cheap="mix", dw_size=1, scatter=True),
@@ -155,16 +157,20 @@ def ort_optimized_ops(model, x, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
 
 
-def test_fused_resnet_runs_only_convs_in_onnxruntime(tmp_path):
-    ghost = convert(build("resnet18"), ratio=2).eval()
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_fused_resnet_runs_only_convs_in_onnxruntime(ratio, tmp_path):
+    ghost = convert(build("resnet18"), ratio=ratio).eval()
     x = torch.randn(1, 3, 64, 64)
     unfused = ort_optimized_ops(ghost, x, tmp_path)
     fused = ort_optimized_ops(fuse(ghost), x, tmp_path)
     assert unfused.count("Concat") == 19  # one per Ghost layer
-    # every BatchNorm, ReLU and residual add fused into a conv; one cat before the pooling
-    assert {op for op in fused} <= {"Conv", "MaxPool", "GlobalAveragePool", "Concat", "ReorderInput",
+    # every BatchNorm, ReLU and residual add fused into a conv; one cat before the pooling (at ratio 4,
+    # where each map has 3 ghosts made by 3 depthwise convs, with a gather into channel order); the
+    # runtime's blocked layout is entered and left once
+    assert {op for op in fused} <= {"Conv", "MaxPool", "GlobalAveragePool", "Concat", "Gather", "ReorderInput",
                                     "ReorderOutput", "Flatten", "Gemm"}
-    assert fused.count("Concat") == 1
+    assert fused.count("Concat") == 1 and fused.count("Gather") == (ratio == 4)
+    assert fused.count("ReorderInput") + fused.count("ReorderOutput") <= 2
 
 
 @pytest.mark.parametrize("exclude", [[], ["conv2"]])

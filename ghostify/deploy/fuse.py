@@ -34,7 +34,7 @@ from ..modules import DepthwiseCheap, GhostConv2d, MixCheap
 from ..tracing import GhostTracer
 
 __all__ = ["fuse", "FuseReport", "DEFAULT_PASSES", "InlineGhost", "FoldBatchNorm", "PushThroughCat",
-           "ScaleIntoPrimary", "SplitConsumer", "ChannelAffine"]
+           "ScaleIntoPrimary", "SplitConsumer", "ChannelAffine", "Pieces", "ghost_cat"]
 
 # activations (and other ops) that act on each channel alone and commute with a channel split
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh,
@@ -189,6 +189,55 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
             graph.erase_node(n)
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """Which channels of a Ghost layer's output each input of its cat holds (``index[i]``: piece ``i``'s)."""
+
+    layer: str
+    index: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, layer: str, index) -> "Pieces":
+        return cls(layer, tuple(tuple(int(i) for i in idx) for idx in index))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(i) for i in self.index]
+
+    @property
+    def in_order(self) -> bool:
+        """The pieces, concatenated, are the channels in order (a plain cat)."""
+        return [c for idx in self.index for c in idx] == list(range(sum(self.sizes)))
+
+    def tensor(self, i: int) -> torch.Tensor:
+        return torch.tensor(self.index[i], dtype=torch.long)
+
+
+def ghost_cat(pieces: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """The pieces of a Ghost layer's output, concatenated and gathered back into channel order."""
+    return torch.cat(pieces, dim=1).index_select(1, order)
+
+
+def _constant(gm: fx.GraphModule, base: str, value: torch.Tensor) -> fx.Node:
+    name, k = base.replace(".", "_") + "_deploy", 1
+    while hasattr(gm, name):
+        k += 1
+        name = base.replace(".", "_") + f"_deploy{k}"
+    gm.register_buffer(name, value)
+    return gm.graph.get_attr(name)
+
+
+def _cat_node(gm: fx.GraphModule, nodes: list, pieces: Pieces) -> fx.Node:
+    """A node holding the Ghost layer's output made of ``nodes`` (a cat, plus a gather when out of order)."""
+    if pieces.in_order:
+        out = gm.graph.call_function(torch.cat, (list(nodes),), {"dim": 1})
+    else:
+        order = torch.argsort(torch.tensor([c for idx in pieces.index for c in idx]))
+        out = gm.graph.call_function(ghost_cat, (list(nodes), _constant(gm, f"{pieces.layer}_cat_order", order)))
+    out.meta["ghostify_cat"] = pieces
+    return out
+
+
 # -- the passes -----------------------------------------------------------------------------------
 
 class InlineGhost:
@@ -201,10 +250,13 @@ class InlineGhost:
 
     Slots that a depthwise cheap op computes and drops (``per_parent * m > n - m``) are not
     computed: the primary conv is split in the intrinsic maps that have ghosts and those that do
-    not, and the cheap op runs on the first part only. A cheap op of a family other than
-    ``dw``/``mix`` stays one opaque call. The cat node's ``meta["ghostify_cat"]`` keeps the
-    channel count of each piece; a layer that scatters its channels keeps its permutation
-    (``meta["ghostify_perm"]``).
+    not, and the cheap op runs on the first part only. A depthwise cheap op with ``k > 1`` ghosts
+    per map (ratio > 2) becomes ``k`` depthwise convs (true depthwise convs run in ONNX Runtime's
+    blocked layout, channel multipliers do not); its ghosts are then held by ``k`` pieces in a
+    stride-``k`` order, which the passes after this one keep track of (a cat no pass dissolves
+    gathers them back into order). A cheap op of a family other than ``dw``/``mix`` stays one
+    opaque call. The cat node's ``meta["ghostify_cat"]`` says which channels each piece holds;
+    a layer that scatters its channels keeps its permutation (``meta["ghostify_perm"]``).
     """
 
     name = "inline_ghost"
@@ -227,63 +279,60 @@ class InlineGhost:
         m = ghost.intrinsic_channels
         if ghost.cheap is None:
             out = graph.call_module(f"{t}.primary", (x,))
-            if ghost._identity_order or ghost.emit_internal_order:
-                return out
-        elif isinstance(ghost.cheap, DepthwiseCheap):
-            parents, ghosts = self._split_primary(gm, ghost, t)
-            p = [graph.call_module(name, (x,)) for name in parents]
+        else:
+            if isinstance(ghost.cheap, DepthwiseCheap):
+                parts, cheap = self._depthwise(gm, ghost, t)
+            else:
+                parts, cheap = [(f"{t}.primary", range(m))], None
+            p = [graph.call_module(name, (x,)) for name, _ in parts]
             for n in p:
                 n.meta["ghostify_primary"] = t
-            g = graph.call_module(ghosts, (p[0],))
-            if gm.get_submodule(ghosts).out_channels != ghost.cheap.num_ghosts:
-                g = graph.call_function(operator.getitem, (g, (slice(None), slice(0, ghost.cheap.num_ghosts))))
-            pieces = [gm.get_submodule(n).out_channels for n in parents] + [ghost.cheap.num_ghosts]
-            out = graph.call_function(torch.cat, (p + [g],), {"dim": 1})
-        else:
-            p = graph.call_module(f"{t}.primary", (x,))
-            p.meta["ghostify_primary"] = t
-            if isinstance(ghost.cheap, MixCheap):
-                g = graph.call_module(f"{t}.cheap.mix", (p,))
+            if cheap is not None:
+                g = []
+                for name, idx in cheap:
+                    y = graph.call_module(name, (p[0],))
+                    if gm.get_submodule(name).out_channels != len(idx):  # a last parent missing slot j
+                        y = graph.call_function(operator.getitem, (y, (slice(None), slice(0, len(idx)))))
+                    g.append(y)
+                index = [idx for _, idx in parts] + [[m + i for i in idx] for _, idx in cheap]
+            elif isinstance(ghost.cheap, MixCheap):
+                g = [graph.call_module(f"{t}.cheap.mix", (p[0],))]
                 if ghost.cheap.dw is not None:
-                    g = graph.call_module(f"{t}.cheap.dw", (g,))
+                    g = [graph.call_module(f"{t}.cheap.dw", (g[0],))]
+                index = [range(m), range(m, ghost.out_channels)]
             else:
-                g = graph.call_module(f"{t}.cheap", (p,))
-            pieces = [m, ghost.out_channels - m]
-            out = graph.call_function(torch.cat, ([p, g],), {"dim": 1})
-        if ghost.cheap is not None:
-            out.meta["ghostify_cat"] = (t, pieces)
+                g = [graph.call_module(f"{t}.cheap", (p[0],))]
+                index = [range(m), range(m, ghost.out_channels)]
+            out = _cat_node(gm, p + g, Pieces.of(t, index))
         if ghost._identity_order or ghost.emit_internal_order:
             return out
         inv = torch.empty_like(ghost.channel_map)
         inv[ghost.channel_map] = torch.arange(ghost.out_channels, device=inv.device)
-        buf = t.replace(".", "_") + "_deploy_order"
-        gm.register_buffer(buf, inv)
-        perm = graph.call_function(torch.index_select, (out, 1, graph.get_attr(buf)))
+        perm = graph.call_function(torch.index_select, (out, 1, _constant(gm, f"{t}_order", inv)))
         perm.meta["ghostify_perm"] = ghost.channel_map.clone()
         return perm
 
     @staticmethod
-    def _split_primary(gm, ghost: GhostConv2d, t: str) -> tuple[list[str], str]:
-        """Module names: ``[primary of the parents, primary of the rest]`` (or ``[primary]``) and the cheap conv."""
+    def _depthwise(gm, ghost: GhostConv2d, t: str) -> tuple[list, list]:
+        """``[(primary conv, its intrinsic maps)]`` (the parents first) and ``[(cheap conv j, its slots)]``."""
         cheap: DepthwiseCheap = ghost.cheap
-        m, k = ghost.intrinsic_channels, cheap.per_parent
-        used = -(-cheap.num_ghosts // k)  # intrinsic maps with at least one kept ghost
-        if used == m:
-            return [f"{t}.primary"], f"{t}.cheap.conv"
+        m, k, ng = ghost.intrinsic_channels, cheap.per_parent, cheap.num_ghosts
+        used = -(-ng // k)  # intrinsic maps with at least one kept ghost
         prim, dw = ghost.primary, cheap.conv
-        a, b = copy.deepcopy(prim), copy.deepcopy(prim)
-        for conv, rows in ((a, slice(0, used)), (b, slice(used, m))):
-            conv.weight = nn.Parameter(prim.weight.data[rows].clone())
-            if prim.bias is not None:
-                conv.bias = nn.Parameter(prim.bias.data[rows].clone())
-            conv.out_channels = conv.weight.shape[0]
-        small = nn.Conv2d(used, used * k, dw.kernel_size, dw.stride, dw.padding, dw.dilation, groups=used,
-                          bias=dw.bias is not None, device=dw.weight.device, dtype=dw.weight.dtype)
-        small.weight.data = dw.weight.data[: used * k].clone()
-        if dw.bias is not None:
-            small.bias.data = dw.bias.data[: used * k].clone()
-        return ([_add_module(gm, f"{t}.primary", a), _add_module(gm, f"{t}.primary", b)],
-                _add_module(gm, f"{t}.cheap.conv", small))
+        if used == m:
+            parts = [(f"{t}.primary", range(m))]
+        else:
+            parts = [(_add_module(gm, f"{t}.primary", _slice_conv(prim, rows=rows)), range(rows.start, rows.stop))
+                     for rows in (slice(0, used), slice(used, m))]
+        if k == 1 and used == m:
+            return parts, [(f"{t}.cheap.conv", range(ng))]
+        cheap_parts = []
+        for j in range(k):  # conv j computes slot j of parents 0..used-1: ghost i*k + j
+            rows = torch.arange(used) * k + j
+            conv = _slice_conv(dw, rows=rows, groups=True)
+            kept = [int(r) for r in rows if r < ng]
+            cheap_parts.append((_add_module(gm, f"{t}.cheap.conv", conv), kept))
+        return parts, cheap_parts
 
 
 class FoldBatchNorm:
@@ -365,16 +414,16 @@ class PushThroughCat:
                     self._through_perm(gm, user, node)
                     report.applied.append((self.name, f"{user.name} through the order of {node.name}"))
                     return True
-            if self.split_producers and _is_add(node) and any(_sizes(a) for a in node.args[:2]):
+            if self.split_producers and _is_add(node) and any(_pieces(a) for a in node.args[:2]):
                 a, b = node.args[:2]
-                other = b if _sizes(a) else a
-                if not _sizes(other) and self._split_producer(gm, other, _sizes(a) or _sizes(b), calls):
+                other = b if _pieces(a) else a
+                if not _pieces(other) and self._split_producer(gm, other, _pieces(a) or _pieces(b), calls):
                     report.applied.append((self.name, f"split the producer of {other.name}"))
                     return True
-            sizes = _sizes(node)
-            if not sizes or not node.users:
+            pieces = _pieces(node)
+            if not pieces or not node.users:
                 continue
-            kinds = [self._kind(gm, u, node, sizes, calls) for u in node.users]
+            kinds = [self._kind(gm, u, node, pieces, calls) for u in node.users]
             if "stuck" in kinds or all(k == "split" for k in kinds):
                 continue
             for user, kind in zip(list(node.users), kinds):
@@ -387,13 +436,14 @@ class PushThroughCat:
             return True
         return False
 
-    def _kind(self, gm, user, cat, sizes, calls) -> str:
+    def _kind(self, gm, user, cat, pieces, calls) -> str:
         if user.args and user.args[0] is cat and self._unary(gm, user, calls):
             return "unary"
         conv = _mod(gm, user, nn.Conv2d)
         if conv is not None and conv.groups == 1 and user.args[0] is cat and calls[user.target] == 1:
             return "split"
-        if self.adds and _is_add(user) and _sizes(user.args[0]) == _sizes(user.args[1]) == sizes:
+        a, b = (_pieces(x) for x in user.args[:2]) if _is_add(user) else (None, None)
+        if self.adds and a and b and a.index == b.index:  # the same channels in each piece
             return "add"
         return "stuck"
 
@@ -424,14 +474,10 @@ class PushThroughCat:
         return gm.graph.create_node(node.op, target, (x,) + tuple(node.args[1:]), kwargs)
 
     def _through_cat(self, gm, node, cat) -> None:
-        layer, sizes = cat.meta["ghostify_cat"]
-        lo, new = 0, []
+        pieces = cat.meta["ghostify_cat"]
         with gm.graph.inserting_before(node):
-            for piece, size in zip(cat.args[0], sizes):
-                new.append(self._apply(gm, node, piece, slice(lo, lo + size)))
-                lo += size
-            out = gm.graph.call_function(torch.cat, (new,), dict(cat.kwargs))
-        out.meta["ghostify_cat"] = (layer, sizes)
+            new = [self._apply(gm, node, piece, pieces.tensor(i)) for i, piece in enumerate(cat.args[0])]
+            out = _cat_node(gm, new, pieces)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
 
@@ -439,9 +485,8 @@ class PushThroughCat:
     def _add(gm, node) -> None:
         a, b = node.args
         with gm.graph.inserting_before(node):
-            pieces = [gm.graph.call_function(operator.add, (p, q)) for p, q in zip(a.args[0], b.args[0])]
-            out = gm.graph.call_function(torch.cat, (pieces,), {"dim": 1})
-        out.meta["ghostify_cat"] = a.meta["ghostify_cat"]
+            sums = [gm.graph.call_function(operator.add, (p, q)) for p, q in zip(a.args[0], b.args[0])]
+            out = _cat_node(gm, sums, a.meta["ghostify_cat"])
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         _erase_dead(gm.graph, [a, b] if a is not b else [a])
@@ -455,22 +500,20 @@ class PushThroughCat:
         gm.graph.erase_node(node)
         _erase_dead(gm.graph, [perm])
 
-    def _split_producer(self, gm, node, sizes, calls) -> bool:
-        """Make the groups=1 conv behind ``node`` (through channel-wise ops) a cat of ``sizes``."""
+    def _split_producer(self, gm, node, pieces: Pieces, calls) -> bool:
+        """Make the groups=1 conv behind ``node`` (through channel-wise ops) hold its channels as ``pieces``."""
         while isinstance(node, fx.Node) and self._unary(gm, node, calls) and _mod(gm, node, nn.Conv2d) is None:
             node = node.args[0]
         conv = _mod(gm, node, nn.Conv2d)
-        if conv is None or conv.groups != 1 or conv.out_channels != sum(sizes) or calls[node.target] != 1:
+        if conv is None or conv.groups != 1 or conv.out_channels != sum(pieces.sizes) or calls[node.target] != 1:
             return False
-        lo, pieces = 0, []
+        parts = []
         with gm.graph.inserting_after(node):
-            for size in sizes:
-                part = _slice_conv(conv, rows=slice(lo, lo + size))
-                pieces.append(gm.graph.call_module(_add_module(gm, node.target, part), node.args, node.kwargs))
-                lo += size
-        with gm.graph.inserting_after(pieces[-1]):
-            cat = gm.graph.call_function(torch.cat, (pieces,), {"dim": 1})
-        cat.meta["ghostify_cat"] = (node.target, list(sizes))
+            for i in range(len(pieces.index)):
+                part = _slice_conv(conv, rows=pieces.tensor(i))
+                parts.append(gm.graph.call_module(_add_module(gm, node.target, part), node.args, node.kwargs))
+        with gm.graph.inserting_after(parts[-1]):
+            cat = _cat_node(gm, parts, Pieces(node.target, pieces.index))
         node.replace_all_uses_with(cat)
         gm.graph.erase_node(node)
         return True
@@ -481,9 +524,9 @@ def _is_add(node) -> bool:
             and not node.kwargs and len(node.args) == 2)
 
 
-def _sizes(node) -> list[int] | None:
-    """Piece sizes of a cat that :class:`InlineGhost` (or a pass after it) made."""
-    return node.meta["ghostify_cat"][1] if isinstance(node, fx.Node) and "ghostify_cat" in node.meta else None
+def _pieces(node) -> Pieces | None:
+    """The :class:`Pieces` of a cat that :class:`InlineGhost` (or a pass after it) made."""
+    return node.meta["ghostify_cat"] if isinstance(node, fx.Node) and "ghostify_cat" in node.meta else None
 
 
 def _slice_conv(conv: nn.Conv2d, rows=None, cols=None, groups: bool = False) -> nn.Conv2d:
@@ -591,15 +634,14 @@ class SplitConsumer:
             if any(c is None or c.groups != 1 or u.args[0] is not cat or calls[u.target] != 1
                    for c, u in zip(convs, users)):
                 continue
-            _, sizes = cat.meta["ghostify_cat"]
+            pieces = cat.meta["ghostify_cat"]
             for u, conv in zip(users, convs):
-                lo, parts = 0, []
-                for i, size in enumerate(sizes):
-                    part = _slice_conv(conv, cols=slice(lo, lo + size))
-                    if i != len(sizes) - 1:
+                parts = []
+                for i in range(len(pieces.index)):
+                    part = _slice_conv(conv, cols=pieces.tensor(i))
+                    if i != len(pieces.index) - 1:
                         part.bias = None
                     parts.append(_add_module(gm, u.target, part))
-                    lo += size
                 # a residual add after the conv joins the chain, so that it fuses too:
                 # conv(cat(p, g)) + r  ==>  conv_a(p) + (conv_b(g) + r)
                 add = next(iter(u.users)) if len(u.users) == 1 else None
@@ -618,7 +660,7 @@ class SplitConsumer:
                 if add is not None:
                     gm.graph.erase_node(u)
             gm.graph.erase_node(cat)
-            report.applied.append((self.name, cat.meta["ghostify_cat"][0]))
+            report.applied.append((self.name, pieces.layer))
 
 
 DEFAULT_PASSES = (InlineGhost, FoldBatchNorm, PushThroughCat, ScaleIntoPrimary, FoldBatchNorm, SplitConsumer)
@@ -654,7 +696,11 @@ def fuse(model: nn.Module, *, passes=DEFAULT_PASSES, leaf_modules=()) -> fx.Grap
     with torch.no_grad():
         for p in passes:
             (p() if isinstance(p, type) else p).transform(gm, report)
-    report.cats = [n.meta["ghostify_cat"] for n in gm.graph.nodes if "ghostify_cat" in n.meta]
+    report.cats = [(n.meta["ghostify_cat"].layer, n.meta["ghostify_cat"].sizes) for n in gm.graph.nodes
+                   if "ghostify_cat" in n.meta]
+    for n in list(gm.graph.nodes):  # the orders of the cats that passes dissolved
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
