@@ -157,13 +157,24 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach(), shift.detach()
 
 
+def _take(t: torch.Tensor, idx, dim: int = 0, fill: float = 0.0) -> torch.Tensor:
+    """``t`` indexed along ``dim`` by ``idx`` (a slice or an index tensor whose ``-1`` entries,
+    the padding channels of a :class:`Pieces`, give ``fill``)."""
+    if isinstance(idx, slice):
+        return t[(slice(None),) * dim + (idx,)].clone()
+    idx = idx.to(t.device)
+    out = t.index_select(dim, idx.clamp(min=0))
+    pad = (idx < 0).nonzero().flatten()
+    return out.index_fill(dim, pad, fill) if pad.numel() else out
+
+
 def _slice_bn(bn: nn.BatchNorm2d, idx) -> nn.BatchNorm2d:
-    """A BatchNorm over the channels ``idx`` of ``bn`` (a slice or an index tensor)."""
+    """A BatchNorm over the channels ``idx`` of ``bn`` (identity on padding channels)."""
     out = copy.deepcopy(bn)
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
         t = getattr(bn, name)
         if t is not None:
-            getattr(out, name).data = t.data[idx].clone()
+            getattr(out, name).data = _take(t.data, idx, fill=fill)
     out.num_features = out.running_mean.numel()
     return out
 
@@ -191,7 +202,11 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
 
 @dataclass(frozen=True)
 class Pieces:
-    """Which channels of a Ghost layer's output each input of its cat holds (``index[i]``: piece ``i``'s)."""
+    """Which channels of a Ghost layer's output each input of its cat holds (``index[i]``: piece ``i``'s).
+
+    ``-1`` marks a padding channel: computed, read by nothing (zero weights in the convs that
+    read the piece), dropped where the cat stays.
+    """
 
     layer: str
     index: tuple[tuple[int, ...], ...]
@@ -205,9 +220,17 @@ class Pieces:
         return [len(i) for i in self.index]
 
     @property
+    def flat(self) -> list[int]:
+        return [c for idx in self.index for c in idx]
+
+    @property
     def in_order(self) -> bool:
         """The pieces, concatenated, are the channels in order (a plain cat)."""
-        return [c for idx in self.index for c in idx] == list(range(sum(self.sizes)))
+        return self.flat == list(range(len(self.flat)))
+
+    @property
+    def channels(self) -> int:
+        return sum(1 for c in self.flat if c >= 0)
 
     def tensor(self, i: int) -> torch.Tensor:
         return torch.tensor(self.index[i], dtype=torch.long)
@@ -232,7 +255,8 @@ def _cat_node(gm: fx.GraphModule, nodes: list, pieces: Pieces) -> fx.Node:
     if pieces.in_order:
         out = gm.graph.call_function(torch.cat, (list(nodes),), {"dim": 1})
     else:
-        order = torch.argsort(torch.tensor([c for idx in pieces.index for c in idx]))
+        flat = pieces.flat
+        order = torch.tensor(sorted((q for q, c in enumerate(flat) if c >= 0), key=lambda q: flat[q]))
         out = gm.graph.call_function(ghost_cat, (list(nodes), _constant(gm, f"{pieces.layer}_cat_order", order)))
     out.meta["ghostify_cat"] = pieces
     return out
@@ -254,7 +278,7 @@ class InlineGhost:
     per map (ratio > 2) becomes ``k`` depthwise convs (true depthwise convs run in ONNX Runtime's
     blocked layout, channel multipliers do not); its ghosts are then held by ``k`` pieces in a
     stride-``k`` order, which the passes after this one keep track of (a cat no pass dissolves
-    gathers them back into order). A cheap op of a family other than ``dw``/``mix`` stays one
+    gathers them back into order), and a slot dropped from the last map is a padding channel. A cheap op of a family other than ``dw``/``mix`` stays one
     opaque call. The cat node's ``meta["ghostify_cat"]`` says which channels each piece holds;
     a layer that scatters its channels keeps its permutation (``meta["ghostify_perm"]``).
     """
@@ -288,13 +312,8 @@ class InlineGhost:
             for n in p:
                 n.meta["ghostify_primary"] = t
             if cheap is not None:
-                g = []
-                for name, idx in cheap:
-                    y = graph.call_module(name, (p[0],))
-                    if gm.get_submodule(name).out_channels != len(idx):  # a last parent missing slot j
-                        y = graph.call_function(operator.getitem, (y, (slice(None), slice(0, len(idx)))))
-                    g.append(y)
-                index = [idx for _, idx in parts] + [[m + i for i in idx] for _, idx in cheap]
+                g = [graph.call_module(name, (p[0],)) for name, _ in cheap]
+                index = [idx for _, idx in parts] + [[m + i if i >= 0 else -1 for i in idx] for _, idx in cheap]
             elif isinstance(ghost.cheap, MixCheap):
                 g = [graph.call_module(f"{t}.cheap.mix", (p[0],))]
                 if ghost.cheap.dw is not None:
@@ -327,11 +346,10 @@ class InlineGhost:
         if k == 1 and used == m:
             return parts, [(f"{t}.cheap.conv", range(ng))]
         cheap_parts = []
-        for j in range(k):  # conv j computes slot j of parents 0..used-1: ghost i*k + j
+        for j in range(k):  # conv j computes slot j of parents 0..used-1: ghost i*k + j (a dropped one pads)
             rows = torch.arange(used) * k + j
             conv = _slice_conv(dw, rows=rows, groups=True)
-            kept = [int(r) for r in rows if r < ng]
-            cheap_parts.append((_add_module(gm, f"{t}.cheap.conv", conv), kept))
+            cheap_parts.append((_add_module(gm, f"{t}.cheap.conv", conv), [int(r) if r < ng else -1 for r in rows]))
         return parts, cheap_parts
 
 
@@ -505,7 +523,7 @@ class PushThroughCat:
         while isinstance(node, fx.Node) and self._unary(gm, node, calls) and _mod(gm, node, nn.Conv2d) is None:
             node = node.args[0]
         conv = _mod(gm, node, nn.Conv2d)
-        if conv is None or conv.groups != 1 or conv.out_channels != sum(pieces.sizes) or calls[node.target] != 1:
+        if conv is None or conv.groups != 1 or conv.out_channels != pieces.channels or calls[node.target] != 1:
             return False
         parts = []
         with gm.graph.inserting_after(node):
@@ -532,19 +550,18 @@ def _pieces(node) -> Pieces | None:
 def _slice_conv(conv: nn.Conv2d, rows=None, cols=None, groups: bool = False) -> nn.Conv2d:
     """A copy of ``conv`` restricted to output channels ``rows`` / input channels ``cols`` (``groups``:
     a depthwise conv restricted to channels ``rows``)."""
+    rows = slice(None) if rows is None else rows
     if isinstance(conv, ChannelAffine) and cols is None:
-        bias = conv.bias.data[rows] if rows is not None else conv.bias.data
-        return ChannelAffine(conv.weight.data.reshape(-1)[rows if rows is not None else slice(None)], bias)
-    w = conv.weight.data
-    w = w[rows] if rows is not None else w
-    w = w[:, cols] if cols is not None else w
+        return ChannelAffine(_take(conv.weight.data.reshape(-1), rows, fill=1.0), _take(conv.bias.data, rows))
+    w = _take(conv.weight.data, rows)  # padding channels: zero filters / zero input columns
+    w = _take(w, cols, dim=1) if cols is not None else w
     out_c, in_c = w.shape[0], (w.shape[0] if groups else w.shape[1] * conv.groups)
     part = nn.Conv2d(in_c, out_c, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                      groups=out_c if groups else conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                      device=w.device, dtype=w.dtype)
     part.weight.data = w.clone()
     if conv.bias is not None:
-        part.bias.data = (conv.bias.data[rows] if rows is not None else conv.bias.data).clone()
+        part.bias.data = _take(conv.bias.data, rows)
     return part
 
 
