@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=lambda t: _list(t, int), default=[1, 8])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads, all runtimes (default 2)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="1 thread, timed by the CPU time of the calling thread (time.thread_time): robust to "
+                        "other load on the machine, where wall-clock figures of 2 threads are not")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per model per round (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="alternation rounds; the spread is over rounds (default 3)")
     p.add_argument("--warmup", type=int, default=3)
@@ -67,6 +70,8 @@ def parse_args(argv=None):
         args.size, args.ratios, args.batch_sizes, args.repeats, args.rounds, args.warmup = 64, [2], [1], 3, 2, 1
         args.runtimes = [r for r in args.runtimes if r != "compile"]
     args.models = args.models or DEFAULT_MODELS
+    if args.cpu_time:
+        args.threads = 1
     return args
 
 
@@ -86,7 +91,9 @@ def bench(name: str, args) -> dict:
     x1 = torch.randn(1, 3, args.size, args.size)
     macs0 = ghostify.count(original, x1).macs
     res = {"model": name, "macs": macs0, "variants": {}, "latency": []}
-    print(f"\n== {name}, {args.size}x{args.size}, {args.threads} threads, cheap {args.cheap} {args.dw_size}x{args.dw_size} ==")
+    clock = "CPU time of the calling thread" if args.cpu_time else "wall time"
+    print(f"\n== {name}, {args.size}x{args.size}, {args.threads} threads ({clock}), cheap {args.cheap} "
+          f"{args.dw_size}x{args.dw_size} ==")
     converted = {}
     for r in args.ratios:
         converted[f"r{r}"] = ghostify.convert(original, ratio=r, cheap=args.cheap, dw_size=args.dw_size).eval()
@@ -112,8 +119,9 @@ def bench(name: str, args) -> dict:
                     if args.no_fuse:
                         fns[key + " unfused"] = runtime_callable(model, x, rt, threads=args.threads, fuse=False)
             prep = time.perf_counter() - t0
-            rounds = [ghostify.measure_latency(fns, x, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
-                      for _ in range(args.rounds)]
+            clock = time.thread_time if args.cpu_time else time.perf_counter
+            rounds = [ghostify.measure_latency(fns, x, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                                               clock=clock) for _ in range(args.rounds)]
             row = {"batch": b, "runtime": rt, "prepare_s": prep, "load": os.getloadavg(), "models": {}}
             base = [rd["original"]["median_ms"] for rd in rounds]
             print(f"bs {b}, {rt} (prepared in {prep:.0f} s; {_load()})")

@@ -25,13 +25,16 @@ def torch_threads(n: int | None):
 
 
 def measure_latency(models: dict[str, nn.Module | Callable], inputs: torch.Tensor, *, warmup: int = 3,
-                    repeats: int = 10, threads: int | None = None) -> dict[str, dict[str, float]]:
+                    repeats: int = 10, threads: int | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float]]:
     """Median and spread (ms) of each model's forward on ``inputs``, measured in alternation.
 
     Every repeat runs each model once, in turn, so that drift on a shared machine hits all
     models alike. Runs under ``torch.inference_mode`` with ``threads`` intra-op threads
     (default: leave as is) and synchronises CUDA when the input is on a GPU. A model may be
     any callable taking ``inputs`` (e.g. a runtime session, see :func:`ghostify.runtime_latency`).
+    ``clock=time.thread_time`` times the CPU the calling thread spends instead of wall time: with
+    ``threads=1`` all the work runs there, and the figure is robust to other load on the machine.
 
     Example:
         >>> r = measure_latency({"conv": nn.Conv2d(3, 8, 3)}, torch.randn(1, 3, 32, 32), repeats=3)
@@ -51,10 +54,10 @@ def measure_latency(models: dict[str, nn.Module | Callable], inputs: torch.Tenso
             sync()
             for _ in range(repeats):
                 for k, m in models.items():
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     m(inputs)
                     sync()
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+                    times[k].append((clock() - t0) * 1e3)
     finally:
         for k, training in modes.items():
             models[k].train(training)

@@ -76,9 +76,12 @@ def _inference_copy(model: nn.Module, fuse: bool) -> nn.Module:
 
 
 def runtime_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, runtime: str = "torch",
-                    fuse: bool = True, warmup: int = 3, repeats: int = 10,
-                    threads: int | None = None) -> dict[str, dict[str, float]]:
+                    fuse: bool = True, warmup: int = 3, repeats: int = 10, threads: int | None = None,
+                    clock: Callable[[], float] | None = None) -> dict[str, dict[str, float]]:
     """Median and spread (ms) of each model in ``runtime``, measured in alternation on ``inputs``.
+
+    ``clock``: as :func:`ghostify.measure_latency` (wall time by default; ``time.thread_time``
+    with ``threads=1`` for CPU time, robust to other load).
 
     Example:
         >>> import torchvision, ghostify
@@ -92,7 +95,8 @@ def runtime_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, runti
 
     with torch_threads(threads):
         fns = {k: runtime_callable(m, inputs, runtime, threads=threads, fuse=fuse) for k, m in models.items()}
-    return measure_latency(fns, inputs, warmup=warmup, repeats=repeats, threads=threads)
+    return measure_latency(fns, inputs, warmup=warmup, repeats=repeats, threads=threads,
+                           **({"clock": clock} if clock else {}))
 
 
 def ort_profile(model: nn.Module | bytes | str, inputs: torch.Tensor, *, threads: int | None = None, runs: int = 10,
