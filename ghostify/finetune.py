@@ -7,6 +7,7 @@ feature term on the outputs of the converted layers. One process or ``torchrun``
 
 A run directory holds::
 
+    .ghostify-run        the marker (the run's id): only such a folder is ever replaced by --force
     recipe.yaml          the resolved recipe
     init.safetensors     the converted model before fine-tuning (ghostify.save format)
     steps.jsonl          per logged step: loss terms (averaged over ranks), lr, seconds
@@ -36,7 +37,6 @@ import pickle
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +49,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .errors import GhostifyError
+from .errors import GhostifyError, describe
+from .outputs import atomic_write, to_json
 from .recipe import Recipe, check_registries, diff, dump_yaml, from_dict, load_recipe, to_dict
 
-__all__ = ["finetune", "FinetuneResult", "kd_loss", "feature_loss", "build_dataset", "RUN_MARKER"]
+__all__ = ["finetune", "FinetuneResult", "kd_loss", "feature_loss", "build_dataset", "is_run_dir", "RUN_MARKER"]
 
 CKPT_FORMAT = "ghostify-finetune/1"
-RUN_MARKER = "recipe.yaml"  # a directory holding this is a run directory (--force may replace it)
+RUN_MARKER = ".ghostify-run"  # only ghostify writes it (the run's id): --force replaces only folders holding it
 
 
 # -- loss ------------------------------------------------------------------------------------------
@@ -146,6 +147,31 @@ def _crop_flip(pad: int):
     return augment
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays only: a CIFAR batch file is data, not code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy.{core}.{mod}", name) for core in ("core", "_core")
+        for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch does not hold")
+
+
+def _read_cifar_batch(file: Path) -> dict:
+    try:
+        with open(file, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+            raise pickle.UnpicklingError("no data and labels in it")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise GhostifyError(f"'{file}' is not a CIFAR-10 batch file (python version): {exc}; "
+                            "it is read as data only") from None
+    return d
+
+
 def _cifar10(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 (the python version): ``data_batch_1..5`` (train) or ``test_batch``, as uint8 NCHW and labels."""
     folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
@@ -156,8 +182,7 @@ def _cifar10(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         if not file.is_file():
             raise GhostifyError(f"no CIFAR-10 at '{path}': {file} is missing (expected the python version, "
                                 "unpacked: cifar-10-batches-py/); set data.root=PATH to the folder holding it")
-        with open(file, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        d = _read_cifar_batch(file)
         xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[b"labels"], np.int64))
     return np.concatenate(xs), np.concatenate(ys)
@@ -311,39 +336,76 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_text(path: Path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
+    atomic_write(path, text, force=True)  # files of the run itself
 
 
-def _prepare_dir(run_dir: Path, force: bool, dist: _Dist) -> None:
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not force:
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` is a folder that ghostify made for a fine-tuning run (it holds the run marker)."""
+    marker = Path(path) / RUN_MARKER
+    try:
+        return marker.is_file() and not marker.is_symlink() and bool(json.loads(marker.read_text()).get("run_id"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _staging(run_dir: Path, what: str) -> Path:
+    """The hidden sibling a new run is set up in (``new``) or an old run waits in while it is replaced (``old``)."""
+    return run_dir.parent / f".{run_dir.name}.ghostify-{what}"
+
+
+def _check_run_dir(run_dir: Path, force: bool, recipe_path: Path | None) -> None:
+    """Refuse, before any work, a run folder that is not ghostify's to replace."""
+    target, cwd = run_dir.resolve(), Path.cwd().resolve()
+    why = ("the file system root" if target == Path(target.anchor) else "your home folder"
+           if target == Path.home().resolve() else "the current folder" if target == cwd
+           else "a parent of the current folder" if target in cwd.parents else None)
+    if why is None and recipe_path is not None and target in recipe_path.resolve().parents:
+        why = "the folder holding the recipe"
+    if why:
+        raise GhostifyError(f"the run folder '{run_dir}' is {why}; a run needs a folder of its own: "
+                            "-o runs/NAME (or --set output_dir=...)")
+    old = _staging(run_dir, "old")
+    if is_run_dir(old) and os.environ.get("RANK", "0") == "0":
+        # a replacement was cut short: the old run is put back, or dropped if the new one is in place
+        if run_dir.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, run_dir)
+            print(f"note: restored the run '{run_dir}' that an interrupted --force was replacing", file=sys.stderr)
+    if not (run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))):
+        return
+    if not force:
         raise GhostifyError(f"output directory '{run_dir}' exists and is not empty; pass --force to replace it, "
                             f"--resume {run_dir / 'last.ckpt'} to continue it, or --set output_dir=OTHER")
-    if exists and not (run_dir / RUN_MARKER).is_file():
+    if not is_run_dir(run_dir):
         raise GhostifyError(f"output directory '{run_dir}' holds files but is not a ghostify run ({RUN_MARKER} "
                             "missing); refusing to delete it even with --force: choose --set output_dir=OTHER")
-    dist.barrier()
-    if dist.main:
-        if exists:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+
+
+def _begin_run_dir(run_dir: Path, cfg: Recipe) -> Path:
+    """A fresh staging folder for the new run, with its marker and recipe; the old run is not touched yet."""
+    import uuid
+
+    new = _staging(run_dir, "new")
+    if new.exists() or new.is_symlink():
+        if not is_run_dir(new):
+            raise GhostifyError(f"'{new}' is in the way of the new run and is not a ghostify run; move it away")
+        shutil.rmtree(new)  # left by a set-up that was killed
+    new.mkdir(parents=True)
+    _write_text(new / RUN_MARKER, json.dumps({"run_id": uuid.uuid4().hex, "name": cfg.name}) + "\n")
+    _write_text(new / "recipe.yaml", dump_yaml(cfg))
+    return new
+
+
+def _commit_run_dir(new: Path, run_dir: Path) -> None:
+    """Put the set-up run in place: the old run (if any) is moved aside, replaced, then deleted."""
+    old = _staging(run_dir, "old")
+    if run_dir.exists():
+        os.rename(run_dir, old)
+    os.rename(new, run_dir)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
@@ -383,7 +445,10 @@ def _optimizer(cfg: Recipe, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors, numbers and tuples: a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -391,7 +456,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -421,15 +487,23 @@ def _evaluate(model: nn.Module, dataset: Dataset | None, dist: _Dist, batch_size
     return {"examples": int(sums[0]), **{k: v / sums[0] for k, v in zip(keys, sums[1:])}}
 
 
+_CKPT_KEYS = {"step": int, "recipe": dict, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict,
+              "rng": dict, "history": list, "world_size": int, "loss_sums": list, "pre": dict,
+              "train_seconds": (int, float)}
+
+
 def _load_ckpt(path: Path) -> dict:
+    from .zoo import load_pickle
+
     if not path.is_file():
         raise GhostifyError(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise GhostifyError(f"cannot read checkpoint '{path}' ({type(exc).__name__}); is it complete?") from None
+    ckpt = load_pickle(path)  # data only: a checkpoint that would need code to load is refused
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise GhostifyError(f"'{path}' is not a ghostify fine-tuning checkpoint (last.ckpt / best.ckpt of a run)")
+    bad = [k for k, tp in _CKPT_KEYS.items() if not isinstance(ckpt.get(k), tp)]
+    if bad:
+        raise GhostifyError(f"'{path}' is an incomplete or corrupt fine-tuning checkpoint ({', '.join(bad)} "
+                            "missing or malformed); resume from the run's other checkpoint or start again")
     return ckpt
 
 
@@ -447,19 +521,27 @@ def _convert(cfg: Recipe, teacher: nn.Module, calib: Dataset | None) -> nn.Modul
 
 def finetune(recipe: Recipe | str | os.PathLike, *, overrides: tuple[str, ...] | list[str] = (),
              resume: str | os.PathLike | None = None, force: bool = False, output_dir: str | os.PathLike | None = None,
-             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> FinetuneResult:
+             progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+             trust_code: bool = False) -> FinetuneResult:
     """Convert the recipe's model, fine-tune it with KD from the original, write the run directory.
 
     Args:
         recipe: a :class:`~ghostify.recipe.Recipe` or a YAML path (``overrides``: ``key=value`` strings).
+            A recipe is code, like a script: its ``model.name`` may be any ``package.module:callable``.
         resume: a ``last.ckpt``/``best.ckpt`` of an earlier run: continue it at its step, in its
-            directory, with its recipe (a differing ``recipe`` is noted on stderr and ignored).
-        force: replace an existing run directory.
+            directory, with its recipe. ``recipe``, ``overrides`` and ``output_dir`` may only repeat
+            what the run already uses; a change is an error (start a new run to change it).
+        force: replace an existing run directory (only one ghostify made). The new run is set up
+            beside it and replaces it only once set-up has succeeded.
+        trust_code: let files run code: a checkpoint given as ``model.name``, or a resumed
+            checkpoint whose recipe names a ``package.module:callable`` (see :func:`ghostify.load`).
         on_step: called as ``on_step(step, loss)`` after every step (e.g. to stop a test run).
 
     Returns:
         A :class:`FinetuneResult`. Under ``torchrun`` every rank returns; only rank 0 writes.
     """
+    from .zoo import check_trusted
+
     if recipe is None:
         cfg = None
     elif isinstance(recipe, (str, os.PathLike)):
@@ -468,25 +550,32 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: tuple[str, ...] |
         cfg = from_dict(to_dict(recipe), overrides)
     if cfg is None and resume is None:
         raise GhostifyError("give a recipe, or --resume RUN/last.ckpt")
+    if output_dir is not None and not str(output_dir).strip():
+        raise GhostifyError("-o: the run folder is empty; give a folder name (e.g. -o runs/NAME)")
     ckpt = None
     if resume is not None:
         ckpt = _load_ckpt(Path(resume))
         saved = from_dict(ckpt["recipe"])
-        changed = [k for k in diff(saved, cfg) if k not in ("output_dir", "name")] if cfg is not None else []
-        if changed:
-            print(f"note: resuming with the run's own recipe; ignoring changes to {', '.join(changed)}",
-                  file=sys.stderr)
-        cfg = saved
+        wanted = cfg if cfg is not None else from_dict(ckpt["recipe"], overrides)
+        changed = [k for k in diff(saved, wanted) if k not in ("output_dir", "name")]
         run_dir = Path(resume).parent
+        if output_dir is not None and Path(output_dir).resolve() != run_dir.resolve():
+            changed.append(f"the run folder ({output_dir})")
+        if changed:
+            raise GhostifyError(f"--resume continues the run in '{run_dir}' with its own recipe; it cannot change "
+                                f"{', '.join(changed)}. Resume without them, or start a new run with -o NEW")
+        check_trusted(saved.model.name, str(resume), trust_code)
+        cfg = saved
     else:
         if output_dir is not None:
             cfg.output_dir = str(output_dir)
         run_dir = cfg.run_dir
+        _check_run_dir(run_dir, force, Path(recipe) if isinstance(recipe, (str, os.PathLike)) else None)
     check_registries(cfg)
     cfg.spec(cfg.data.train), cfg.spec(cfg.data.val)  # a missing data.root fails here, before any work
     dist = _setup_dist(cfg.train.device)
     try:
-        return _Run(cfg, run_dir, dist, ckpt, force, progress, on_step).run()
+        return _Run(cfg, run_dir, dist, ckpt, force, progress, on_step, trust_code).run()
     finally:
         if dist.owns_group:
             torch.distributed.destroy_process_group()
@@ -494,8 +583,9 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: tuple[str, ...] |
 
 class _Run:
     def __init__(self, cfg: Recipe, run_dir: Path, dist: _Dist, ckpt: dict | None, force: bool, progress: bool,
-                 on_step):
+                 on_step, trust_code: bool = False):
         self.cfg, self.run_dir, self.dist, self.ckpt, self.force = cfg, run_dir, dist, ckpt, force
+        self.trust_code = trust_code
         self.progress, self.on_step = progress and dist.main, on_step
         cuda = dist.device.type == "cuda"
         t = cfg.train
@@ -544,14 +634,15 @@ class _Run:
 
         cfg, dist = self.cfg, self.dist
         m = cfg.model
-        teacher = get_model(m.name, weights=m.weights, **m.kwargs).to(dist.device)  # calibrate on the device
+        teacher = get_model(m.name, weights=m.weights, trust_code=self.trust_code, **m.kwargs)
+        teacher = teacher.to(dist.device)  # calibrate on the device
         init_path = self.run_dir / "init.safetensors"
         if self.ckpt is None and dist.main:
             student = _convert(cfg, teacher, self.calib_set)
             save(student, init_path)
         dist.barrier()
         if self.ckpt is not None or not dist.main:
-            student = load(init_path)
+            student = load(init_path, trust_code=self.trust_code)
         self.teacher = teacher.to(self.dist.device).eval().requires_grad_(False)
         self.student = student.to(self.dist.device)
         if self.channels_last:
@@ -597,9 +688,9 @@ class _Run:
                  "best": self.best, "pre": self.pre, "history": self.history, "train_seconds": self.train_seconds,
                  "world_size": self.dist.world, "loss_sums": acc}
         path = self.run_dir / name
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp), force=True)
         if extra_best:
-            _atomic_write(self.run_dir / "best.ckpt", lambda tmp: shutil.copyfile(path, tmp))
+            atomic_write(self.run_dir / "best.ckpt", lambda tmp: shutil.copyfile(path, tmp), force=True)
 
     def _log(self, name: str, row: dict) -> None:
         if self.dist.main:
@@ -617,17 +708,35 @@ class _Run:
                 w.writeheader()
                 w.writerows(self.history)
 
-        _atomic_write(self.run_dir / "epochs.csv", write)
+        atomic_write(self.run_dir / "epochs.csv", write, force=True)
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> FinetuneResult:
         cfg, dist = self.cfg, self.dist
         _seed_all(cfg.seed)
-        self._data()  # data errors stop the run before the directory is made
-        if self.ckpt is None:
-            _prepare_dir(self.run_dir, self.force, dist)
-            if dist.main:
-                _write_text(self.run_dir / RUN_MARKER, dump_yaml(cfg))
+        self._data()  # data errors stop the run before any folder is made
+        final = self.run_dir
+        if self.ckpt is None:  # set up beside the old run; it is replaced once set-up has succeeded
+            dist.barrier()
+            self.run_dir = _begin_run_dir(final, cfg) if dist.main else _staging(final, "new")
+            dist.barrier()
+        try:
+            self._set_up()
+            if self.ckpt is None:
+                dist.barrier()
+                if dist.main:
+                    _commit_run_dir(self.run_dir, final)
+                dist.barrier()
+        except BaseException:
+            if self.ckpt is None and dist.main and is_run_dir(self.run_dir) and self.run_dir != final:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        self.run_dir = final
+        losses = self._loop()
+        return self._finish(losses)
+
+    def _set_up(self):
+        cfg, dist = self.cfg, self.dist
         self._models()
         self._hooks()
         student = self.student
@@ -644,7 +753,11 @@ class _Run:
         self.step, self.best, self.history, self.train_seconds, self.pre = 0, None, [], 0.0, None
         self.eval_seconds, self.acc = 0.0, [0.0] * 4
         if self.ckpt is not None:
-            self._restore()
+            try:
+                self._restore()
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+                raise GhostifyError(f"the checkpoint does not fit the run in '{self.run_dir}' ({describe(exc)}); "
+                                    "it is corrupt or from another run") from None
         else:
             self.pre = {"original": self._evaluate(self.teacher, baseline=False),
                         "converted": self._evaluate(student)}
@@ -656,8 +769,6 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(student, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-        losses = self._loop()
-        return self._finish(losses)
 
     def _restore(self):
         ck = self.ckpt
@@ -821,7 +932,7 @@ class _Run:
                       "params_after": c1.params, "converted_layers": len(self.converted),
                       "original": self.pre["original"], "before": self.pre["converted"], "after": after,
                       "best_top1": self.best, "final": "final.safetensors", "ema": self.ema is not None}
-            _write_text(self.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+            _write_text(self.run_dir / "report.json", to_json(report, indent=2) + "\n")
             _write_text(self.run_dir / "report.md", report_markdown(report))
         return FinetuneResult(final.eval(), report or {}, self.run_dir, losses)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _user_errors
+from .cli import _user_errors, trust_code_option
 
 
 @click.command()
@@ -11,14 +11,17 @@ from .cli import _user_errors
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set train.epochs=2 --set data.root=/data/cifar10.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None,
-              help="Continue a run from its last.ckpt (or best.ckpt), at the exact step.")
-@click.option("--force", is_flag=True, help="Replace an existing run directory.")
+              help="Continue a run from its last.ckpt (or best.ckpt), at the exact step, with its own recipe "
+                   "and folder (--set and -o that would change them are refused).")
+@click.option("--force", is_flag=True, help="Replace an existing run directory (only one ghostify made; the old run "
+                                            "is replaced once the new one has been set up).")
 @click.option("-o", "--output-dir", default=None, help="Run directory (default: the recipe's output_dir or runs/NAME).")
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe as YAML and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@trust_code_option
 @_user_errors
-def finetune(recipe, overrides, resume, force, output_dir, print_recipe, as_json, no_progress):
+def finetune(recipe, overrides, resume, force, output_dir, print_recipe, as_json, no_progress, trust_code):
     """Convert a model and fine-tune it with knowledge distillation, as RECIPE (a YAML file) says.
 
     \b
@@ -27,9 +30,8 @@ def finetune(recipe, overrides, resume, force, output_dir, print_recipe, as_json
     torchrun --nproc_per_node 8 -m ghostify finetune recipes/imagenet_resnet50_r2.yaml --set data.root=/data/imagenet
     ghostify finetune --resume runs/mnist_resnet20_r2/last.ckpt
     """
-    import json
-
     from .errors import GhostifyError
+    from .outputs import to_json
     from .recipe import dump_yaml, load_recipe
 
     if recipe is None and resume is None:
@@ -42,7 +44,7 @@ def finetune(recipe, overrides, resume, force, output_dir, print_recipe, as_json
     from .finetune import finetune as run, report_markdown
 
     result = run(recipe, overrides=overrides, resume=resume, force=force, output_dir=output_dir,
-                 progress=not no_progress)
+                 progress=not no_progress, trust_code=trust_code)
     if result.report:  # rank 0
-        click.echo(json.dumps(result.report, indent=2) if as_json else report_markdown(result.report))
+        click.echo(to_json(result.report, indent=2) if as_json else report_markdown(result.report))
         click.echo(f"run directory: {result.run_dir}", err=True)

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from .modules import GhostConv2d
 
-__all__ = ["fold_channel_order", "foldable_layers"]
+__all__ = ["fold_channel_order", "foldable_layers", "would_fold"]
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh,
                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
@@ -148,6 +148,13 @@ def foldable_layers(gm: fx.GraphModule) -> set[str]:
                                              for k, n in edits):
                 out.add(node.target)
     return out
+
+
+def would_fold(gm: fx.GraphModule) -> set[str]:
+    """The layers :func:`fold_channel_order` folds in ``gm`` as its channel maps are now (before folding):
+    the foldable ones whose order is not the identity. A saved model's ``folded`` list is this set or empty.
+    """
+    return {n for n in foldable_layers(gm) if not gm.get_submodule(n)._identity_order}
 
 
 def fold_channel_order(gm: fx.GraphModule) -> list[str]:

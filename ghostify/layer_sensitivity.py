@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GhostifyError
+from .outputs import atomic_write, to_json
 
 __all__ = ["LayerSensitivity", "SensitivityTable", "sensitivity", "MEASURES"]
 
@@ -107,18 +108,17 @@ class SensitivityTable:
         return head + "\n" + "\n".join(lines)
 
     def _metric_keys(self) -> list[str]:
-        return [k for k in ("agree_top1", "kl", "top1", "heldout_error") if any(k in r.metrics for r in self.rows)]
+        return [k for k in ("agree_top1", "kl", "top1", "heldout_error", "calib_error")
+                if any(k in r.metrics for r in self.rows)]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         return d
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+    def save(self, path: str | Path, *, force: bool = True) -> Path:
+        """Write the table as JSON (atomically; ``force=False`` refuses an existing file)."""
+        return atomic_write(path, to_json(self.to_dict(), indent=1), force=force)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityTable":
@@ -134,8 +134,8 @@ class SensitivityTable:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise GhostifyError(f"'{path}' is not a sensitivity table written by ghostify sensitivity ({exc})") from None
 
-    def plot(self, path: str | Path) -> Path:
-        """A horizontal bar chart of the loss per layer (one bar per ratio), written as PNG."""
+    def plot(self, path: str | Path, *, force: bool = True) -> Path:
+        """A horizontal bar chart of the loss per layer (one bar per ratio), written as PNG (atomically)."""
         from .sweep import pyplot
 
         plt = pyplot()
@@ -152,9 +152,10 @@ class SensitivityTable:
         ax.set_xlabel(f"loss when converted alone: {_LOSS_TEXT[self.measure]}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return Path(path)
+        try:
+            return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), force=force)
+        finally:
+            plt.close(fig)
 
 
 _LOSS_TEXT = {"kl": "mean KL(original || converted), nats", "agree": "-log(top-1 agreement)",
@@ -289,7 +290,7 @@ def _loss(measure: str, metrics: dict, baseline: dict) -> float:
         return -math.log(max(metrics["agree_top1"], 1e-6))
     if measure == "top1":
         return baseline["top1"] - metrics["top1"]
-    return metrics["heldout_error"] ** 2
+    return metrics.get("heldout_error", metrics.get("calib_error", 0.0)) ** 2
 
 
 def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int = 3, init: str = "calib",
@@ -387,7 +388,9 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
                 names = [e.name for e in info.plan.converted]
                 for name in tqdm(names, disable=not progress or method != "alone", file=sys.stderr,
                                  desc=f"ratio {ratio}", leave=False):
-                    metrics = {k: v for k, v in info.layer_info.get(name, {}).items() if k == "heldout_error"}
+                    # too few calibration batches to hold one out: the error on the fitted batches stands in
+                    metrics = {k: v for k, v in info.layer_info.get(name, {}).items()
+                               if k == "heldout_error" or (k == "calib_error" and method == "proxy")}
                     if method == "alone":
                         original = work.get_submodule(name)
                         work.set_submodule(name, ghost.get_submodule(name))
@@ -402,6 +405,10 @@ def sensitivity(model: nn.Module, *, ratios: Iterable[int] = (2,), dw_size: int 
         model.train(training)
     if not rows:
         raise GhostifyError("no conv converts with these settings; see `ghostify inspect`")
+    if method == "proxy" and any("heldout_error" not in r.metrics for r in rows):
+        print("note: the calibration data is a single batch, so no batch was held out: the proxy ranks the convs by "
+              "their error on the fitted batch (optimistic); give more calibration examples than one batch",
+              file=sys.stderr)
     settings = {"dw_size": dw_size, "init": init, "cheap": cheap, "scatter": scatter, "ratios": list(ratios)}
     if method == "context":
         settings["reference"] = reference

@@ -25,7 +25,7 @@ from .errors import GhostifyError
 from .modules import CHEAP_OPS, GhostConv2d, ghost_macs_per_position
 from .ratio import check_ratio
 
-__all__ = ["LayerSpec", "GhostConfig", "PlanEntry", "Plan", "make_plan"]
+__all__ = ["LayerSpec", "GhostConfig", "PlanEntry", "Plan", "make_plan", "check_plan"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -171,12 +171,28 @@ class GhostConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GhostConfig":
-        from .zoo import import_object
+    def from_dict(cls, d: dict, *, trust_code: bool = False) -> "GhostConfig":
+        """The inverse of :meth:`to_dict`. Type overrides name classes (``torch.nn.modules.conv.Conv2d``); a
+        dict is data, so only classes of modules already imported are looked up, unless ``trust_code=True``
+        lets the names be imported (importing a module runs its code).
+        """
+        import sys
+
+        from .zoo import TRUST_HINT, import_object
 
         cfg = cls(LayerSpec(**d.get("global", {})))
         for t, o in d.get("type", []):
-            cfg.set_type(import_object(t.rsplit(".", 1)[0] + ":" + t.rsplit(".", 1)[1]), o)
+            mod, _, name = str(t).rpartition(".")
+            if trust_code:
+                cls_ = import_object(f"{mod}:{name}")
+            elif mod in sys.modules and isinstance(getattr(sys.modules[mod], name, None), type):
+                cls_ = getattr(sys.modules[mod], name)
+            else:
+                raise GhostifyError(f"the configuration names the type '{t}', whose module is not imported; "
+                                    f"{TRUST_HINT}")
+            if not (isinstance(cls_, type) and issubclass(cls_, nn.Module)):
+                raise GhostifyError(f"the configuration names '{t}', which is not an nn.Module class")
+            cfg.set_type(cls_, o)
         for p, o in d.get("glob", []):
             cfg.set_glob(p, o)
         for n, o in d.get("name", {}).items():
@@ -357,3 +373,34 @@ def make_plan(model: nn.Module, config: GhostConfig | None = None, *, leaf_modul
     entries = [_decide(n, mods[n], n in stems, calls.get(n, 1) > 1, cfg, model)
                for n in order if n not in inner and isinstance(mods.get(n), nn.Conv2d)]
     return Plan(entries, traced.graph_module is not None, traced.error)
+
+
+def check_plan(plan: Plan, model: nn.Module, *, leaf_modules=(), source: str = "the plan") -> Plan:
+    """Refuse a plan not made for ``model``: it must list exactly the model's convs, with their shapes.
+
+    Example:
+        >>> import torchvision
+        >>> plan = make_plan(torchvision.models.resnet18())
+        >>> check_plan(plan, torchvision.models.resnet34())
+        Traceback (most recent call last):
+        ...
+        ghostify.errors.GhostifyError: the plan was made for another model (this one has 16 convs it does not list, e.g. 'layer1.2.conv1'); make the plan from this model (--save-plan)
+    """
+    if not plan.entries:
+        raise GhostifyError(f"{source} is empty (it lists no convs); make the plan from this model (--save-plan)")
+
+    def geometry(e: PlanEntry):
+        return e.in_channels, e.out_channels, tuple(e.kernel_size), tuple(e.stride), e.groups
+
+    want = {e.name: geometry(e) for e in make_plan(model, GhostConfig(), leaf_modules=leaf_modules).entries}
+    got = {e.name: geometry(e) for e in plan.entries}
+    problems = []
+    for text, names in (("it lists {n} convs this one does not have", [n for n in got if n not in want]),
+                        ("this one has {n} convs it does not list", [n for n in want if n not in got]),
+                        ("{n} convs have other shapes", [n for n in got if n in want and got[n] != want[n]])):
+        if names:
+            problems.append(text.format(n=len(names)) + f", e.g. '{names[0]}'")
+    if problems:
+        raise GhostifyError(f"{source} was made for another model ({'; '.join(problems)}); "
+                            "make the plan from this model (--save-plan)")
+    return plan

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -149,7 +150,7 @@ class LossConfig:
 
 @dataclass
 class Recipe:
-    name: str = "finetune"
+    name: str = field(default="finetune", metadata={"plain_name": True})  # the run folder is runs/NAME
     seed: int = 0
     output_dir: Optional[str] = None  # default runs/NAME
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -345,6 +346,8 @@ def _coerce(value: Any, tp, f: dataclasses.Field, path: str) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise bad() from None
+        if not math.isfinite(out):
+            raise bad(" (a finite number)")
     elif tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise bad()
@@ -359,7 +362,12 @@ def _coerce(value: Any, tp, f: dataclasses.Field, path: str) -> Any:
         out = dict(value)
     else:  # pragma: no cover - every field type is listed above
         out = value
+    if tp in (list, dict) and not _all_finite(out):
+        raise bad(" with finite numbers only")
     meta = f.metadata
+    if meta.get("plain_name") and (out in ("", ".", "..") or any(c in out for c in "/\\\0")):
+        raise GhostifyError(f"recipe key '{path}': {out!r} is not a plain name (it names the run folder runs/NAME); "
+                            "use letters, digits, '-' and '_', or set output_dir for a folder elsewhere")
     if "choices" in meta and out not in meta["choices"]:
         raise GhostifyError(f"recipe key '{path}': '{out}' is not one of {', '.join(meta['choices'])}")
     if "min" in meta and isinstance(out, (int, float)):
@@ -371,6 +379,16 @@ def _coerce(value: Any, tp, f: dataclasses.Field, path: str) -> Any:
     if meta.get("odd") and out % 2 == 0:
         raise GhostifyError(f"recipe key '{path}': must be odd (the cheap op keeps the map size), got {out}")
     return out
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def check_registries(cfg: Recipe) -> None:

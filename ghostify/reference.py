@@ -12,7 +12,6 @@ import argparse
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from torch import nn
 
 from .data import resolve_data
 from .errors import GhostifyError
+from .outputs import atomic_write, check_output
 
 __all__ = ["CifarResNet", "BasicBlock", "VGGSmall", "resnet20", "vgg_small", "resnet56", "vgg16_cifar", "ARCHS",
-           "train", "evaluate", "save_checkpoint", "main"]
+           "BUILDERS", "train", "evaluate", "save_checkpoint", "main"]
 
 
 class BasicBlock(nn.Module):
@@ -163,6 +163,8 @@ def vgg16_cifar(*, num_classes: int = 10, in_channels: int = 3) -> VGGSmall:
 
 
 ARCHS = {"resnet20": resnet20, "vgg_small": vgg_small}
+# ghostify's own model builders: a file may name them ("ghostify.reference:resnet20") without --trust-code
+BUILDERS = {"resnet20": resnet20, "vgg_small": vgg_small, "resnet56": resnet56, "vgg16_cifar": vgg16_cifar}
 
 
 def _device(device) -> torch.device:
@@ -270,25 +272,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, name: str | No
         >>> ghostify.get_model(str(path)).ghostify_arch["input_size"]
         [1, 1, 28, 28]
     """
-    path = Path(path)
-    if path.exists() and not force:
-        raise GhostifyError(f"'{path}' exists; pass --force (force=True) to overwrite it")
+    path = check_output(path, force=force)
     arch = getattr(model, "ghostify_arch", None)
     if not arch or arch.get("kind") != "callable":
         raise GhostifyError("the model records no build recipe (ghostify_arch); build it with "
                             "ghostify.reference.resnet20() / vgg_small() or ghostify.get_model")
     arch = {**arch, "name": name or arch.get("name"), "input_size": list(input_size)}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"arch": arch, "state_dict": state, "metrics": dict(metrics or {})}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"arch": arch, "state_dict": state,
+                                                      "metrics": dict(metrics or {})}, tmp), force=force)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     output = Path(args.output or f"checkpoints/{args.arch}_mnist.pt")
     try:
-        if output.exists() and not args.force:
-            raise GhostifyError(f"'{output}' exists; pass --force to overwrite it")
+        check_output(output, force=args.force)
         torch.manual_seed(args.seed)
         model = ARCHS[args.arch]()
         t0 = time.perf_counter()

@@ -20,9 +20,7 @@ import csv
 import itertools
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,8 +28,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GhostifyError, describe
+from .outputs import atomic_write, check_output, to_json
 
-__all__ = ["Sweep", "grid_points", "pareto_front", "pyplot", "read_results", "write_csv", "read_csv"]
+__all__ = ["Sweep", "grid_points", "pareto_front", "pyplot", "read_results", "write_csv", "read_csv",
+           "check_sweep_folder"]
 
 SETTINGS_ORDER = ("ratio", "dw_size", "init", "cheap", "scatter", "target_macs", "target_latency", "skip_slower")
 CSV_FIELDS = ("point", "status", *SETTINGS_ORDER, "macs", "macs_ratio", "params", "params_ratio", "latency_ms",
@@ -84,33 +84,57 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
-    os.replace(tmp, path)
+def _write(path: Path, data) -> None:
+    atomic_write(path, data, force=True)  # the sweep's own files, rewritten as it goes
+
+
+def check_sweep_folder(folder: str | Path) -> Path:
+    """Refuse an output folder that holds files but no sweep: a sweep writes only into a new, empty or sweep folder.
+
+    Example:
+        >>> import tempfile
+        >>> check_sweep_folder(tempfile.mkdtemp()).is_dir()
+        True
+    """
+    if folder is None or not str(folder).strip():
+        raise GhostifyError("-o: the output folder is empty; give a folder name")
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise GhostifyError(f"'{path}' is not a folder; give -o a new or empty folder, or an earlier sweep's")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / "results.json").is_file():
+            raise GhostifyError(f"'{path}' holds files but no sweep (results.json); a sweep writes results.json, "
+                                "results.csv, summary.md and plot.png there: choose a new or empty folder")
+        read_results(path)
+    check_output(path / "results.json", force=True)
+    return path
 
 
 def read_results(folder: str | Path) -> dict:
     """``results.json`` of a sweep folder (``{"meta": ..., "rows": [...]}``)."""
     path = Path(folder) / "results.json"
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise GhostifyError(f"cannot read '{path}' ({describe(exc)}); is it a ghostify sweep folder?") from None
+    if not isinstance(results, dict) or not isinstance(results.get("meta"), dict) or not isinstance(
+            results.get("rows"), list):
+        raise GhostifyError(f"'{path}' is not a ghostify sweep's results (no meta and rows); choose another folder")
+    return results
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """The rows as CSV with :data:`CSV_FIELDS` columns (missing values empty)."""
     path = Path(path)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+
+    _write(path, write)
     return path
 
 
@@ -196,6 +220,7 @@ class Sweep:
         """Measure every point not already done; write the outputs; return all rows (original first)."""
         from tqdm import tqdm
 
+        check_sweep_folder(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         meta = {**self.meta, "grid": self.grid, "extra_points": self.extra_points, "input_size": list(self.input_size), "latency": self.latency,
                 "batch_sizes": list(self.batch_sizes), "threads": self.threads}
@@ -228,14 +253,16 @@ class Sweep:
         if not (self.out_dir / "results.json").exists():
             return []
         old = read_results(self.out_dir)
-        for key in ("model", "eval", "calib", "input_size", "latency", "batch_sizes", "threads"):
-            if key in meta and old.get("meta", {}).get(key) != meta[key]:
+        # every setting but the grid (a resumed sweep may add points) must match, or rows would mix
+        plain = lambda v: json.loads(to_json(v, default=str))  # noqa: E731  (tuples and lists compare equal)
+        for key in sorted((set(meta) | set(old["meta"])) - {"grid", "extra_points"}):
+            if plain(old["meta"].get(key)) != plain(meta.get(key)):
                 raise GhostifyError(f"'{self.out_dir}' holds a sweep with another {key} "
-                                    f"({old['meta'].get(key)!r}, not {meta[key]!r}); use another output folder")
-        return old.get("rows", [])
+                                    f"({old['meta'].get(key)!r}, not {meta.get(key)!r}); use another output folder")
+        return old["rows"]
 
     def _save(self, meta: dict, rows: list[dict]) -> None:
-        _atomic_write(self.out_dir / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        _write(self.out_dir / "results.json", to_json({"meta": meta, "rows": rows}, indent=1, default=str))
 
     # -- one point --------------------------------------------------------------------------------
     def _measure(self, settings: dict | None) -> dict:
@@ -350,7 +377,7 @@ class Sweep:
                       + ", ".join(f"`{_label(r)}`" for r in pareto_front(_ok(rows), "latency_ratio", metric)))
             md.append("")
         md.append("![plot](plot.png)")
-        _atomic_write(self.out_dir / "summary.md", "\n".join(md) + "\n")
+        _write(self.out_dir / "summary.md", "\n".join(md) + "\n")
         paths["md"] = self.out_dir / "summary.md"
         return paths
 
@@ -431,6 +458,6 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str, title: str = "")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return Path(path)

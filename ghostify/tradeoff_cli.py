@@ -9,7 +9,7 @@ import json
 
 import click
 
-from .errors import GhostifyError
+from .errors import GhostifyError, describe
 from .ratio import check_ratio
 
 
@@ -25,6 +25,13 @@ def _ints(text: str | None) -> list[int]:
         return [int(t) for t in (text or "").replace(" ", "").split(",") if t]
     except ValueError:
         raise GhostifyError(f"'{text}': expected comma-separated integers, e.g. 2,3,4") from None
+
+
+def _batch_sizes(text: str | None) -> tuple[int, ...]:
+    sizes = _ints(text)
+    if not sizes or any(b < 1 for b in sizes):
+        raise GhostifyError(f"--batch-sizes '{text}': expected comma-separated batch sizes >= 1, e.g. 1,8")
+    return tuple(sizes)
 
 
 class _Ratio(click.ParamType):
@@ -110,14 +117,17 @@ def load_plan(path: str):
 
     from .plan import Plan
 
-    if Path(path).suffix == ".safetensors":
-        from .serialization import read_metadata
-
-        return Plan.from_dict(read_metadata(path)["plan"])
     try:
+        if Path(path).suffix == ".safetensors":
+            from .serialization import read_metadata
+
+            return Plan.from_dict(read_metadata(path)["plan"])
         return Plan.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GhostifyError(f"'{path}' is not a plan (JSON from --save-plan, or a ghostify .safetensors): {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, GhostifyError):
+            raise
+        raise GhostifyError(f"'{path}' is not a plan (JSON from --save-plan, or a ghostify .safetensors): "
+                            f"{describe(exc)}") from None
 
 
 def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, cheap, include, exclude, overrides, leaf,
@@ -129,7 +139,10 @@ def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, che
     from .layer_sensitivity import SensitivityTable
 
     if budget.get("plan_file"):
-        plan = load_plan(budget["plan_file"])
+        from .plan import check_plan
+
+        plan = check_plan(load_plan(budget["plan_file"]), original, leaf_modules=leaf,
+                          source=f"the plan in '{budget['plan_file']}'")
         click.echo(f"replaying the plan in {budget['plan_file']}: {len(plan.converted)} convs convert", err=True)
     target_macs, target_latency = budget.get("target_macs"), budget.get("target_latency")
     if target_macs is not None and target_latency is not None:
@@ -166,17 +179,17 @@ def budget_plan(original, plan, budget: dict, *, size, ratio, dw_size, init, che
     return plan
 
 
-def save_plan(plan, path: str | None) -> None:
-    if path:
-        from pathlib import Path
+def save_plan(plan, path: str, *, force: bool = False) -> None:
+    """Write ``plan`` as JSON (``--save-plan``): atomically, never over a file without ``force``."""
+    from .outputs import atomic_write
 
-        Path(path).write_text(plan.to_json(indent=1))
-        click.echo(f"wrote the plan to {path}", err=True)
+    atomic_write(path, plan.to_json(indent=1), force=force)
+    click.echo(f"wrote the plan to {path}", err=True)
 
 
 # -- commands -----------------------------------------------------------------------------------------
 
-def register(cli, user_errors, selection_parsers):
+def register(cli, user_errors, selection_parsers, trust_code_option):
     """Add ``sweep``, ``sensitivity`` and ``report`` to the ``ghostify`` group."""
     parse_input_size, default_input = selection_parsers
 
@@ -208,32 +221,40 @@ def register(cli, user_errors, selection_parsers):
     @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default torch's).")
     @click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True)
     @click.option("--input-size", default=None, help="224, C,H,W or N,C,H,W (default: the model's, else 1,3,224,224).")
+    @trust_code_option
     @user_errors
     def sweep(model, out_dir, weights, ratios, dw_sizes, inits, cheaps, scatters, targets, alloc_ratios, alloc_method,
               alloc_data, sens_file, calib_data, calib_size, eval_data, eval_limit, latency, batch_sizes, threads,
-              repeats, input_size):
+              repeats, input_size, trust_code):
         """Convert MODEL at every point of a grid; table, results.json/.csv, summary.md and plot.png in -o."""
         from .data import resolve_data
-        from .sweep import Sweep, table
-        from .zoo import get_model
+        from .sweep import Sweep, check_sweep_folder, table
+        from .zoo import get_model, weights_digest
 
-        size = parse_input_size(input_size, default_input(model))
+        check_sweep_folder(out_dir)
+        sizes = _batch_sizes(batch_sizes)
+        size = parse_input_size(input_size, lambda: default_input(model))
         grid = {"ratio": _ratios(ratios), "dw_size": _ints(dw_sizes), "init": _words(inits), "cheap": _words(cheaps)}
         flags = {"false": False, "true": True}
         try:
             grid["scatter"] = [flags[w.lower()] for w in _words(scatters)]
         except KeyError:
             raise GhostifyError(f"--scatter '{scatters}': use false, true or false,true") from None
-        original = get_model(model, weights=weights).eval()
+        original = get_model(model, weights=weights, trust_code=trust_code).eval()
         calib = (resolve_data(calib_spec(calib_data), batch_size=32, limit=calib_size) if calib_data else None)
         ev = resolve_data(eval_spec(eval_data), batch_size=50, limit=eval_limit)
         alloc_ev = resolve_data(alloc_data, batch_size=32, limit=64) if alloc_data else None
-        meta = {"model": model, "weights": weights, "eval": f"{eval_spec(eval_data)} (limit {eval_limit})",
-                "calib": f"{calib_spec(calib_data)} (limit {calib_size})" if calib_data else None}
+        # everything that changes a point's numbers: a resumed sweep must match it all
+        meta = {"model": model, "weights": weights,  # random weights differ per run but are all "none"
+                "weights_digest": weights_digest(original) if weights.lower() != "none" else "random",
+                "eval": f"{eval_spec(eval_data)} (limit {eval_limit})",
+                "calib": f"{calib_spec(calib_data)} (limit {calib_size})" if calib_data else None,
+                "alloc": {"ratios": alloc_ratios, "method": alloc_method, "data": alloc_data,
+                          "sensitivity": sens_file}, "repeats": repeats}
         first = {k: v[0] for k, v in grid.items() if k != "ratio" and v}
         extra = [{**first, "target_macs": t} for t in _floats(targets)]
         sw = Sweep(original, grid, out_dir, eval_data=ev, calib_data=calib, input_size=size, latency=latency,
-                   batch_sizes=tuple(_ints(batch_sizes)), threads=threads, repeats=repeats, meta=meta,
+                   batch_sizes=sizes, threads=threads, repeats=repeats, meta=meta,
                    alloc_ratios=tuple(_ratios(alloc_ratios)), alloc_method=alloc_method, alloc_eval_data=alloc_ev,
                    extra_points=extra)
         if sens_file:
@@ -267,30 +288,37 @@ def register(cli, user_errors, selection_parsers):
     @click.option("--input-size", default=None)
     @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON.")
     @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart (PNG).")
+    @click.option("--force", is_flag=True, help="Overwrite -o and --plot if they exist.")
     @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+    @trust_code_option
     @user_errors
     def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_size, eval_data, eval_limit,
-                    method, reference, measure, exclude, input_size, output, plot, as_json):
+                    method, reference, measure, exclude, input_size, output, plot, force, as_json, trust_code):
         """For each conv of MODEL converted alone: MACs saved and the loss in accuracy/agreement."""
         from .data import resolve_data
         from .layer_sensitivity import sensitivity as measure_sensitivity
+        from .outputs import check_output, to_json
         from .zoo import get_model
 
-        size = parse_input_size(input_size, default_input(model))
-        original = get_model(model, weights=weights).eval()
+        if output is not None:
+            check_output(output, force=force)
+        if plot is not None:
+            check_output(plot, force=force, option="--plot")
+        size = parse_input_size(input_size, lambda: default_input(model))
+        original = get_model(model, weights=weights, trust_code=trust_code).eval()
         calib = resolve_data(calib_spec(calib_data), batch_size=32, limit=calib_size) if calib_data else None
         ev = resolve_data(eval_data, batch_size=50, limit=eval_limit) if eval_data else None
         table = measure_sensitivity(original, ratios=_ratios(ratios), dw_size=dw_size, init=init, cheap=cheap,
                                     calib_data=calib, eval_data=ev, method=method or ("alone" if ev else "proxy"),
                                     measure=measure, input_size=size, exclude=exclude, reference=reference)
         table.settings["model"] = model
-        if output:
-            table.save(output)
+        if output is not None:
+            table.save(output, force=force)
             click.echo(f"wrote {output}", err=True)
-        if plot:
-            table.plot(plot)
+        if plot is not None:
+            table.plot(plot, force=force)
             click.echo(f"wrote {plot}", err=True)
-        click.echo(json.dumps(table.to_dict(), indent=1) if as_json else table.table())
+        click.echo(to_json(table.to_dict(), indent=1) if as_json else table.table())
 
     @cli.command()
     @click.argument("model")
@@ -305,25 +333,34 @@ def register(cli, user_errors, selection_parsers):
     @click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True)
     @click.option("--input-size", default=None)
     @click.option("--json", "as_json", is_flag=True)
+    @trust_code_option
     @user_errors
     def report(model, baseline, baseline_weights, latency, per_layer, batch_sizes, threads, repeats, input_size,
-               as_json):
+               as_json, trust_code):
         """Before/after report of a converted MODEL (.safetensors from ghostify): MACs, params, latency, per layer."""
+        from .conversion import conversion_info
+        from .outputs import to_json
         from .reporting import report as make_report
         from .serialization import load, read_metadata
-        from .zoo import build_arch, get_model
+        from .zoo import build_arch, get_model, signature_digest
 
-        ghost = load(model)
+        sizes = _batch_sizes(batch_sizes)
+        ghost = load(model, trust_code=trust_code)
         if baseline:
-            original = get_model(baseline, weights=baseline_weights)
+            original = get_model(baseline, weights=baseline_weights, trust_code=trust_code)
+            source = conversion_info(ghost).source
+            if source is not None and signature_digest(original) != signature_digest(source[1]):
+                raise GhostifyError(f"--baseline {baseline} is not the model '{model}' was converted from (its "
+                                    "layers or shapes differ); pass the original model, or leave --baseline out "
+                                    "to rebuild it from the file")
         else:
             arch = read_metadata(model).get("arch")
             if arch is None:
                 raise GhostifyError(f"'{model}' records no architecture; pass --baseline MODEL")
-            original = build_arch(arch)
+            original = build_arch(arch, trust_code=trust_code, source=model)
             click.echo("baseline: rebuilt from the recorded architecture with random weights", err=True)
-        size = parse_input_size(input_size, default_input(model))
-        rep = make_report(original, ghost, input_size=size, latency=latency, batch_sizes=tuple(_ints(batch_sizes)),
+        size = parse_input_size(input_size, lambda: default_input(model))
+        rep = make_report(original, ghost, input_size=size, latency=latency, batch_sizes=sizes,
                           repeats=repeats, threads=threads, name=model)
         layers = None
         if latency and per_layer:
@@ -331,7 +368,7 @@ def register(cli, user_errors, selection_parsers):
         if as_json:
             d = rep.to_dict()
             d["layer_latency"] = layers
-            click.echo(json.dumps(d, indent=2))
+            click.echo(to_json(d, indent=2))
             return
         click.echo(rep.table())
         if layers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -19,9 +20,16 @@ import torch
 from torch import nn
 
 from .errors import GhostifyError, describe
+from .outputs import atomic_write
 
-__all__ = ["get_model", "list_models", "build_arch", "infer_arch", "import_object", "load_weights",
-           "install_offline_weights", "OFFLINE_WEIGHTS"]
+__all__ = ["get_model", "list_models", "build_arch", "infer_arch", "import_object", "load_weights", "load_pickle",
+           "install_offline_weights", "OFFLINE_WEIGHTS", "trusted_target", "check_trusted", "signature_digest",
+           "weights_digest", "TRUST_HINT"]
+
+# What every "this file names code" error ends with.
+TRUST_HINT = ("ghostify runs no code a file names: pass the architecture yourself (ghostify.load(path, "
+              "arch=build_net) or arch='package.module:callable'), or --trust-code (trust_code=True) if you trust "
+              "the file")
 
 # Packages that ship torchvision's own checkpoint files, for machines without a network.
 OFFLINE_WEIGHTS = {
@@ -50,6 +58,36 @@ def import_object(target: str) -> Any:
             raise GhostifyError(f"'{mod_name}' has no attribute '{attr}'")
         obj = getattr(obj, part)
     return obj
+
+
+def trusted_target(target: str) -> bool:
+    """True for ``module:callable`` names ghostify calls without ``trust_code``: its own model builders
+    (``ghostify.reference``) and torchvision's registered model builders. Nothing is imported to decide.
+
+    Example:
+        >>> trusted_target("ghostify.reference:resnet20"), trusted_target("os:system")
+        (True, False)
+    """
+    mod, _, attr = str(target).partition(":")
+    if mod == "ghostify.reference":
+        from .reference import BUILDERS
+
+        return attr in BUILDERS
+    if mod == "torchvision.models" or mod.startswith("torchvision.models."):
+        import torchvision
+
+        return attr in torchvision.models.list_models()
+    return False
+
+
+def check_trusted(spec: str, source: str, trust_code: bool = False) -> None:
+    """Refuse a model spec read from a file (``source``) that would import code, unless ``trust_code``.
+
+    Torchvision names, ghostify's own builders and file paths pass (files are loaded by the same rules).
+    """
+    if trust_code or ":" not in str(spec) or Path(spec).suffix in _CHECKPOINT_SUFFIXES or trusted_target(spec):
+        return
+    raise GhostifyError(f"'{source}' names the architecture '{spec}', which is code; {TRUST_HINT}")
 
 
 @contextmanager
@@ -86,16 +124,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise GhostifyError(f"weights file '{path}' does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise GhostifyError(f"cannot read weights from '{path}': {describe(exc)}; "
-                            "is the file complete?") from None
+        except Exception as exc:
+            raise GhostifyError(f"cannot read weights from '{path}': {describe(exc)}; "
+                                "is the file complete?") from None
+    else:
+        state = load_pickle(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -108,18 +146,33 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def build_arch(arch: dict, weights: str | None = "none") -> nn.Module:
-    """Build a model from a recipe recorded in ``model.ghostify_arch``."""
-    kind = arch.get("kind")
-    kwargs = dict(arch.get("kwargs") or {})
+def build_arch(arch: dict, weights: str | None = "none", *, trust_code: bool = False,
+               source: str = "the file") -> nn.Module:
+    """Build a model from a recipe recorded in ``model.ghostify_arch`` (read from ``source``).
+
+    A torchvision name or one of ghostify's own builders is built as is; any other
+    ``module:callable`` only with ``trust_code=True``: the recipe comes from a file, and a file is data.
+    """
+    kind = arch.get("kind") if isinstance(arch, dict) else None
+    kwargs = arch.get("kwargs") if isinstance(arch, dict) else None
+    if kind not in ("torchvision", "callable") or not isinstance(kwargs or {}, dict):
+        raise GhostifyError(f"'{source}' records an unknown architecture recipe {arch!r}")
+    kwargs = dict(kwargs or {})
     if kind == "torchvision":
-        return get_model(arch["name"], weights=weights or "none", **kwargs)
-    if kind == "callable":
-        return get_model(arch["target"], weights=weights or "none", **kwargs)
-    raise GhostifyError(f"unknown architecture recipe {arch!r}")
+        name = str(arch.get("name"))
+        if name not in list_models():
+            raise GhostifyError(f"'{source}' records the architecture '{name}', which is not a torchvision "
+                                "classification model; pass the original architecture: ghostify.load(path, model=...)")
+        return get_model(name, weights=weights or "none", **kwargs)
+    target = str(arch.get("target"))
+    check_trusted(target, source, trust_code)
+    return get_model(target, weights=weights or "none", **kwargs)
 
 
-def get_model(spec: str, weights: str | None = "DEFAULT", **kwargs) -> nn.Module:
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+
+
+def get_model(spec: str, weights: str | None = "DEFAULT", *, trust_code: bool = False, **kwargs) -> nn.Module:
     """Resolve ``spec`` to a model in eval mode.
 
     Args:
@@ -128,6 +181,10 @@ def get_model(spec: str, weights: str | None = "DEFAULT", **kwargs) -> nn.Module
             ``torch.save``-d model or ``{"arch": ..., "state_dict": ...}`` file).
         weights: ``DEFAULT`` (torchvision's default for the name), a weights enum name
             (``IMAGENET1K_V2``), ``none`` (random init) or a state-dict file path.
+        trust_code: let a checkpoint file run code: build a ``module:callable`` architecture it names,
+            or unpickle a whole ``torch.save``-d model. Off, a checkpoint is read as data only
+            (ghostify's own builders and torchvision names still work). ``spec`` itself, given by
+            the caller, is trusted like any code the caller runs.
 
     Example:
         >>> model = get_model("resnet18", weights="none")
@@ -138,8 +195,8 @@ def get_model(spec: str, weights: str | None = "DEFAULT", **kwargs) -> nn.Module
 
     weights = "none" if weights is None else str(weights)
     path = Path(spec)
-    if path.suffix in (".safetensors", ".pt", ".pth", ".ckpt") or path.is_file():
-        return _load_checkpoint(path)
+    if path.suffix in _CHECKPOINT_SUFFIXES or path.is_file():
+        return _load_checkpoint(path, trust_code)
     is_path = weights.lower() not in ("none", "default") and (Path(weights).suffix or os.sep in weights)
     if ":" in spec:
         factory = import_object(spec)
@@ -186,31 +243,82 @@ def get_model(spec: str, weights: str | None = "DEFAULT", **kwargs) -> nn.Module
     return model.eval()
 
 
-def _load_checkpoint(path: Path) -> nn.Module:
+def _load_checkpoint(path: Path, trust_code: bool = False) -> nn.Module:
     if not path.is_file():
         raise GhostifyError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
         from .serialization import load
 
-        return load(path).eval()
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise GhostifyError(f"cannot read checkpoint '{path}': {describe(exc)}; "
-                            "is the file complete?") from None
+        return load(path, trust_code=trust_code).eval()
+    obj = load_pickle(path, trust_code)
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
-        model = build_arch(obj["arch"])
-        model.load_state_dict(obj["state_dict"])
+        model = build_arch(obj["arch"], trust_code=trust_code, source=str(path))
+        try:
+            model.load_state_dict(obj["state_dict"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise GhostifyError(f"the weights in '{path}' do not fit the architecture it names: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
         model.ghostify_arch = obj["arch"]
         return model.eval()
     raise GhostifyError(f"'{path}' is neither a model nor a {{'arch', 'state_dict'}} checkpoint; for a plain "
                         "state dict give the model name and --weights PATH")
 
 
+def load_pickle(path: str | os.PathLike, trust_code: bool = False) -> Any:
+    """``torch.load`` of a ``.pt``/``.pth``/``.ckpt`` file as data (``weights_only=True``): tensors, numbers,
+    strings, lists and dicts. A file that needs more (a whole pickled model) is refused in one line unless
+    ``trust_code``: unpickling it would run code the file names.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_code)
+    except Exception as exc:
+        if not trust_code and "weights_only" in str(exc):
+            raise GhostifyError(
+                f"'{path}' holds pickled Python objects (e.g. a whole model saved with torch.save(model)); "
+                "loading it would run code from the file. Save a state dict (torch.save(model.state_dict())) "
+                "or use ghostify.save, or pass --trust-code (trust_code=True) if you trust the file") from None
+        raise GhostifyError(f"cannot read checkpoint '{path}': {describe(exc)}; is the file complete?") from None
+
+
 def _signature(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def signature_digest(model: nn.Module | list[tuple[str, tuple[int, ...]]]) -> str:
+    """A short hash of a model's state-dict signature (keys and shapes, or ``[(key, shape), ...]``):
+    which architecture it is, whatever its weights.
+
+    Example:
+        >>> import torchvision
+        >>> a, b = (signature_digest(f()) for f in (torchvision.models.resnet18, torchvision.models.vgg11))
+        >>> a == signature_digest(torchvision.models.resnet18(num_classes=1000)), a == b
+        (True, False)
+    """
+    import hashlib
+
+    sig = _signature(model) if isinstance(model, nn.Module) else model
+    text = json.dumps([[k, list(shape)] for k, shape in sig])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of a model's state dict, values included: which trained model it is.
+
+    Example:
+        >>> import torchvision
+        >>> torch.manual_seed(0); a = weights_digest(torchvision.models.resnet18())
+        >>> torch.manual_seed(0); a == weights_digest(torchvision.models.resnet18())
+        True
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def infer_arch(model: nn.Module) -> dict | None:
@@ -276,9 +384,6 @@ def install_offline_weights(hub_dir: str | None = None) -> list[Path]:
         dst = target / filename
         if src.is_file():
             if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
-                target.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_suffix(".partial")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), force=True)
             placed.append(dst)
     return placed

@@ -102,8 +102,8 @@ def test_training_reduces_the_loss_and_final_model_loads(tmp_path):
                    output_dir=tmp_path / "run", progress=False)
     run = res.run_dir
     assert sorted(p.name for p in run.iterdir()) == [
-        "best.ckpt", "epochs.csv", "epochs.jsonl", "final.safetensors", "init.safetensors", "last.ckpt",
-        "recipe.yaml", "report.json", "report.md", "steps.jsonl"]
+        ".ghostify-run", "best.ckpt", "epochs.csv", "epochs.jsonl", "final.safetensors", "init.safetensors",
+        "last.ckpt", "recipe.yaml", "report.json", "report.md", "steps.jsonl"]
     steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == list(range(1, 16)) and {"ce", "kd", "lr", "grad_norm"} <= set(steps[0])
     assert [r["loss"] for r in steps] == pytest.approx(res.losses)

@@ -51,11 +51,22 @@ def test_crops_shape_finite_deterministic():
 
 @needs_packages
 def test_limit_spreads_crops_over_photos():
-    src, x = crops("photos:heldout", limit=10)  # 3 photos: 4 + 4 + 2 crops
-    assert src.num_examples == 10 and x.shape[0] == 10
+    src, x = crops("photos:heldout", limit=10)  # 3 photos: 3 + 3 + 4 crops ((i+1)*10//3 - i*10//3)
+    assert src.num_examples == 10 and x.shape[0] == 10 and src.photos == ("chelsea", "flower", "rocket")
     _, full = crops("photos:heldout")
-    assert torch.equal(x[:4], full[:4]) and torch.equal(x[4:8], full[16:20])  # each photo's first crops
-    assert crops("photos:calib", limit=3)[1].shape[0] == 3
+    # each photo's first crops
+    assert torch.equal(x[:3], full[:3]) and torch.equal(x[3:6], full[16:19]) and torch.equal(x[6:], full[32:36])
+    src, x = crops("photos:heldout", limit=2)  # fewer crops than photos: one of each of 2 evenly spaced photos
+    assert src.photos == ("flower", "rocket") and torch.equal(x, full[[16, 32]])
+    src, x = crops("photos:calib", limit=3)  # 5 photos: the 2nd, 4th and 5th
+    assert x.shape[0] == 3 and src.photos == ("china", "hubble_deep_field", "motorcycle_left")
+
+
+def test_the_asset_cache_is_a_photo_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data._assets_photos() == str(tmp_path / "ghostify" / "assets" / "photos")
+    monkeypatch.undo()
+    assert data.PHOTOS_DIRS[-1] == data._assets_photos()  # searched after the wallpaper folders
 
 
 def test_folder_photos_and_errors(tmp_path, monkeypatch):
@@ -69,7 +80,8 @@ def test_folder_photos_and_errors(tmp_path, monkeypatch):
     for name in ("a.jpg", "b.JPEG", "c.jpg", "sub/d.jpg"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         img(300, 400).save(tmp_path / name)
-    img(100, 100).save(tmp_path / "e.png")  # not a JPEG: ignored
+    img(100, 100).save(tmp_path / "e.png")  # not a JPEG or WebP: ignored
+    img(240, 320).save(tmp_path / "sub" / "w.webp")
     images = tmp_path / "Wall" / "contents" / "images"  # a wallpaper package: one photo
     images.mkdir(parents=True)
     img(600, 800).save(images / "800x600.jpg")
@@ -77,10 +89,11 @@ def test_folder_photos_and_errors(tmp_path, monkeypatch):
     img(60, 80).save(tmp_path / "Wall" / "contents" / "screenshot.jpg")
     monkeypatch.setenv("GHOSTIFY_PHOTOS_DIR", str(tmp_path))
     src, x = crops("photos:all", limit=10)
-    assert src.photos == ("Wall", "a.jpg", "b.JPEG", "c.jpg", "sub/d.jpg") and x.shape == (10, 3, 224, 224)
+    assert src.photos == ("Wall", "a.jpg", "b.JPEG", "c.jpg", "sub/d.jpg", "sub/w.webp")
+    assert x.shape == (10, 3, 224, 224)
     assert resolve_data("photos:heldout").photos == ("a.jpg", "sub/d.jpg")
     again = resolve_data("photos:all", root=tmp_path / "sub").photos  # root first; the same file twice: once
-    assert again == ("Wall", "a.jpg", "b.JPEG", "c.jpg", "d.jpg")
+    assert again == ("Wall", "a.jpg", "b.JPEG", "c.jpg", "d.jpg", "w.webp")
     with pytest.raises(GhostifyError, match="photos:heldout"):
         resolve_data("photos:test")
     (tmp_path / "f.jpg").write_bytes(b"not a jpeg")

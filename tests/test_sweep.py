@@ -115,7 +115,7 @@ def test_cli_report_with_per_layer_latency(chain_net, tmp_path):
 
     path = ghostify.save(ghostify.convert(chain_net), tmp_path / "g.safetensors", arch="conftest:ChainNet")
     r = CliRunner().invoke(cli, ["report", str(path), "--latency", "--per-layer", "--repeats", "2",
-                                 "--input-size", "3,16,16"])
+                                 "--input-size", "3,16,16", "--trust-code"])  # the file names conftest:ChainNet
     assert r.exit_code == 0, r.output
     assert "latency batch 1 (ms)" in r.stdout and "per-layer latency inside the model" in r.stdout
     assert "conv1" in r.stdout.split("per-layer latency")[1] and "rebuilt from the recorded architecture" in r.stderr
