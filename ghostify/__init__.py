@@ -30,7 +30,7 @@ _EXPORTS = {
     "trace": "tracing", "GhostTracer": "tracing",
     "GhostifyError": "errors",
     "load_recipe": "recipe", "Recipe": "recipe",
-    "fuse": "deploy", "export": "deploy", "ExportCheck": "deploy", "runtime_latency": "deploy",
+    "fuse": "deploy", "export": "deploy", "ExportCheck": "deploy", "runtime_latency": "deploy", "torch_threads": "latency",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -172,7 +172,7 @@ def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]]
         conv = model.get_submodule(name)
         mods = {"conv": conv, **{r: _timing_ghost(conv, r, d, c) for r, d, c in cands}}
         if runtime != "torch":
-            from .deploy.runtime import layer_callables, layer_context
+            from ghostify.deploy.runtime import layer_callables, layer_context
 
             mods = layer_callables(mods, layer_context(model, name), xs[name], runtime, threads=threads)
         res = measure_latency(mods, xs[name], warmup=warmup, repeats=repeats, threads=threads)
@@ -261,7 +261,7 @@ def allocate(model: nn.Module, *, target_macs: float | None = None, target_laten
         if runtime == "torch":
             total_ms = measure_latency({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
         else:
-            from .deploy.runtime import runtime_latency
+            from ghostify.deploy.runtime import runtime_latency
 
             total_ms = runtime_latency({"model": model}, x, runtime=runtime, repeats=repeats,
                                        threads=threads)["model"]["median_ms"]

@@ -29,17 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import GhostifyError, describe
-from ..modules import DepthwiseCheap, GhostConv2d, MixCheap
-from ..tracing import GhostTracer
+from .. import CHEAP_OPS, DepthwiseCheap, GhostConv2d, GhostifyError, GhostTracer
+from ..errors import describe
 
 __all__ = ["fuse", "FuseReport", "DEFAULT_PASSES", "InlineGhost", "FoldBatchNorm", "PushThroughCat",
-           "ScaleIntoPrimary", "SplitConsumer", "ChannelAffine", "Pieces", "ghost_cat"]
+           "ScaleIntoPrimary", "SplitConsumer", "ChannelAffine", "Pieces", "ghost_cat", "fold_bn_into_conv",
+           "ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS"]
 
 # activations (and other ops) that act on each channel alone and commute with a channel split
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh,
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh,
                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout)
-_ACT_FUNCTIONS = {F.relu, F.relu6, torch.relu, F.silu, F.hardswish, F.hardsigmoid, F.gelu, torch.sigmoid,
+ACTIVATION_FUNCTIONS = {F.relu, F.relu6, torch.relu, F.silu, F.hardswish, F.hardsigmoid, F.gelu, torch.sigmoid,
                   torch.tanh, F.leaky_relu, F.elu, F.hardtanh, F.dropout}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
@@ -181,8 +181,8 @@ def _slice_bn(bn: nn.BatchNorm2d, idx) -> nn.BatchNorm2d:
 
 def _is_channelwise(gm, node) -> bool:
     if node.op == "call_module":
-        return _mod(gm, node, _ACT_MODULES + _POOL_MODULES + (nn.BatchNorm2d,)) is not None
-    return node.op == "call_function" and node.target in _ACT_FUNCTIONS
+        return _mod(gm, node, ACTIVATION_MODULES + _POOL_MODULES + (nn.BatchNorm2d,)) is not None
+    return node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS
 
 
 def _conv_input_scale(conv: nn.Conv2d, inv: torch.Tensor) -> None:
@@ -278,8 +278,8 @@ class InlineGhost:
     per map (ratio > 2) becomes ``k`` depthwise convs (true depthwise convs run in ONNX Runtime's
     blocked layout, channel multipliers do not); its ghosts are then held by ``k`` pieces in a
     stride-``k`` order, which the passes after this one keep track of (a cat no pass dissolves
-    gathers them back into order), and a slot dropped from the last map is a padding channel. A cheap op of a family other than ``dw``/``mix`` stays one
-    opaque call. The cat node's ``meta["ghostify_cat"]`` says which channels each piece holds;
+    gathers them back into order), and a slot dropped from the last map is a padding channel.
+    A cheap op of a family other than ``dw``/``mix`` stays one opaque call. The cat node's ``meta["ghostify_cat"]`` says which channels each piece holds;
     a layer that scatters its channels keeps its permutation (``meta["ghostify_perm"]``).
     """
 
@@ -314,7 +314,7 @@ class InlineGhost:
             if cheap is not None:
                 g = [graph.call_module(name, (p[0],)) for name, _ in cheap]
                 index = [idx for _, idx in parts] + [[m + i if i >= 0 else -1 for i in idx] for _, idx in cheap]
-            elif isinstance(ghost.cheap, MixCheap):
+            elif isinstance(ghost.cheap, CHEAP_OPS["mix"]):
                 g = [graph.call_module(f"{t}.cheap.mix", (p[0],))]
                 if ghost.cheap.dw is not None:
                     g = [graph.call_module(f"{t}.cheap.dw", (g[0],))]

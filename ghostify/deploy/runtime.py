@@ -91,7 +91,7 @@ def runtime_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, runti
         >>> sorted(r)
         ['ghost', 'original']
     """
-    from ..latency import measure_latency, torch_threads
+    from .. import measure_latency, torch_threads
 
     with torch_threads(threads):
         fns = {k: runtime_callable(m, inputs, runtime, threads=threads, fuse=fuse) for k, m in models.items()}
@@ -144,8 +144,8 @@ def layer_context(model: nn.Module, name: str, leaf_modules=()) -> list[nn.Modul
     A layer timed in a runtime is timed with them, because the runtime fuses them into the
     conv (and a Ghost layer's deploy form depends on them).
     """
-    from ..tracing import trace
-    from .fuse import _ACT_MODULES, _mod
+    from .. import trace
+    from .fuse import ACTIVATION_MODULES
 
     gm = trace(model, leaf_modules).graph_module
     if gm is None:
@@ -154,7 +154,8 @@ def layer_context(model: nn.Module, name: str, leaf_modules=()) -> list[nn.Modul
     out: list[nn.Module] = []
     while node is not None and len(node.users) == 1:
         node = next(iter(node.users))
-        mod = _mod(gm, node, (nn.BatchNorm2d,) + _ACT_MODULES)
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        mod = mod if isinstance(mod, (nn.BatchNorm2d,) + ACTIVATION_MODULES) else None
         if mod is None and node.op == "call_function" and node.target in _ACT_FUNCTION_MODULES:
             mod = _ACT_FUNCTION_MODULES[node.target]()
         if mod is None or (isinstance(mod, nn.BatchNorm2d) and out):
