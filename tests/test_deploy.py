@@ -268,6 +268,23 @@ def test_export_refuses_to_overwrite_and_writes_nothing_when_the_check_fails(res
     assert onnx.load(str(out)).graph.node and check.fusions == {}
 
 
+def test_export_checks_on_a_data_spec(residual_net, tmp_path):
+    from PIL import Image
+
+    for k in range(3):
+        (tmp_path / "images" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+        Image.fromarray(pixels.numpy()).save(tmp_path / "images" / f"c{k % 2}" / f"{k}.png")
+    spec = f"imagefolder:{tmp_path / 'images'}"
+    ghost = convert(randomize_bn(residual_net))
+    check = ghostify.export(ghost, tmp_path / "m.onnx", input_size=(1, 3, 224, 224), check_data=spec)
+    assert check.samples == 3 and check.data == spec and check.max_rel_err <= 1e-4 and spec in check.summary()
+    with pytest.raises(GhostifyError, match=r"inputs of \(3, 224, 224\) but input_size is \(1, 3, 64, 64\).*"
+                                            r"--input-size N,3,224,224"):
+        ghostify.export(ghost, tmp_path / "n.onnx", input_size=(1, 3, 64, 64), check_data=spec)
+    assert not (tmp_path / "n.onnx").exists()
+
+
 def test_missing_extra_is_one_line_naming_the_install(monkeypatch, residual_net, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(GhostifyError, match=r"pip install ghostify\[deploy\]") as err:

@@ -44,13 +44,14 @@ class ExportCheck:
     fused: bool
     fusions: dict = field(default_factory=dict)
     not_fused: list = field(default_factory=list)  # one line per pass skip and per unaligned cat left
+    data: str = "random inputs"  # what the check ran on
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
         fus = (", ".join(f"{k} x{v}" for k, v in self.fusions.items()) or "none") if self.fused else "off (--no-fuse)"
         if self.not_fused:
             fus += f" ({len(self.not_fused)} notes: {self.not_fused[0]}{', ...' if len(self.not_fused) > 1 else ''})"
-        return (f"wrote {self.path} ({self.format}); checked on {self.samples} samples against PyTorch: "
+        return (f"wrote {self.path} ({self.format}); checked on {self.samples} samples ({self.data}) against PyTorch: "
                 f"max abs error {self.max_abs_err:.2e}, max relative error {self.max_rel_err:.2e} "
                 f"(tolerance {self.tolerance:g}){top1}; fusions: {fus}")
 
@@ -114,21 +115,31 @@ def check_outputs(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> t
     return abs_err, rel_err, None, 0
 
 
-def _check_batches(check_data, input_size, dynamic_batch: bool, seed: int = 0) -> list[torch.Tensor]:
+CHECK_SAMPLES = 64  # examples a data spec gives the check
+
+
+def _check_batches(check_data, input_size, dynamic_batch: bool, model, seed: int = 0) -> list[torch.Tensor]:
     if check_data is None:
         g = torch.Generator().manual_seed(seed)
         sizes = [tuple(input_size)]
         if dynamic_batch:
             sizes.append((input_size[0] + 1,) + tuple(input_size[1:]))
         return [torch.randn(s, generator=g) for s in sizes]
+    if isinstance(check_data, (str, os.PathLike)):
+        from .. import resolve_data
+
+        batch = 8 if dynamic_batch else input_size[0]
+        check_data = resolve_data(check_data, batch_size=batch, limit=max(batch, CHECK_SAMPLES // batch * batch),
+                                  model=model, input_size=tuple(input_size[1:]))
     if isinstance(check_data, torch.Tensor):
         return [check_data]
-    batches = []
-    for b in check_data:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        batches.append(x)
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in check_data]
     if not batches:
         raise GhostifyError("export check: check_data holds no batch")
+    shape = next((tuple(x.shape[1:]) for x in batches if tuple(x.shape[1:]) != tuple(input_size[1:])), None)
+    if shape is not None:
+        raise GhostifyError(f"the check data has inputs of {shape} but input_size is {tuple(input_size)}; export with "
+                            f"input_size=(N, {', '.join(map(str, shape))}) (--input-size N,{','.join(map(str, shape))})")
     return batches
 
 
@@ -145,7 +156,9 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
         format: ``"onnx"`` (ONNX Runtime runs it as is, no custom ops) or ``"pt2"``
             (``torch.export`` ExportedProgram); default from the file suffix.
         dynamic_batch: let the batch size vary in the file (checked at two batch sizes).
-        check_data: a tensor or batches (tensors, or ``(inputs, targets)``) to check on;
+        check_data: what to check on: a tensor, batches (tensors or ``(inputs, targets)``), or a
+            data spec for :func:`ghostify.resolve_data` (e.g. ``"photos:heldout"``, of which the
+            first 64 examples are used, in batches of ``N``, or of 8 with ``dynamic_batch``);
             default: random inputs of ``input_size``.
         tolerance: the largest max relative error accepted (see :class:`ExportCheck`).
 
@@ -189,7 +202,7 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
         os.close(fd)
         try:
             run = (_export_onnx if fmt == "onnx" else _export_pt2)(target, example, tmp, dynamic_batch, opset)
-            batches = _check_batches(check_data, input_size, dynamic_batch)
+            batches = _check_batches(check_data, input_size, dynamic_batch, model)
             wrong = {x.shape[0] for x in batches} - {input_size[0]}
             if wrong and not dynamic_batch:
                 raise GhostifyError(f"the check data has batches of {min(wrong)} but the file takes batches of "
@@ -217,7 +230,13 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
         notes = [f"{p} at {w}: {why}" for p, w, why in report.skipped]
         notes += [f"cat of {layer} left with pieces {sizes} (not multiples of 8)" for layer, sizes in report.unaligned_cats()]
     return ExportCheck(str(path), fmt, input_size, abs_err, rel_err, same / total if logits else None, total,
-                       tolerance, fuse, report.counts() if report else {}, notes)
+                       tolerance, fuse, report.counts() if report else {}, notes, _data_name(check_data))
+
+
+def _data_name(check_data) -> str:
+    if check_data is None:
+        return "random inputs"
+    return str(check_data) if isinstance(check_data, (str, os.PathLike)) else "given batches"
 
 
 def _export_onnx(model, example, tmp, dynamic_batch, opset):
