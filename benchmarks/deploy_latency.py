@@ -11,6 +11,7 @@ ratio of medians, and the table shows the median ratio and its spread (min-max o
     python benchmarks/deploy_latency.py --runtimes ort --batch-sizes 1   # ONNX Runtime only, batch 1
     python benchmarks/deploy_latency.py --models mobilenet_v2 --skip-slower --runtimes ort
     python benchmarks/deploy_latency.py --parity                         # exported ONNX vs PyTorch on the photos
+    python benchmarks/deploy_latency.py --parity --runtimes '' --models densenet121 --ratios 1.5 --cheap mix --scatter
     python benchmarks/deploy_latency.py --profile --runtimes ort         # ORT per-op profile of each converted model
     python benchmarks/deploy_latency.py --quick                          # checks the script (figures meaningless)
 
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=lambda t: _list(t, _ratio), default=[2, 4], help="e.g. '2,4' (default)")
     p.add_argument("--cheap", default="dw", help="cheap op of the conversion (dw or mix; default dw)")
     p.add_argument("--dw-size", type=int, default=3)
+    p.add_argument("--scatter", action="store_true", help="convert with scatter=True (channel order permuted)")
     p.add_argument("--runtimes", type=_list, default=["torch", "compile", "ort"], help="torch, compile, ort")
     p.add_argument("--batch-sizes", type=lambda t: _list(t, int), default=[1, 8])
     p.add_argument("--size", type=int, default=224)
@@ -84,7 +86,6 @@ def bench(name: str, args) -> dict:
 
     import ghostify
     from ghostify.deploy.runtime import runtime_callable
-    from ghostify.latency import torch_threads
 
     torch.manual_seed(0)
     original = ghostify.get_model(name, weights=args.weights if name == "mobilenet_v2" else "none").eval()
@@ -93,10 +94,11 @@ def bench(name: str, args) -> dict:
     res = {"model": name, "macs": macs0, "variants": {}, "latency": []}
     clock = "CPU time of the calling thread" if args.cpu_time else "wall time"
     print(f"\n== {name}, {args.size}x{args.size}, {args.threads} threads ({clock}), cheap {args.cheap} "
-          f"{args.dw_size}x{args.dw_size} ==")
+          f"{args.dw_size}x{args.dw_size}{', scatter' if args.scatter else ''} ==")
     converted = {}
     for r in args.ratios:
-        converted[f"r{r}"] = ghostify.convert(original, ratio=r, cheap=args.cheap, dw_size=args.dw_size).eval()
+        converted[f"r{r}"] = ghostify.convert(original, ratio=r, cheap=args.cheap, dw_size=args.dw_size,
+                                              scatter=args.scatter).eval()
     variants = dict(converted)
     for key, model in converted.items():
         fused = ghostify.fuse(model)
@@ -112,7 +114,7 @@ def bench(name: str, args) -> dict:
                 for r in args.ratios:
                     models[f"r{r} skip-slower"] = _skip_slower(original, r, x, rt, args)
             t0 = time.perf_counter()
-            with torch_threads(args.threads):
+            with ghostify.torch_threads(args.threads):
                 fns = {"original": runtime_callable(original, x, rt, threads=args.threads)}
                 for key, model in models.items():
                     fns[key] = runtime_callable(model, x, rt, threads=args.threads)
@@ -144,12 +146,12 @@ def bench(name: str, args) -> dict:
 
 def _skip_slower(original, ratio, x, runtime, args):
     import ghostify
-    from ghostify.allocation import skip_slower
 
     plan = ghostify.make_plan(original, ghostify.build_config(ratio=ratio, cheap=args.cheap, dw_size=args.dw_size))
-    plan = skip_slower(original, plan, x, repeats=args.repeats, threads=args.threads, progress=False, runtime=runtime)
+    plan = ghostify.skip_slower(original, plan, x, repeats=args.repeats, threads=args.threads, progress=False,
+                                runtime=runtime)
     print(f"  skip-slower in {runtime} at ratio {ratio}: {len(plan.converted)} of {len(plan.entries)} convs converted")
-    return ghostify.convert(original, plan=plan).eval()
+    return ghostify.convert(original, plan=plan, scatter=args.scatter).eval()
 
 
 def _profile(original, variants, x, args) -> dict:
