@@ -268,6 +268,18 @@ def test_export_refuses_to_overwrite_and_writes_nothing_when_the_check_fails(res
     assert onnx.load(str(out)).graph.node and check.fusions == {}
 
 
+def test_a_saved_model_loads_and_exports(tmp_path):
+    ghost = convert(build("resnet18"), ratio=1.5, cheap="mix", dw_size=1, scatter=True)
+    ghostify.save(ghost, tmp_path / "g.safetensors", arch="torchvision.models:resnet18")
+    loaded = ghostify.load(tmp_path / "g.safetensors")
+    check = ghostify.export(loaded, tmp_path / "g.onnx", input_size=(2, 3, 64, 64))
+    assert check.max_rel_err <= 1e-4 and check.top1_agreement == 1.0
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_same(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), ghost.eval()(x))
+
+
 def test_export_checks_on_a_data_spec(residual_net, tmp_path):
     from PIL import Image
 
