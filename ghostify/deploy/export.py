@@ -138,8 +138,9 @@ def _check_batches(check_data, input_size, dynamic_batch: bool, model, seed: int
         raise GhostifyError("export check: check_data holds no batch")
     shape = next((tuple(x.shape[1:]) for x in batches if tuple(x.shape[1:]) != tuple(input_size[1:])), None)
     if shape is not None:
+        chw = ",".join(map(str, shape))
         raise GhostifyError(f"the check data has inputs of {shape} but input_size is {tuple(input_size)}; export with "
-                            f"input_size=(N, {', '.join(map(str, shape))}) (--input-size N,{','.join(map(str, shape))})")
+                            f"input_size=(N, {chw.replace(',', ', ')}) (--input-size N,{chw})")
     return batches
 
 

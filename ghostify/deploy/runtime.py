@@ -145,7 +145,7 @@ def layer_context(model: nn.Module, name: str, leaf_modules=()) -> list[nn.Modul
     conv (and a Ghost layer's deploy form depends on them).
     """
     from .. import trace
-    from .fuse import ACTIVATION_MODULES
+    from .graph import ACTIVATION_MODULES
 
     gm = trace(model, leaf_modules).graph_module
     if gm is None:
