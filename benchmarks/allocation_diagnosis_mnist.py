@@ -13,8 +13,8 @@ import time
 import torch
 
 import ghostify
-from ghostify.data import resolve_data
-from ghostify.layer_sensitivity import SensitivityTable, sensitivity
+from ghostify.zoo.data import resolve_data
+from ghostify.tradeoffs.sensitivity import SensitivityTable, sensitivity
 torch.set_num_threads(1)
 m = ghostify.get_model("checkpoints/resnet20_mnist.pt").eval()
 train = resolve_data("mnist:train", batch_size=64, limit=512)

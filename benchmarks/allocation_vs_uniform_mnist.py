@@ -19,9 +19,9 @@ import time
 import torch
 
 import ghostify
-from ghostify.data import resolve_data
-from ghostify.evaluation import evaluate
-from ghostify.layer_sensitivity import sensitivity
+from ghostify.zoo.data import resolve_data
+from ghostify.measure.evaluation import evaluate
+from ghostify.tradeoffs.sensitivity import sensitivity
 
 RATIOS = (1.5, 2, 3, 4)
 SPEC = dict(dw_size=1, init="calib", cheap="mix")

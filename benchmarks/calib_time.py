@@ -34,7 +34,7 @@ def main(argv=None):
     import torchvision
 
     import ghostify
-    import ghostify.calibrate as calibrate
+    import ghostify.init.calib as calibrate
 
     if args.hooks:
         calibrate._single_input = lambda graph: False

@@ -26,8 +26,8 @@ from torch import nn
 
 import ghostify
 from benchmarks.real_models import asset_path, load_craft_trunk
-from ghostify.calibrate import as_input_batches
-from ghostify.data import resolve_data
+from ghostify.init.calib import as_input_batches
+from ghostify.zoo.data import resolve_data
 
 # (label, init, cheap, dw_size, scatter)
 CONFIGS = [("a copy/dw3", "copy", "dw", 3, False), ("b calib/dw3 scatter", "calib", "dw", 3, True),

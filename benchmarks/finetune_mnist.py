@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ghostify.finetune import finetune
-from ghostify.recipe import load_recipe
+from ghostify.train.run import finetune
+from ghostify.train.recipe import load_recipe
 
 RECIPES = {"resnet20": "recipes/mnist_resnet20_r2.yaml", "vgg_small": "recipes/mnist_vgg_r2.yaml"}
 

@@ -146,7 +146,7 @@ def _ghost_key(ratio: int, args) -> str:
 
 
 def _size(x: float) -> str:
-    from ghostify.counting import format_size
+    from ghostify.measure.counting import format_size
 
     return format_size(x)
 

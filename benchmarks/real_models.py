@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks.assets import ASSETS, FETCH_COMMAND, cache_dir, verify, vgg16_features
-from ghostify.data import IMAGENET_MEAN, IMAGENET_STD
+from ghostify.zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from ghostify.errors import GhostifyError
 
 __all__ = ["InputAdapter", "vgg16_imagenet_trunk", "craft_vgg16bn_trunk", "load_craft_trunk", "efficientnet_lite0",

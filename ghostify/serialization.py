@@ -15,8 +15,13 @@ from typing import Callable
 
 from torch import nn
 
+from .conversion.fold import would_fold
+from .conversion.plan import Plan
+from .conversion.rewrite import conversion_info, convert
 from .errors import GhostifyError, describe
 from .outputs import atomic_write, check_output, to_json
+from .trust import import_object
+from .arch import build_arch, infer_arch_from, signature_digest
 
 __all__ = ["save", "load", "read_metadata", "FORMAT"]
 
@@ -39,9 +44,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False, arch
         'ResNet'
     """
     from safetensors.torch import save_file
-
-    from .conversion import conversion_info
-    from .zoo import infer_arch_from, signature_digest
 
     info = conversion_info(model)
     if info is None:
@@ -108,11 +110,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, arch: Calla
     Example: see :func:`save`.
     """
     from safetensors.torch import load_file
-
-    from .conversion import convert
-    from .fold import would_fold
-    from .plan import Plan
-    from .zoo import build_arch, import_object, signature_digest
 
     meta = read_metadata(path)
     recorded = meta.get("arch")

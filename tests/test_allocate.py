@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from torch.testing import assert_close
 
 import ghostify
-from ghostify.allocation import allocate, greedy_allocation, skip_slower
+from ghostify.tradeoffs.allocation import allocate, greedy_allocation, skip_slower
 from ghostify.cli import cli
-from ghostify.layer_sensitivity import LayerSensitivity, SensitivityTable
+from ghostify.tradeoffs.sensitivity import LayerSensitivity, SensitivityTable
 
 SIZE = (1, 3, 16, 16)
 
@@ -77,7 +77,7 @@ def test_allocator_meets_a_macs_budget_and_the_plan_is_saved_and_replayed(chain_
 
 
 def test_skip_slower_keeps_layers_whose_ghost_is_not_faster(chain_net, monkeypatch):
-    import ghostify.allocation as alloc
+    import ghostify.tradeoffs.allocation as alloc
 
     fake = {"conv1": {"conv": 1.0, 2: 0.5}, "conv2": {"conv": 1.0, 2: 1.2}}
     monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
@@ -87,7 +87,7 @@ def test_skip_slower_keeps_layers_whose_ghost_is_not_faster(chain_net, monkeypat
 
 
 def test_layer_latency_times_conv_and_ghosts(chain_net):
-    from ghostify.allocation import layer_latency
+    from ghostify.tradeoffs.allocation import layer_latency
 
     res = layer_latency(chain_net, {"conv1": [(2, 3, "dw"), (4, 1, "mix")]}, torch.randn(*SIZE), repeats=2,
                         progress=False)
@@ -126,7 +126,7 @@ def test_cli_budget_errors_are_one_line():
 
 
 def test_context_allocation_starts_from_the_uniform_ratio_nearest_the_budget(chain_net, monkeypatch):
-    import ghostify.layer_sensitivity as sens
+    import ghostify.tradeoffs.allocation as alloc
 
     seen = {}
 
@@ -134,7 +134,7 @@ def test_context_allocation_starts_from_the_uniform_ratio_nearest_the_budget(cha
         seen.update(kw)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(sens, "sensitivity", fake)
+    monkeypatch.setattr(alloc, "sensitivity", fake)
     total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
     r4 = ghostify.count(ghostify.convert(chain_net, ratio=4, init="none"), torch.zeros(*SIZE)).macs / total
     with pytest.raises(RuntimeError, match="stop"):
@@ -144,12 +144,11 @@ def test_context_allocation_starts_from_the_uniform_ratio_nearest_the_budget(cha
 
 
 def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
-    import ghostify.allocation as alloc
-    import ghostify.latency
+    import ghostify.tradeoffs.allocation as alloc
 
     fake = {"conv1": {"conv": 1.0, 2: 0.4}, "conv2": {"conv": 1.0, 2: 1.5}}
     monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
-    monkeypatch.setattr(ghostify.latency, "measure_latency", lambda models, x, **kw: {"model": {"median_ms": 4.0}})
+    monkeypatch.setattr(alloc, "measure_latency", lambda models, x, **kw: {"model": {"median_ms": 4.0}})
     table = _table({"conv1": {2: (100, 1.0)}, "conv2": {2: (100, 0.0)}}, 1000)
     a = allocate(chain_net, target_latency=0.9, table=table, ratios=(2,), init="copy", input_size=SIZE,
                  progress=False)

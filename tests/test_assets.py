@@ -263,7 +263,7 @@ def test_builders_name_the_fetch_command_when_assets_are_missing(monkeypatch, tm
 
 def test_input_adapters_match_the_formulas():
     from benchmarks.real_models import CAFFE_BGR_MEAN, InputAdapter
-    from ghostify.data import IMAGENET_MEAN, IMAGENET_STD
+    from ghostify.zoo.data import IMAGENET_MEAN, IMAGENET_STD
 
     x = torch.randn(2, 3, 5, 5)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -315,7 +315,8 @@ needs = lambda *names: pytest.mark.skipif(not _have(*names), reason=f"needs the 
 @pytest.mark.assets
 @needs("photos-gcompris", "photos-opencv", "photos-lomiri")
 def test_photo_corpus_split(monkeypatch):
-    from ghostify import data
+    from ghostify.zoo import photos as data
+    from ghostify.zoo.data import resolve_data
 
     monkeypatch.setattr(data, "PHOTOS_DIRS", (str(A.cache_dir() / "photos"),))
     monkeypatch.setattr(data, "_builtin_photos", lambda: [])
@@ -323,7 +324,7 @@ def test_photo_corpus_split(monkeypatch):
     every = sorted(data._folder_photos(A.cache_dir() / "photos"))
     assert len(every) == 241 + 19 + 14
     held = every[1::3]  # 91 photos; limit=3 takes one crop of photos 30, 60 and 90 of them
-    src = data.resolve_data("photos:heldout", limit=3)
+    src = resolve_data("photos:heldout", limit=3)
     assert len(held) == 91 and src.photos == (held[30], held[60], held[90]) and src.num_examples == 3
 
 
@@ -363,7 +364,7 @@ def test_vgg16_state_equals_the_onnx_graph(tmp_path):
 def test_efficientnet_lite0_recognises_a_cat():
     pytest.importorskip("efficientnet_lite_pytorch")
     from benchmarks.real_models import efficientnet_lite0
-    from ghostify import data
+    from ghostify.zoo import photos as data
 
     skd = pytest.importorskip("skimage.data")
     x = data._photo_crops(skd.chelsea(), 4, 0)

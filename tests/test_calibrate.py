@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import ghostify
-from ghostify.modules import GhostConv2d, MixCheap
+from ghostify.layers import GhostConv2d, MixCheap
 
 
 class Planted(nn.Module):
@@ -34,7 +34,7 @@ def test_planted_ghosts_are_found_and_reproduced(init):
     data = [torch.randn(4, 3, 12, 12) for _ in range(4)]
     # the planted conv feeds the model output, so its order cannot be folded: scatter=True lets
     # the conversion choose the intrinsic filters freely and reorder at run time
-    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, calib_data=data, scatter=True).eval()
+    ghost = ghostify.convert(model, ratio=2, dw_size=1, init=init, cheap="dw", calib_data=data, scatter=True).eval()
     assert not ghost.get_submodule("conv")._identity_order  # reordered at run time
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_sequential_is_no_worse_than_per_layer():
     test = torch.randn(16, 3, 16, 16, generator=gen)
     errs = {}
     for seq in (True, False):
-        g = ghostify.convert(model, ratio=2, init="calib", calib_data=data, sequential=seq).eval()
+        g = ghostify.convert(model, ratio=2, init="calib", cheap="dw", calib_data=data, sequential=seq).eval()
         with torch.no_grad():
             errs[seq] = _rel(g(test), model(test))
     assert errs[True] <= errs[False] + 1e-6, errs
@@ -151,7 +151,7 @@ def test_mix_copy_is_exact_on_low_rank_filters():
         base = torch.randn(4, 5 * 9)
         conv.weight.copy_((torch.randn(8, 4) @ base).reshape(8, 5, 3, 3))
     ghost = GhostConv2d.from_conv(conv, ratio=2, dw_size=1, cheap="mix")
-    from ghostify.transfer import copy_layer
+    from ghostify.init.transfer import copy_layer
 
     copy_layer(conv, ghost)
     x = torch.randn(2, 5, 7, 7)
@@ -222,6 +222,24 @@ def test_cheap_auto_picks_the_family_that_fits(kind, tmp_path):
         torch.testing.assert_close(back(x), ghost(x))
 
 
+def test_calibrated_default_is_the_1x1_mix_and_the_saved_plan_records_it(chain_net, net_classes, tmp_path):
+    """convert(init="calib") with no cheap op is convert(init="calib", cheap="mix", dw_size=1); copy keeps dw 3x3."""
+    data = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    ghost = ghostify.convert(chain_net, init="calib", calib_data=data)
+    explicit = ghostify.convert(chain_net, init="calib", cheap="mix", dw_size=1, calib_data=data)
+    spec = lambda g: {e.name: (e.spec.cheap, e.spec.dw_size) for e in g.ghostify_info.plan.converted}
+    assert spec(ghost) == spec(explicit) == {"conv1": ("mix", 1), "conv2": ("mix", 1)}
+    assert all(isinstance(ghost.get_submodule(n).cheap, MixCheap) for n in ("conv1", "conv2"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), explicit(x), rtol=0, atol=0)
+        ghostify.save(ghost, tmp_path / "g.safetensors")
+        back = ghostify.load(tmp_path / "g.safetensors", model=net_classes["ChainNet"]())
+        torch.testing.assert_close(back(x), ghost(x))
+    assert spec(back) == spec(ghost)  # the file holds the concrete choice, not "the default"
+    assert spec(ghostify.convert(chain_net)) == {"conv1": ("dw", 3), "conv2": ("dw", 3)}  # copy: the paper's op
+
+
 def test_cheap_auto_needs_a_strategy_that_chooses():
     with pytest.raises(ghostify.GhostifyError, match="--init calib"):
         ghostify.LayerSpec(cheap="auto", init="copy")
@@ -235,7 +253,7 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
     data = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]
     options = dict(ratio=2, init="calib", cheap="auto", calib_data=data, sequential=sequential)
     fast = ghostify.convert(model, **options)
-    import ghostify.calibrate as calibrate
+    import ghostify.init.calib as calibrate
 
     monkeypatch.setattr(calibrate, "_single_input", lambda graph: False)  # force the hook path
     slow = ghostify.convert(model, **options)
@@ -252,7 +270,7 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
                                 dict(kernel_size=(3, 5), dilation=2, padding="same"), dict(kernel_size=1, stride=2),
                                 dict(kernel_size=3, padding="valid")])
 def test_patches_at_sampled_positions_equal_unfold(kw):
-    from ghostify.calibrate import _pads, _patches
+    from ghostify.init.fitting import conv_padding as _pads, patches as _patches
 
     conv = nn.Conv2d(4, 6, **kw)
     x = torch.randn(2, 4, 11, 9)
@@ -344,7 +362,7 @@ def test_bn_weighting_fits_the_channels_the_bn_amplifies():
 
 
 def test_ridge_is_chosen_by_the_other_half():
-    from ghostify.calibrate import _choose_ridge
+    from ghostify.init.fitting import choose_ridge as _choose_ridge
 
     g = torch.Generator().manual_seed(0)
     d, rows = 40, 60  # few rows per unknown
@@ -375,7 +393,8 @@ def test_fractional_ratio_converts_counts_and_round_trips(init, tmp_path):
     torch.manual_seed(0)
     model = Planted().eval()
     data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
-    ghost = ghostify.convert(model, ratio=4 / 3, dw_size=1, init=init, calib_data=data, scatter=True).eval()
+    ghost = ghostify.convert(model, ratio=4 / 3, dw_size=1, init=init, cheap="dw", calib_data=data,
+                             scatter=True).eval()
     g = ghost.get_submodule("conv")
     assert g.intrinsic_channels == 6 and g.cheap.num_ghosts == 2
     # planted: every ghost is a scaled copy of an intrinsic filter, so both inits reproduce it

@@ -143,7 +143,7 @@ def test_convert_writes_a_loadable_file(tmp_path):
     loaded = ghostify.load(out)
     # the same conversion through the API, from the same weights, gives the same model
     # (the function by its module path: see test_public_names_survive_submodule_imports in test_convert.py)
-    from ghostify.conversion import convert as api_convert
+    from ghostify.conversion.rewrite import convert as api_convert
 
     expected = api_convert(model)
     x = torch.randn(1, 3, 32, 32)
@@ -221,14 +221,19 @@ def test_default_weights_without_network(monkeypatch, tmp_path):
 
 def test_inspect_with_calibration_shows_each_layers_error():
     ckpt = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "resnet20_mnist.pt")
-    result = run("inspect", ckpt, "--init", "calib", "--cheap", "mix", "--calib-data", "mnist", "--calib-size", "160",
-                 "--include", "layer3.*")
+    result = run("inspect", ckpt, "--init", "calib", "--cheap", "dw", "--calib-data", "mnist-sample:calib",
+                 "--calib-size", "160", "--include", "layer3.*")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert "held-out err" in lines[1]
     row = next(line for line in lines if line.startswith("layer3.0.conv1 "))
     errs = [float(t) for t in row.split() if t.replace(".", "", 1).isdigit() and "." in t]
     assert len(errs) == 2 and all(0 <= e < 1 for e in errs)  # calib and held-out relative errors
-    as_json = json.loads(run("inspect", ckpt, "--init", "calib", "--calib-data", "mnist", "--calib-size", "160",
-                             "--include", "layer3.*", "--json").stdout)
-    assert set(as_json["layer_info"]) == {e["name"] for e in as_json["entries"] if e["action"] == "convert"}
+    assert row.split()[3:8] == ["convert", "2", "3", "calib", "dw"]  # the explicit --cheap wins, with its 3x3 kernel
+    as_json = json.loads(run("inspect", ckpt, "--init", "calib", "--calib-data", "mnist-sample:calib",
+                             "--calib-size", "160", "--include", "layer3.*", "--json").stdout)
+    converted = [e for e in as_json["entries"] if e["action"] == "convert"]
+    assert set(as_json["layer_info"]) == {e["name"] for e in converted}
+    assert {(e["spec"]["cheap"], e["spec"]["dw_size"]) for e in converted} == {("mix", 1)}  # calib's default
+    copied = json.loads(run("inspect", ckpt, "--include", "layer3.*", "--json").stdout)["entries"]
+    assert {(e["spec"]["cheap"], e["spec"]["dw_size"]) for e in copied if e["spec"]} == {("dw", 3)}  # copy's

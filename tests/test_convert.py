@@ -13,7 +13,7 @@ from torch import fx, nn
 from torch.testing import assert_close
 
 import ghostify
-import ghostify.tracing
+import ghostify.conversion.tracing
 from ghostify import GhostConv2d, GhostifyError, LayerSpec, convert, fold_channel_order, make_plan
 
 
@@ -49,8 +49,8 @@ def check_layers_replaced(ghost: nn.Module):
 
 
 def force_swap(monkeypatch):
-    monkeypatch.setattr(ghostify.tracing, "trace",
-                        lambda model, leaf_modules=(): ghostify.tracing.TraceResult(None, "forced"))
+    monkeypatch.setattr(ghostify.conversion.tracing, "trace",
+                        lambda model, leaf_modules=(): ghostify.conversion.tracing.TraceResult(None, "forced"))
 
 
 # -- torchvision subset --------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_public_names_survive_submodule_imports():
     """`ghostify.convert` / `ghostify.report` stay the functions after their submodules are imported
     (as the CLI does with `from .convert import convert`); run in a fresh interpreter, since the
     outcome depends on import order."""
-    code = ("import ghostify.conversion, ghostify.reporting, ghostify.counting\n"
+    code = ("import ghostify.conversion.rewrite, ghostify.measure.reporting, ghostify.measure.counting\n"
             "import ghostify\n"
             "print(callable(ghostify.convert), callable(ghostify.report), callable(ghostify.count))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

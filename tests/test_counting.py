@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from ghostify import GhostConv2d, GhostifyError, convert, count, report
-from ghostify.counting import format_size
+from ghostify.measure.counting import format_size
 
 
 def test_single_conv():

@@ -1,21 +1,20 @@
-"""Data sources (``ghostify.data``) and the MNIST reference models (``ghostify.reference``)."""
+"""Data sources (``ghostify.zoo.data``) and the MNIST reference models (``ghostify.reference``)."""
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import fx
 
 import ghostify
-from ghostify.data import MNIST_MEAN, MNIST_STD, SOURCES, register_source, resolve_data
+from ghostify.zoo.data import MNIST_MEAN, MNIST_STD, SOURCES, find_mnist, register_source, resolve_data
 from ghostify.errors import GhostifyError
-from ghostify.reference import evaluate, resnet20, save_checkpoint, train, vgg_small
-
-REPO = Path(__file__).resolve().parent.parent
-MNIST_DIRS = [Path("/work/shared/data/mnist"), REPO.parent / "shared" / "data" / "mnist"]
-MNIST_ROOT = next((d for d in MNIST_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()), None)
-needs_mnist = pytest.mark.skipif(MNIST_ROOT is None, reason=f"full MNIST not found in {', '.join(map(str, MNIST_DIRS))}")
+from benchmarks.train_reference import save_checkpoint, train
+from ghostify import evaluate
+from ghostify.reference import resnet20, vgg_small
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,9 +29,9 @@ def _one_thread():
 # -- MNIST -----------------------------------------------------------------------------------------
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_mnist_test_split_shapes_labels_and_normalisation():
-    src = resolve_data("mnist", root=MNIST_ROOT, batch_size=500)
+    src = resolve_data("mnist", batch_size=500)
     assert (src.name, src.input_size, src.num_examples, len(src)) == ("mnist:test", (1, 28, 28), 10000, 20)
     xs, ys = zip(*src)
     x, y = torch.cat(xs), torch.cat(ys)
@@ -44,29 +43,47 @@ def test_mnist_test_split_shapes_labels_and_normalisation():
     assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-5)
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_mnist_train_limit_and_seeded_shuffle():
-    src = resolve_data("mnist:train", root=MNIST_ROOT, limit=300, batch_size=128, shuffle=True, seed=1)
+    src = resolve_data("mnist:train", limit=300, batch_size=128, shuffle=True, seed=1)
     assert (src.num_examples, len(src)) == (300, 3)
     first, second = [torch.cat([y for _, y in src]) for _ in range(2)]
     assert [len(x) for x, _ in src] == [128, 128, 44]
     assert sorted(first.tolist()) == sorted(second.tolist()) and not torch.equal(first, second)  # reshuffled
-    again = resolve_data("mnist:train", root=MNIST_ROOT, limit=300, batch_size=128, shuffle=True, seed=1)
+    again = resolve_data("mnist:train", limit=300, batch_size=128, shuffle=True, seed=1)
     assert torch.equal(torch.cat([y for _, y in again]), first)  # same seed, same order
 
 
-@needs_mnist
-def test_mnist_found_via_env_and_torchvision_layout(tmp_path, monkeypatch):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    import gzip
+def _write_idx(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> None:
+    """LeCun's idx format: big-endian magic (2051 images, 2049 labels), the dims, then the bytes."""
+    prefix = "train" if split == "train" else "t10k"
+    for stem, magic, arr in ((f"{prefix}-images-idx3-ubyte", 2051, images),
+                             (f"{prefix}-labels-idx1-ubyte", 2049, labels)):
+        data = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+        (folder / (stem + ".gz" * gz)).write_bytes(gzip.compress(data) if gz else data)
 
-    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # unpacked, as torchvision keeps them
-        (raw / stem).write_bytes(gzip.decompress((MNIST_ROOT / f"{stem}.gz").read_bytes()))
-    monkeypatch.setenv("GHOSTIFY_MNIST_ROOT", str(tmp_path))
-    monkeypatch.setattr("ghostify.data.MNIST_CACHE", tmp_path / "empty-cache")
-    x, y = next(iter(resolve_data("mnist:test", limit=3)))
-    assert x.shape == (3, 1, 28, 28) and y.tolist() == [7, 2, 1]
+
+def test_mnist_search_order_root_env_cache_and_torchvision_layout(tmp_path, monkeypatch):
+    """root= beats $GHOSTIFY_MNIST_ROOT beats the user cache; .gz or unpacked, flat or MNIST/raw/; no shared/ path."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    places = ("root", "env/MNIST/raw", "cache", "shared/data/mnist", "repo/shared/data/mnist")
+    for i, place in enumerate(places):
+        (tmp_path / place).mkdir(parents=True)
+        _write_idx(tmp_path / place, "test", images, np.full(3, i, np.uint8), gz=i != 1)  # torchvision unpacks
+    monkeypatch.setattr("ghostify.zoo.sources.MNIST_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("GHOSTIFY_MNIST_ROOT", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path / "repo")
+    labels = lambda **kw: next(iter(resolve_data("mnist:test", **kw)))[1].tolist()
+    assert labels(root=tmp_path / "root") == [0, 0, 0]
+    assert labels() == [1, 1, 1]
+    assert find_mnist("test")[0] == tmp_path / "env" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    monkeypatch.delenv("GHOSTIFY_MNIST_ROOT")
+    assert labels() == [2, 2, 2]
+    x, _ = next(iter(resolve_data("mnist:test", limit=2)))
+    torch.testing.assert_close(x * MNIST_STD + MNIST_MEAN, torch.from_numpy(images[:2, None]).float() / 255)
+    monkeypatch.setattr("ghostify.zoo.sources.MNIST_CACHE", tmp_path / "empty")
+    with pytest.raises(GhostifyError, match=r"download was not tried .*GHOSTIFY_MNIST_ROOT=FOLDER"):
+        find_mnist("test", download=False)  # ../shared/data/mnist and ./shared/data/mnist are not looked in
 
 
 def test_mnist_truncated_file_is_a_clear_error(tmp_path):
@@ -82,8 +99,8 @@ def test_mnist_missing_everywhere_says_where_it_looked(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr("ghostify.data._mnist_dirs", lambda root: [tmp_path / "a", tmp_path / "cache"])
-    monkeypatch.setattr("ghostify.data.MNIST_CACHE", tmp_path / "cache")
+    monkeypatch.setattr("ghostify.zoo.sources._mnist_dirs", lambda root: [tmp_path / "a", tmp_path / "cache"])
+    monkeypatch.setattr("ghostify.zoo.sources.MNIST_CACHE", tmp_path / "cache")
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     with pytest.raises(GhostifyError, match=r"looked in .*a, .*cache .*no network.*GHOSTIFY_MNIST_ROOT"):
         resolve_data("mnist:train")
@@ -193,7 +210,7 @@ def test_checkpoint_round_trips_through_get_model(tmp_path):
 
 
 def test_cli_refuses_to_overwrite(tmp_path):
-    from ghostify.reference import main
+    from benchmarks.train_reference import main
 
     out = tmp_path / "x.pt"
     out.write_bytes(b"")
@@ -211,9 +228,8 @@ def test_training_a_few_steps_reduces_the_loss_and_evaluate_restores_mode():
     losses = train(model, data, epochs=3, lr=0.05, schedule="cosine", progress=False, device="cpu")
     assert len(losses) == 12 and sum(losses[-4:]) / 4 < 0.7 * losses[0]
     model.train()
-    assert 0.0 <= evaluate(model, data) <= 1.0 and model.training
-    with pytest.raises(GhostifyError, match="needs labels"):
-        evaluate(model, [x])
+    assert 0.0 <= evaluate(model, data, progress=False)["top1"] <= 1.0 and model.training
+    assert "top1" not in evaluate(model, [x], progress=False)  # no labels, no accuracy
 
 
 def test_mnist_sample_splits_are_disjoint_and_offline():

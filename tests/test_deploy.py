@@ -366,7 +366,7 @@ def test_layer_callables_time_the_layer_with_its_bn_and_activation(chain_net):
 
 
 def test_skip_slower_in_onnxruntime(chain_net):
-    from ghostify.allocation import layer_latency, skip_slower
+    from ghostify.tradeoffs.allocation import layer_latency, skip_slower
 
     x = torch.randn(1, 3, 16, 16)
     res = layer_latency(chain_net, {"conv1": [(2, 3, "dw"), (4, 1, "mix")]}, x, repeats=2, progress=False,
@@ -388,7 +388,7 @@ class DoubleCheap(nn.Module):
 
 
 def test_an_unknown_cheap_op_stays_opaque_and_the_skip_is_reported(residual_net, monkeypatch):
-    from ghostify.modules import CHEAP_OPS
+    from ghostify.layers import CHEAP_OPS
 
     monkeypatch.setitem(CHEAP_OPS, "double", DoubleCheap)
     ghost = convert(randomize_bn(residual_net), cheap="double", init="random").eval()

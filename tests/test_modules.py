@@ -10,8 +10,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from ghostify import CHEAP_OPS, DepthwiseCheap, GhostConv2d, GhostModule, register_cheap_op
-from ghostify.modules import ghost_macs_per_position
-from ghostify.transfer import copy_layer as _copy_layer
+from ghostify.layers import ghost_macs_per_position
+from ghostify.init.transfer import copy_layer as _copy_layer
 
 
 def copy_layer(conv, ghost):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ghostify import data
-from ghostify.data import resolve_data
+from ghostify.zoo import photos as data
+from ghostify.zoo.data import resolve_data
 from ghostify.errors import GhostifyError
 
 BUILTIN = ("astronaut", "chelsea", "china", "coffee", "flower", "hubble_deep_field", "motorcycle_left", "rocket")

@@ -31,10 +31,29 @@ def test_default_skips(odd_net):
     assert plan["dw"].reason.startswith("groups=8")
     assert "padding_mode='reflect'" in plan["reflect"].reason
     assert "out_channels=3 is too few for ratio 2" in plan["small"].reason
-    assert plan["ok"].spec == LayerSpec() and plan["ok"].intrinsic == 4
+    assert plan["ok"].spec == LayerSpec(2, 3, "copy", "dw") and plan["ok"].intrinsic == 4
     assert plan.traced and plan.trace_error is None
     assert [e.name for e in plan.converted] == ["ok"]
     assert len(plan.skipped) == 4
+
+
+def test_cheap_op_defaults_follow_each_layers_init(chain_net):
+    """No cheap=/dw_size=: calib fits a 1x1 mix, copy keeps the paper's depthwise 3x3; an explicit value wins."""
+    def cheap(**kw):
+        return {e.name: (e.spec.cheap, e.spec.dw_size) for e in make_plan(chain_net, ghostify.build_config(**kw)).converted}
+
+    assert cheap() == {"conv1": ("dw", 3), "conv2": ("dw", 3)}
+    assert cheap(init="calib") == {"conv1": ("mix", 1), "conv2": ("mix", 1)}
+    assert cheap(init="calib", cheap="dw") == {"conv1": ("dw", 3), "conv2": ("dw", 3)}
+    assert cheap(init="calib", dw_size=3) == {"conv1": ("mix", 3), "conv2": ("mix", 3)}
+    assert cheap(init="copy", cheap="mix") == {"conv1": ("mix", 1), "conv2": ("mix", 1)}
+    assert cheap(init="calib", cheap="auto") == {"conv1": ("auto", 3), "conv2": ("auto", 3)}
+    # the default follows the layer's own init, whatever level set it
+    assert cheap(init="calib", overrides={"conv2": {"init": "copy"}}) == {"conv1": ("mix", 1), "conv2": ("dw", 3)}
+    assert cheap(overrides={"conv*": {"init": "calib"}, "conv1": {"cheap": "dw"}}) == {"conv1": ("dw", 3),
+                                                                                       "conv2": ("mix", 1)}
+    assert LayerSpec(init="calib").resolved() == LayerSpec(2, 1, "calib", "mix")
+    assert ghostify.default_cheap("random") == ("dw", 3)
 
 
 def test_small_out_channels_depends_on_ratio(odd_net):
@@ -217,7 +236,7 @@ def test_bad_override_value_type():
 
 def test_layer_spec_as_override():
     cfg = GhostConfig().set_name("x", LayerSpec(ratio=3, dw_size=5))
-    assert cfg.resolve("x") == LayerSpec(ratio=3, dw_size=5)
+    assert cfg.resolve("x") == LayerSpec(ratio=3, dw_size=5, cheap="dw")  # resolved: copy's cheap op
 
 
 # -- serialisation and the table -----------------------------------------------------------------
@@ -232,7 +251,8 @@ def test_plan_json_round_trip(fixture, request):
     assert again == plan
     assert again.to_json() == text
     assert all(isinstance(e.kernel_size, tuple) and isinstance(e.stride, tuple) for e in again.entries)
-    assert again["stem"].spec == LayerSpec(ratio=3, dw_size=5, init="random")
+    assert again["stem"].spec == LayerSpec(ratio=3, dw_size=5, init="random", cheap="dw")  # concrete in the file
+    assert '"cheap": "dw"' in text and '"cheap": null' not in text
 
 
 def test_config_dict_round_trip():

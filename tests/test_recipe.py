@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from ghostify.cli import cli
 from ghostify.errors import GhostifyError
-from ghostify.recipe import REQUIRED, Recipe, apply_override, check_registries, from_dict, load_recipe, to_dict
+from ghostify.train.recipe import REQUIRED, Recipe, apply_override, check_registries, from_dict, load_recipe, to_dict
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -52,6 +52,32 @@ def test_overrides_coerce_to_field_types(tmp_path):
     assert cfg.model.weights == "none" and cfg.data.val is None
 
 
+def test_fractional_ratio_as_on_the_command_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("conversion:\n  ratio: 1.5\n  init: calib\n")
+    c = load_recipe(path).conversion
+    assert (c.ratio, c.init, c.cheap, c.dw_size) == (1.5, "calib", None, None)  # None: the init's default op
+    two = apply_override(Recipe(), "conversion.ratio=2.0").conversion.ratio
+    assert two == 2 and isinstance(two, int)  # as check_ratio gives it to convert
+
+
+def test_recipe_conversion_resolves_the_cheap_op_like_convert(chain_net):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from ghostify.train.session import convert_model as _convert
+
+    calib = TensorDataset(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))
+
+    def specs(*sets):
+        ghost = _convert(from_dict({}, overrides=list(sets)), chain_net, calib)
+        return {(e.spec.ratio, e.spec.init, e.spec.cheap, e.spec.dw_size) for e in ghost.ghostify_info.plan.converted}
+
+    assert specs() == {(2, "copy", "dw", 3)}
+    assert specs("conversion.init=calib", "conversion.ratio=1.5") == {(1.5, "calib", "mix", 1)}
+    assert specs("conversion.init=calib", "conversion.cheap=dw") == {(2, "calib", "dw", 3)}  # explicit wins
+
+
 def test_section_override_keeps_other_keys():
     cfg = apply_override(Recipe(), "optim={lr: 0.2}")
     assert cfg.optim.lr == 0.2 and cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
@@ -68,6 +94,8 @@ def test_section_override_keeps_other_keys():
     ("schedule.name=linear", r"is not one of cosine, step, constant"),
     ("train.amp=fp8", r"is not one of auto, off, bf16, fp16"),
     ("conversion.dw_size=2", r"must be odd"),
+    ("conversion.ratio=0.5", r"'conversion.ratio': must be a number >= 1 \(an integer, or a fraction > 1"),
+    ("conversion.ratio=half", r"'conversion.ratio': expected a number, got 'half'"),
     ("loss.alpha=1.5", r"'loss.alpha': must be <= 1, got 1.5"),
     ("loss.temperature=0", r"'loss.temperature': must be > 0"),
     ("train.freeze_bn=maybe", r"'train.freeze_bn': expected true or false, got 'maybe'"),

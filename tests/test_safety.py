@@ -25,8 +25,8 @@ from torch.testing import assert_close
 import ghostify
 from ghostify import GhostifyError
 from ghostify.cli import cli
-from ghostify.finetune import RUN_MARKER, finetune
-from ghostify.recipe import from_dict, to_dict
+from ghostify.train.run import RUN_MARKER, finetune
+from ghostify.train.recipe import from_dict, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -233,7 +233,7 @@ def test_2_crafted_pickle_runs_nothing_through_finetune(evil_pickle, canary, tmp
 
 
 def test_2_crafted_cifar_batch_runs_nothing(tmp_path, canary):
-    from ghostify.finetune import build_dataset
+    from ghostify.train.run import build_dataset
 
     root = fake_cifar(tmp_path / "cifar")
     (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(_RunsCommand(f"touch {canary}")))
@@ -367,10 +367,10 @@ def test_5_huge_weights_convert_or_error_but_never_hang(scale, dtype, expected):
 
 
 def test_5_select_intrinsic_terminates_on_nan():
-    from ghostify.transfer import select_intrinsic
+    from ghostify.init.fitting import select_intrinsic
 
     gram = torch.full((16, 16), float("nan"))
-    script = ("import torch; from ghostify.transfer import select_intrinsic; "
+    script = ("import torch; from ghostify.init.fitting import select_intrinsic; "
               "print(sorted(select_intrinsic(torch.full((16, 16), float('nan')), 8)))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -434,12 +434,12 @@ def test_7_non_regular_files_are_refused_even_with_force(tmp_path):
 
 
 def test_7_outputs_are_checked_before_the_work(tmp_path, monkeypatch):
-    import ghostify.conversion
+    import ghostify.conversion.rewrite
 
     def must_not_run(*a, **k):
         raise AssertionError("the conversion ran before the output was checked")
 
-    monkeypatch.setattr(ghostify.conversion, "convert", must_not_run)
+    monkeypatch.setattr(ghostify.conversion.rewrite, "convert", must_not_run)
     (tmp_path / "file").write_text("x")
     chain = ["conftest:ChainNet", "--weights", "none", "--input-size", "3,8,8"]
     one_line_error(run("convert", *chain, "-o", tmp_path / "file" / "g.safetensors"), "is not a folder")
@@ -687,7 +687,7 @@ def _fit_dw_kernels_on_the_dilated_grid(w, parents, targets, d, stride, dilation
 @pytest.mark.parametrize("dilation", [(1, 1), (3, 1), (4, 6), (12, 12)])
 @pytest.mark.parametrize("d", [3, 5])
 def test_12_the_undilated_fit_equals_the_dilated_one(kernel, stride, dilation, d):
-    from ghostify.transfer import fit_dw_kernels
+    from ghostify.init.fitting import fit_dw_kernels
 
     w = torch.randn(10, 4, *kernel)
     parents, targets = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([5, 6, 7, 8, 9])
@@ -701,7 +701,7 @@ def test_12_the_fit_does_not_grow_with_the_dilation():
     """At dilation 10^5 the filters drawn on the input grid would take terabytes; on the kernel grid nothing.
 
     There only the zero lag lies on the lattice, so each kernel is the scalar fit at its centre tap."""
-    from ghostify.transfer import fit_dw_kernels
+    from ghostify.init.fitting import fit_dw_kernels
 
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     parents, targets = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import ghostify
 from ghostify.cli import cli
-from ghostify.layer_sensitivity import SensitivityTable, sensitivity
+from ghostify.tradeoffs.sensitivity import SensitivityTable, sensitivity
 
 SIZE = (1, 3, 16, 16)
 
@@ -25,6 +25,7 @@ def test_alone_equals_converting_that_layer_alone(chain_net, data, bn_randomizer
     ev = [torch.randn(16, *SIZE[1:])]
     t = sensitivity(net, ratios=(2, 4), calib_data=data, eval_data=ev, input_size=SIZE, progress=False)
     assert t.layers == ["conv1", "conv2"] and t.ratios == [2, 4] and t.measure == "kl"
+    assert (t.settings["cheap"], t.settings["dw_size"]) == ("mix", 1)  # calib's default, as convert resolves it
     x0 = torch.zeros(*SIZE)
     base = ghostify.count(net, x0)
     for row in t.rows:
@@ -61,7 +62,7 @@ def test_top1_measure_needs_labels_and_misuse_is_explained(chain_net, data):
 def test_table_round_trips_and_plots(chain_net, data, tmp_path):
     t = sensitivity(chain_net, ratios=(2, 4), init="copy", eval_data=data[:1], input_size=SIZE, progress=False)
     again = SensitivityTable.load(t.save(tmp_path / "s.json"))
-    assert again == t
+    assert again == t and (again.settings["cheap"], again.settings["dw_size"]) == ("dw", 3)  # copy's default
     assert "conv1" in t.table() and "loss/GMAC" in t.table()
     png = t.plot(tmp_path / "s.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from ghostify.cli import cli
-from ghostify.sweep import Sweep, pareto_front, read_csv, read_results, write_csv
+from ghostify.tradeoffs.sweep import Sweep, pareto_front, read_csv, read_results, write_csv
 
 SIZE = (1, 3, 16, 16)
 
@@ -97,8 +97,57 @@ def test_allocation_points_beside_uniform_ones(chain_net, labelled, tmp_path):
                   extra_points=[{"init": "calib", "target_macs": 0.8}], alloc_ratios=(2, 4)).run(progress=False)
     budget = rows[-1]
     assert budget["status"] == "ok", budget.get("error")
+    assert (rows[1]["cheap"], rows[1]["dw_size"]) == ("mix", 1)  # the row records what calib's default resolved to
     assert budget["target_macs"] == 0.8 and budget["macs_ratio"] <= 0.8
     assert list(tmp_path.glob("sensitivity-*.json"))  # cached for the next run
+
+
+RESUMED = """
+import sys, torch
+import ghostify.tradeoffs.sweep
+from conftest import ChainNet
+from ghostify.tradeoffs.sweep import Sweep
+
+out, target, reuse = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "reuse"
+if reuse:  # the second process must find the first one's table
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the sensitivity table was measured again")
+    ghostify.tradeoffs.sweep.sensitivity = measured_again
+torch.manual_seed(0)
+net, data = ChainNet().eval(), [torch.randn(8, 3, 16, 16) for _ in range(3)]
+rows = Sweep(net, {"ratio": [2], "init": ["calib"]}, out, eval_data=data[:1], calib_data=data, input_size=(1, 3, 16, 16),
+             meta={"model": "chain"}, extra_points=[{"init": "calib", "target_macs": target}], alloc_ratios=(2, 4),
+             ).run(progress=False)
+print(rows[-1]["status"], rows[-1].get("error"))
+"""
+
+
+def test_a_resumed_sweep_reuses_the_sensitivity_table_of_another_process(tmp_path):
+    """The cache file's name must not depend on the process (``hash()`` of a string does: PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "resumed.py"
+    script.write_text(RESUMED)
+    tests = Path(__file__).resolve().parent
+
+    def run(target, mode, seed):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "sw"), target, mode], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip()
+
+    assert run("0.8", "first", "1") == "ok None"
+    (cached,) = (tmp_path / "sw").glob("sensitivity-*.json")
+    before = cached.read_bytes()
+    assert run("0.9", "reuse", "2") == "ok None"  # a new budget point, allocated from the cached table
+    assert list((tmp_path / "sw").glob("sensitivity-*.json")) == [cached] and cached.read_bytes() == before
+    rows = read_results(tmp_path / "sw")["rows"]
+    assert [r.get("target_macs") for r in rows if r["status"] == "ok"] == [None, None, 0.8, 0.9]
 
 
 def test_cli_sweep_prints_table_and_writes_outputs(tmp_path):

@@ -8,7 +8,7 @@ from torch import nn
 
 import ghostify
 from ghostify.cli import cli
-from ghostify.synthetic import bn_statistics_loss, synthesize
+from ghostify.zoo.synthetic import bn_statistics_loss, synthesize
 
 
 @pytest.fixture

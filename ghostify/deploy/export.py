@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import GhostifyError, describe
+from ..zoo.data import resolve_data
+from .fuse import fuse as fuse_model
 
 __all__ = ["export", "ExportCheck", "check_outputs", "require_onnx", "onnx_session", "FORMATS"]
 
@@ -126,8 +128,6 @@ def _check_batches(check_data, input_size, dynamic_batch: bool, model, seed: int
             sizes.append((input_size[0] + 1,) + tuple(input_size[1:]))
         return [torch.randn(s, generator=g) for s in sizes]
     if isinstance(check_data, (str, os.PathLike)):
-        from .. import resolve_data
-
         batch = 8 if dynamic_batch else input_size[0]
         check_data = resolve_data(check_data, batch_size=batch, limit=max(batch, CHECK_SAMPLES // batch * batch),
                                   model=model, input_size=tuple(input_size[1:]))
@@ -190,8 +190,6 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
     try:
         report, target, notes = None, model, []
         if fuse:
-            from .fuse import fuse as fuse_model
-
             try:
                 target = fuse_model(model)
                 report = target.meta["ghostify_fuse"]

@@ -26,8 +26,8 @@ import copy
 import torch
 from torch import fx, nn
 
-from .. import GhostifyError, GhostTracer
-from ..errors import describe
+from ..conversion.tracing import GhostTracer
+from ..errors import GhostifyError, describe
 from .graph import (ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ChannelAffine, FuseReport, Pieces, fold_bn_into_conv,
                     ghost_cat)
 from .passes import FoldBatchNorm, InlineGhost, ScaleIntoPrimary, SplitConsumer

@@ -6,7 +6,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from .. import CHEAP_OPS, DepthwiseCheap, GhostConv2d
+from ..layers import CHEAP_OPS, DepthwiseCheap, GhostConv2d
 from .graph import (ChannelAffine, FuseReport, Pieces, add_constant, add_module, bn_affine, call_counts, cat_node,
                     conv_input_scale, fold_bn_into_conv, is_add, module_of, slice_conv)
 

@@ -18,8 +18,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..conversion.tracing import trace
 from ..errors import GhostifyError
+from ..measure.latency import measure_latency, torch_threads
 from .export import onnx_session, require_onnx
+from .fuse import fuse as fuse_model
+from .graph import ACTIVATION_MODULES
 
 __all__ = ["RUNTIMES", "runtime_callable", "runtime_latency", "onnx_bytes", "ort_profile"]
 
@@ -69,8 +73,6 @@ def runtime_callable(model: nn.Module, example: torch.Tensor, runtime: str = "to
 def _inference_copy(model: nn.Module, fuse: bool) -> nn.Module:
     """The fused inference copy of ``model``, or (``fuse=False``) an eval-mode copy."""
     if fuse:
-        from .fuse import fuse as fuse_model
-
         return fuse_model(model)
     return copy.deepcopy(model).eval()
 
@@ -91,8 +93,6 @@ def runtime_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, runti
         >>> sorted(r)
         ['ghost', 'original']
     """
-    from .. import measure_latency, torch_threads
-
     with torch_threads(threads):
         fns = {k: runtime_callable(m, inputs, runtime, threads=threads, fuse=fuse) for k, m in models.items()}
     return measure_latency(fns, inputs, warmup=warmup, repeats=repeats, threads=threads,
@@ -144,9 +144,6 @@ def layer_context(model: nn.Module, name: str, leaf_modules=()) -> list[nn.Modul
     A layer timed in a runtime is timed with them, because the runtime fuses them into the
     conv (and a Ghost layer's deploy form depends on them).
     """
-    from .. import trace
-    from .graph import ACTIVATION_MODULES
-
     gm = trace(model, leaf_modules).graph_module
     if gm is None:
         return []
@@ -177,8 +174,6 @@ def layer_callables(candidates: dict, context: list[nn.Module], example: torch.T
     The deploy form is what the whole model would run: BN folded, and a Ghost layer's two
     halves returned as they are (in a whole model its consumer reads them without a cat).
     """
-    from .fuse import fuse as fuse_model
-
     out = {}
     for key, layer in candidates.items():
         gm = fuse_model(nn.Sequential(layer, *context).eval())

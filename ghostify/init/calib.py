@@ -1,0 +1,347 @@
+"""Calibrated weight transfer (``init="calib"``): fit each Ghost layer to the original's outputs on data.
+
+Sequential by default: layers are fitted in execution order; each layer's input comes
+from the partially converted model (so it corrects the error of the layers before it)
+and its target is the original conv's output on the original model. Per layer:
+
+1. statistics, streamed over calibration batches at sub-sampled output positions:
+   ``A = sum p p^T`` over input patches ``p`` (with a bias 1), ``B = sum p y^T``, and the
+   output covariance ``C``;
+2. the intrinsic channels and the intrinsic->ghost pairing are chosen on ``C`` (greedy
+   facility location + Hungarian for the depthwise form); channels are weighted as the
+   BatchNorm after the conv sees them (``weighting="bn"``);
+3. the intrinsic filters and biases are refit by ridge least squares ``(A + lI) w = B``; for
+   ``mix`` (free channel order) they are the best rank-``m`` map instead (reduced-rank
+   regression, channels by pivoted Cholesky); with few rows per unknown the ridge ``l`` is
+   chosen by two-fold cross-validation over images;
+4. the cheap op is fitted in closed form on the refit intrinsic maps: per ghost a
+   ``d x d`` kernel and bias for ``dw``, a linear map for ``mix``.
+
+The last ``holdout`` fraction of the calibration batches is never used for fitting; each
+layer's relative output error is measured on it and recorded (``heldout_error``), and a
+layer whose error exceeds ``max_layer_error`` is kept as its original conv.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .._util import capture
+from ..errors import GhostifyError
+from ..layers import GhostConv2d, ghost_macs_per_position
+from ..graph import bn_output_scales
+from .lockstep import Lockstep
+from .fitting import (CV_ROWS, choose_ridge, gather_taps, pair_ghosts, patches, pivoted_cholesky, reduced_rank,
+                      ridge_solve, sample_positions, select_intrinsic)
+from .registry import Layer, register_init
+from .transfer import copy_layer
+
+__all__ = ["init_calib", "as_input_batches", "fit_layer", "Lockstep"]
+
+
+def as_input_batches(data: Iterable, limit: int | None = None) -> list[torch.Tensor]:
+    """The input tensors of ``data`` (tensors or ``(x, y)`` pairs), up to ``limit`` examples."""
+    out, seen = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise GhostifyError(f"calibration data must yield tensors or (x, y) pairs, got {type(x).__name__}")
+        if limit is not None and seen + len(x) > limit:
+            x = x[: limit - seen]
+        if len(x):
+            out.append(x)
+            seen += len(x)
+        if limit is not None and seen >= limit:
+            break
+    if not out:
+        raise GhostifyError("calibration data is empty; pass calib_data= a DataLoader or iterable of input batches")
+    return out
+
+
+def _capture(model: nn.Module, module: nn.Module, batches, what: str) -> list[torch.Tensor]:
+    """``module``'s input (``what="input"``) or output on each batch; each forward stops right after."""
+    got = [capture(model, {"m": module}, x, what=what, stop=True).get("m") for x in batches]
+    if any(g is None for g in got):
+        raise GhostifyError("a converted layer was not reached by the forward pass; calibration needs every "
+                            "converted conv to run on the calibration inputs")
+    return got
+
+
+@register_init("calib")
+@torch.no_grad()
+def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *, calib_data=None,
+               calib_size: int | None = None, sequential: bool = True, refit_intrinsic: bool = True,
+               positions: int = 256, ridge: float = 1e-6, holdout: float = 0.2, max_layer_error: float | None = None,
+               weighting: str = "bn", channel_weights: dict | None = None, seed: int = 0, **_) -> dict:
+    """Fit every layer in ``layers`` to the original model's outputs on ``calib_data`` (see the module doc).
+
+    Args:
+        calib_data: an iterable of input batches (tensors or ``(x, y)`` pairs), e.g. a DataLoader.
+        calib_size: use at most this many examples.
+        sequential: take each layer's input from the partially converted model (default) or,
+            if False, from the original model (each layer fitted alone).
+        refit_intrinsic: refit the intrinsic filters by least squares (else copy them).
+        positions: output positions sampled per image for the statistics.
+        ridge: ridge strength, relative to the mean diagonal of the normal matrix.
+        holdout: fraction of the batches kept out of fitting to measure each layer's error.
+        max_layer_error: keep a layer as its original conv when its held-out relative error exceeds this.
+        weighting: ``"bn"`` (default) measures and fits each output channel as the BatchNorm that
+            reads it will see it, scaled by ``|gamma| / sqrt(var + eps)``; ``"none"`` uses the raw
+            conv outputs. Without it a channel of tiny raw variance that BN blows up to unit scale
+            is neglected by the channel choice and the errors.
+        channel_weights: ``{layer name: (out_channels,) tensor}`` used instead of reading the BN
+            (for layers fitted outside their model, e.g. by :func:`ghostify.sensitivity`).
+
+    Layers planned with ``cheap="auto"`` are fitted twice, with the planned depthwise op and
+    with ``mix`` (1x1 from the intrinsic maps, no depthwise after it); the one with the lower
+    held-out error times MACs is kept, and ``"cheap"`` in its record says which.
+
+    Returns ``{name: {"heldout_error", "calib_error", "kept_conv"[, "cheap"]}}``.
+
+    Example:
+        >>> import torch, torchvision, ghostify
+        >>> model = torchvision.models.resnet18().eval()
+        >>> data = [torch.randn(8, 3, 64, 64) for _ in range(3)]
+        >>> ghost = ghostify.convert(model, init="calib", calib_data=data)
+        >>> sorted(ghost.ghostify_info.layer_info["layer1.0.conv1"])
+        ['calib_error', 'heldout_error', 'kept_conv']
+    """
+    if calib_data is None:
+        raise GhostifyError("init='calib' needs calibration data: convert(..., init='calib', calib_data=loader) "
+                            "or --calib-data on the command line")
+    if any(original.get_submodule(l.name) is l.ghost for l in layers):
+        raise GhostifyError("init='calib' needs the unmodified original model; convert with inplace=False")
+    if weighting not in ("bn", "none"):
+        raise GhostifyError(f"weighting={weighting!r} is not known; use 'bn' or 'none'")
+    batches = as_input_batches(calib_data, calib_size)
+    dev = next(iter(converted.parameters())).device
+    batches = [b.to(dev) for b in batches]
+    n_hold = min(len(batches) - 1, max(1, round(holdout * len(batches)))) if holdout > 0 and len(batches) > 1 else 0
+    gen = torch.Generator().manual_seed(seed)
+    n_fit = len(batches) - n_hold
+
+    scales = bn_output_scales(converted, layers) if weighting == "bn" else {}
+    scales.update(channel_weights or {})
+
+    def fit(layer: Layer, xs: list, ys: list) -> tuple[dict, list]:
+        """Fit ``layer`` on batches ``[:n_fit]``, measure on the rest; returns its record and its outputs."""
+        scale = scales.get(layer.name, torch.ones(layer.conv.out_channels, dtype=torch.float64))
+        rec, outs = _calibrate_layer(layer, xs[:n_fit], ys[:n_fit], xs[n_fit:], ys[n_fit:], positions, ridge,
+                                     refit_intrinsic, gen, scale)
+        rec["kept_conv"] = bool(max_layer_error is not None
+                                and rec.get("heldout_error", rec["calib_error"]) > max_layer_error)
+        if rec["kept_conv"]:  # the conv's own outputs (on the converted model's inputs when sequential)
+            outs = [layer.conv(x) for x in xs] if sequential else ys
+        converted.set_submodule(layer.name, layer.conv if rec["kept_conv"] else layer.ghost)
+        return rec, outs
+
+    if isinstance(converted, fx.GraphModule) and _single_input(converted.graph):
+        return Lockstep(original, converted, layers, batches, sequential, fit).fit_all()
+    info = {}
+    for layer in layers:  # untraced models: two partial forward passes per layer (hooks)
+        src = converted if sequential else original
+        src_mod = layer.ghost if sequential else original.get_submodule(layer.name)
+        info[layer.name] = fit(layer, _capture(src, src_mod, batches, "input"),
+                               _capture(original, original.get_submodule(layer.name), batches, "output"))[0]
+    return info
+
+
+def _single_input(graph: fx.Graph) -> bool:
+    return sum(n.op == "placeholder" for n in graph.nodes) == 1
+
+
+def _calibrate_layer(layer: Layer, xs, ys, hx, hy, positions, ridge, refit, gen, scale) -> tuple[dict, list]:
+    """Fit ``layer.ghost`` (and, for ``cheap="auto"``, a ``mix`` candidate that may replace it) on ``xs -> ys``.
+
+    Returns the record and the chosen layer's outputs on ``xs + hx``.
+    """
+    candidates = [layer.ghost]
+    if layer.cheap_auto and layer.ghost.cheap is not None:
+        mix = GhostConv2d.from_conv(layer.conv, layer.ghost.ratio, 1, "mix", cheap_bias=True)
+        if _cost(layer.conv, mix) <= layer.conv.weight.numel():  # not where mixing costs more than the conv
+            candidates.append(mix)
+    scored = []
+    for ghost in candidates:
+        fit_layer(layer.conv, ghost, xs, ys, positions, ridge, refit, gen, layer.fixed_order, scale)
+        outs = [ghost(x) for x in xs + hx]
+        rec = {"calib_error": _rel_error(outs[:len(xs)], ys, scale)}
+        if hx:
+            rec["heldout_error"] = _rel_error(outs[len(xs):], hy, scale)
+        scored.append((rec.get("heldout_error", rec["calib_error"]) * _cost(layer.conv, ghost), ghost, rec, outs))
+    _, ghost, rec, outs = min(scored, key=lambda t: t[0])
+    if layer.cheap_auto:
+        rec["cheap"] = {"cheap": ghost.cheap_kind, "dw_size": ghost.dw_size,
+                        "scores": {g.cheap_kind: s for s, g, *_ in scored}}
+    layer.ghost = ghost
+    return rec, outs
+
+
+def _cost(conv: nn.Conv2d, ghost: GhostConv2d) -> int:
+    """Multiply-adds per output position of ``ghost`` (the plan's formula, so both agree)."""
+    return ghost_macs_per_position(conv.in_channels, conv.out_channels, conv.kernel_size, ghost.ratio,
+                                   ghost.dw_size, ghost.cheap_kind)[0]
+
+
+init_calib.cheap_bias = True  # the ghosts' fitted intercepts need a bias in the cheap op
+init_calib.chooses_cheap = True  # supports cheap="auto"
+
+
+def _rel_error(outs, ys, scale: torch.Tensor) -> float:
+    """``||outs - ys|| / ||ys||`` with each channel weighted by ``scale``."""
+    w = scale.float().to(ys[0].device)[None, :, None, None] ** 2
+    num = sum((w * (o - y) ** 2).sum().item() for o, y in zip(outs, ys))
+    den = sum((w * y**2).sum().item() for y in ys)
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _statistics(conv: nn.Conv2d, xs, ys, positions: int, gen: torch.Generator):
+    """Normal equations ``A``, ``B`` (one pair per half of the images), ``sum y y^T``, ``sum y``, the row
+    count and the sampled positions of each batch, streamed over the batches."""
+    n = ys[0].shape[1]
+    d_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+    a = torch.zeros(2, d_in, d_in, dtype=torch.float64)  # two halves of the images, for choosing the ridge
+    b = torch.zeros(2, d_in, n, dtype=torch.float64)
+    yy = torch.zeros(n, n, dtype=torch.float64)
+    ysum = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    pos_per_batch = []
+    for x, y in zip(xs, ys):
+        pos = sample_positions(y.shape[2] * y.shape[3], positions, gen)
+        pos_per_batch.append(pos)
+        # products in float32 (the bulk of the time, 2x faster than float64), sums in float64
+        p = patches(conv, x.cpu().float(), pos, y.shape[3])
+        t = y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, n).cpu().float()
+        half = (torch.arange(len(p)) // len(pos) + count // len(pos)) % 2  # rows are image-major
+        for k in (0, 1):
+            pk, tk = p[half == k], t[half == k]
+            a[k] += (pk.T @ pk).double()
+            b[k] += (pk.T @ tk).double()
+        yy += (t.T @ t).double()
+        ysum += t.double().sum(0)
+        count += len(t)
+    return a, b, yy, ysum, count, pos_per_batch
+
+
+def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256, ridge: float = 1e-6,
+              refit: bool = True, gen: torch.Generator | None = None, fixed_order: bool = False,
+              scale: torch.Tensor | None = None) -> None:
+    """Fit ``ghost`` (made from ``conv`` by ``GhostConv2d.from_conv``) so that it maps the inputs ``xs`` to
+    ``conv``'s outputs ``ys`` (lists of batches), in place.
+
+    Steps 1-4 of the module doc for one layer: normal equations from ``positions`` sampled output
+    positions per image (``gen`` draws them), the intrinsic channels chosen on the output
+    covariance (weighted per channel by ``scale``, as the next BN sees them), the intrinsic
+    filters refit by ridge least squares (``refit``; the ridge chosen by cross-validation over
+    the two halves of the images when rows are few), then the cheap op fitted in closed form.
+    ``fixed_order`` keeps intrinsic channels ``0..m-1`` (the identity layout of
+    :class:`~ghostify.init.registry.Layer`). A ghost without a cheap op (ratio 1) is copied.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ghostify import GhostConv2d
+        >>> conv = nn.Conv2d(4, 8, 3, padding=1)
+        >>> ghost = GhostConv2d.from_conv(conv, 2, 1, "mix", cheap_bias=True)
+        >>> xs = [torch.randn(2, 4, 8, 8)]
+        >>> with torch.no_grad():
+        ...     fit_layer(conv, ghost, xs, [conv(x) for x in xs])
+        >>> ghost(xs[0]).shape
+        torch.Size([2, 8, 8, 8])
+    """
+    n, m = ghost.out_channels, ghost.intrinsic_channels
+    if ghost.cheap is None:
+        copy_layer(conv, ghost, fixed_order)
+        return
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    a, b, yy, ysum, count, pos_per_batch = _statistics(conv, xs, ys, positions, gen)
+    mean = ysum / count
+    scale = torch.ones(n, dtype=torch.float64) if scale is None else scale.double()
+    cov = (yy / count - torch.outer(mean, mean)) * torch.outer(scale, scale)  # as the next BN sees it
+    has_bias = conv.bias is not None
+    if not has_bias:  # no bias in the layer: fit without the intercept column
+        a, b = a[:, :-1, :-1], b[:, :-1]
+    dw_ridge = ridge  # a d x d kernel has few unknowns; the chosen ridge is for the filters and the mix
+    if refit and count < CV_ROWS * len(a[0]):  # few rows per unknown: choose the ridge on the other half
+        ridge = choose_ridge(a, b, scale, ridge)
+    a, b = a.sum(0), b.sum(0)
+    rank_reduced = refit and ghost.cheap_kind == "mix" and ghost.cheap.mix.groups == 1 and not fixed_order
+    if rank_reduced:
+        w_i, intrinsic = reduced_rank(a, b, m, scale, ridge, count, has_bias)
+    else:
+        if fixed_order:
+            intrinsic = list(range(m))
+        elif ghost.cheap_kind == "mix":
+            intrinsic = pivoted_cholesky(cov, m)
+        else:
+            intrinsic = select_intrinsic(cov.float(), m)
+        if refit:  # only the intrinsic filters are refit
+            w_i = ridge_solve(a, b[:, intrinsic], ridge)
+        else:
+            w_i = conv.weight.detach().reshape(n, -1).T.double()[:, intrinsic]
+            if has_bias:
+                w_i = torch.cat([w_i, conv.bias.detach().double()[None, intrinsic]])
+    if not has_bias:
+        w_i = torch.cat([w_i, a.new_zeros(1, m)])
+    slots = sorted(set(range(n)) - set(intrinsic))
+    if ghost.cheap_kind != "mix" and not fixed_order:
+        order, slots = pair_ghosts(cov.float(), intrinsic, slots, ghost.cheap.per_parent)
+        w_i = w_i[:, [intrinsic.index(c) for c in order]]
+        intrinsic = order
+    prim = ghost.primary
+    prim.weight.copy_(w_i[:-1].T.reshape(prim.weight.shape).to(prim.weight.dtype))
+    if prim.bias is not None:
+        prim.bias.copy_(w_i[-1].to(prim.bias.dtype))
+    if ghost.cheap_kind == "mix":
+        _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
+    else:
+        _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, dw_ridge)
+    ghost.set_channel_map(torch.as_tensor(intrinsic + slots))
+
+
+def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:
+    """Per ghost slot ``k`` (parent ``p``): ``y_slot ~ K_k * z_p + c_k`` over d x d patches of the intrinsic map."""
+    d = ghost.dw_size
+    parents = ghost.cheap.parents()
+    g = len(slots)
+    q = d * d + 1
+    a = torch.zeros(g, q, q, dtype=torch.float64)
+    b = torch.zeros(g, q, dtype=torch.float64)
+    for x, y, pos in zip(xs, ys, pos_per_batch):
+        z = prim(x)
+        zc = gather_taps(F.pad(z, (d // 2,) * 4), (d, d), (1, 1), (1, 1), pos, z.shape[3])  # (N, m*d*d, P)
+        zc = zc.reshape(len(z), z.shape[1], d * d, -1)[:, parents]  # (N, g, d*d, P)
+        zc = torch.cat([zc, zc.new_ones(zc.shape[0], g, 1, zc.shape[-1])], 2).float()
+        t = y.flatten(2)[:, slots][:, :, pos].float()  # (N, g, P)
+        a += torch.einsum("ngip,ngjp->gij", zc, zc).double()
+        b += torch.einsum("ngip,ngp->gi", zc, t).double()
+    lam = ridge * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+    sol = torch.linalg.solve(a + lam[:, None, None] * torch.eye(q, dtype=a.dtype), b[..., None])[..., 0]
+    dw = ghost.cheap.conv
+    dw.weight.zero_()
+    dw.weight[:g, 0] = sol[:, :-1].reshape(g, d, d).to(dw.weight.dtype)
+    _set_ghost_bias(ghost, dw, sol[:, -1], g)
+
+
+def _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:
+    """``y_ghosts ~ M z + c`` over the intrinsic maps at sampled positions (ridge least squares)."""
+    m = len(intrinsic)
+    a = torch.zeros(m + 1, m + 1, dtype=torch.float64)
+    b = torch.zeros(m + 1, len(slots), dtype=torch.float64)
+    for x, y, pos in zip(xs, ys, pos_per_batch):
+        z = prim(x).flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, m).float()
+        z = torch.cat([z, z.new_ones(len(z), 1)], 1)
+        t = y.flatten(2)[:, slots][:, :, pos].permute(0, 2, 1).reshape(-1, len(slots)).float()
+        a += (z.T @ z).double()
+        b += (z.T @ t).double()
+    sol = ridge_solve(a, b, ridge)
+    ghost.cheap.load_mix(sol[:-1].T)
+    _set_ghost_bias(ghost, ghost.cheap.mix, sol[-1], len(slots))
+
+
+def _set_ghost_bias(ghost: GhostConv2d, conv: nn.Conv2d, bias: torch.Tensor, g: int) -> None:
+    conv.bias.data.zero_()  # calib layers are built with a cheap-op bias (init_calib.cheap_bias)
+    conv.bias.data[:g] = bias.to(conv.bias.dtype)

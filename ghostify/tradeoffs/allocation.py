@@ -1,0 +1,298 @@
+"""Ratio allocation under a budget: per layer, a ratio or "keep as conv", chosen from a sensitivity table.
+
+The allocator is **greedy on loss increase per unit of cost saved**: starting from the
+unconverted model, each step takes the single move (one layer to a higher ratio, from
+"keep" or from a lower ratio) with the smallest ``(loss after - loss before) / (cost saved
+after - cost saved before)``, until the predicted cost meets the budget. Losses and savings
+are the per-layer figures of :func:`ghostify.sensitivity` and are added up (an
+approximation; the plan is meant to be checked by converting and evaluating it).
+
+Costs:
+
+* ``target_macs=F``: MACs, counted per layer (fvcore); the model must end at ``<= F`` of the
+  original's MACs.
+* ``target_latency=F``: each layer's latency measured *in isolation* on its real input
+  (original conv against a Ghost layer of each ratio, alternately, see :func:`layer_latency`);
+  the predicted model latency is the measured whole-model latency minus the per-layer savings.
+  Only moves that make a layer faster are considered.
+
+``skip_slower`` keeps as convs the layers of a plan whose Ghost layer is not faster than the conv.
+The result is a :class:`~ghostify.Plan`: print it, pass it to ``convert(plan=...)``; the
+converted model saves it with its weights (``ghostify.save``), so ``ghostify.load`` replays it.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .._util import capture, eval_mode
+from ..config import GhostConfig, build_config, default_cheap
+from ..conversion.plan import Plan, make_plan
+from ..conversion.rewrite import convert
+from ..deploy.runtime import layer_callables, layer_context, runtime_latency
+from ..errors import GhostifyError
+from ..layers import GhostConv2d
+from ..measure.counting import count
+from ..measure.latency import measure_latency
+from .sensitivity import sensitivity
+
+__all__ = ["Allocation", "allocate", "greedy_allocation", "layer_latency", "skip_slower"]
+
+
+@dataclass
+class Allocation:
+    """What :func:`allocate` chose: ``plan`` (to execute), the ratio per layer (None: kept), and the prediction."""
+
+    plan: Plan
+    choices: dict[str, int | None]
+    budget: str  # "macs" or "latency"
+    target: float
+    predicted_cost_ratio: float
+    predicted_loss: float
+    measure: str
+
+    def summary(self) -> str:
+        kept = sum(1 for r in self.choices.values() if r is None)
+        by_ratio = {}
+        for r in self.choices.values():
+            if r is not None:
+                by_ratio[r] = by_ratio.get(r, 0) + 1
+        ratios = ", ".join(f"{n} at ratio {r}" for r, n in sorted(by_ratio.items())) or "none converted"
+        return (f"allocation (greedy on {self.measure} loss per {self.budget} saved): target {self.budget} "
+                f"{self.target:g} of the original, predicted {self.predicted_cost_ratio:.3f}; {ratios}; "
+                f"{kept} kept as conv; predicted loss {self.predicted_loss:.4g}")
+
+
+def greedy_allocation(options: dict[str, list[tuple[int, float, float]]], need: float
+                      ) -> tuple[dict[str, int | None], list[tuple[str, int]], float, float]:
+    """Choose a ratio (or None) per layer so that the savings reach ``need``, greedily.
+
+    ``options[name]`` lists ``(ratio, saved, loss)``; keeping the conv is ``(None, 0, 0)``.
+    Each step takes the move with the least loss increase per unit saved (moves that save
+    nothing are never taken); then, while the budget allows, the change whose undoing (to a
+    lower ratio or to the conv) removes the most loss is undone. Returns
+    ``(choices, moves, saved, loss)``.
+
+    Example:
+        >>> opts = {"a": [(2, 10.0, 1.0)], "b": [(2, 10.0, 0.1), (4, 15.0, 0.5)]}
+        >>> greedy_allocation(opts, 12.0)[0]
+        {'a': None, 'b': 4}
+    """
+    current = {name: (None, 0.0, 0.0) for name in options}
+    saved = loss = 0.0
+    moves: list[tuple[str, int]] = []
+    while saved < need - 1e-9:
+        best = None
+        for name, opts in options.items():
+            _, s0, l0 = current[name]
+            for ratio, s, l in opts:
+                if s <= s0:
+                    continue
+                key = ((l - l0) / (s - s0), -(s - s0), name, ratio)
+                if best is None or key < best[0]:
+                    best = (key, name, (ratio, s, l))
+        if best is None:
+            raise GhostifyError(f"the budget cannot be met: converting every candidate layer saves {saved:.4g} "
+                                f"of the {need:.4g} needed; raise the target or allow higher --ratios")
+        _, name, choice = best
+        saved += choice[1] - current[name][1]
+        loss += choice[2] - current[name][2]
+        current[name] = choice
+        moves.append((name, choice[0]))
+    while True:  # the last moves may overshoot: undo the costliest changes the budget does not need
+        best = None
+        for name, opts in options.items():
+            r0, s0, l0 = current[name]
+            for ratio, s, l in [(None, 0.0, 0.0)] + opts:
+                if s < s0 and l < l0 and saved - (s0 - s) >= need - 1e-9 and (best is None or l0 - l > best[0]):
+                    best = (l0 - l, name, (ratio, s, l))
+        if best is None:
+            break
+        _, name, choice = best
+        saved -= current[name][1] - choice[1]
+        loss -= current[name][2] - choice[2]
+        current[name] = choice
+        moves.append((name, choice[0]))
+    return {n: c[0] for n, c in current.items()}, moves, saved, loss
+
+
+def _timing_ghost(conv: nn.Conv2d, ratio: int, dw_size: int, cheap: str) -> nn.Module:
+    if cheap == "auto":  # calibration picks per layer; time the mix form (the usual pick where dw fits poorly)
+        cheap, dw_size = "mix", 1
+    ghost = GhostConv2d.from_conv(conv, ratio, dw_size, cheap, cheap_bias=True)
+    with torch.no_grad():
+        for p in ghost.parameters():  # from_conv leaves memory uninitialised; denormals would skew timings
+            p.normal_(0, 0.01)
+    return ghost
+
+
+def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]], inputs: torch.Tensor, *,
+                  warmup: int = 3, repeats: int = 10, threads: int | None = None,
+                  progress: bool = True, runtime: str = "torch") -> dict[str, dict]:
+    """Each named conv's latency in isolation against Ghost layers of the given ``(ratio, dw_size, cheap)``.
+
+    The conv's real input (captured from one forward of ``model`` on ``inputs``) is fed to
+    the conv and to each Ghost candidate, alternately (:func:`ghostify.measure_latency`).
+    Returns ``{name: {"conv": ms, ratio: ms, ...}}`` (medians; Ghost layers in the
+    identity channel layout, i.e. a plain ``cat``). ``runtime="ort"`` or ``"compile"`` times
+    each candidate with the BN and activation after the conv, fused, in that runtime
+    (:func:`ghostify.deploy.runtime.layer_callables`).
+    """
+    from tqdm import tqdm
+
+    with eval_mode(model):
+        xs = capture(model, {n: model.get_submodule(n) for n in specs}, inputs)
+    out = {}
+    for name, cands in tqdm(specs.items(), disable=not progress, file=sys.stderr, desc="layer latency", leave=False):
+        conv = model.get_submodule(name)
+        mods = {"conv": conv, **{r: _timing_ghost(conv, r, d, c) for r, d, c in cands}}
+        if runtime != "torch":
+            mods = layer_callables(mods, layer_context(model, name), xs[name], runtime, threads=threads)
+        res = measure_latency(mods, xs[name], warmup=warmup, repeats=repeats, threads=threads)
+        out[name] = {k: v["median_ms"] for k, v in res.items()}
+    return out
+
+
+def _budget_plan(model: nn.Module, base_plan: Plan, choices: dict[str, int | None], reasons: dict[str, str]) -> Plan:
+    plan = copy.deepcopy(base_plan)
+    for e in plan.entries:
+        if e.name not in choices:
+            continue
+        ratio = choices[e.name]
+        if ratio is None:
+            e.action, e.spec, e.reason = "skip", None, reasons.get(e.name, "kept as conv by the budget allocation")
+        else:
+            e.action, e.spec, e.reason = "convert", replace(e.spec, ratio=ratio), reasons.get(e.name, "")
+    return plan
+
+
+def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs: float | None = None,
+             target_latency: float | None = None, table=None, ratios: Iterable[int] = (2, 3, 4),
+             dw_size: int | None = None, init: str = "calib", cheap: str | None = None, include: Iterable[str] = (),
+             exclude: Iterable[str] = (), overrides: dict | None = None, calib_data=None, eval_data=None,
+             method: str | None = None, measure: str | None = None, reference: int | float | None = None,
+             input_size=(1, 3, 224, 224), only_faster: bool = False, threads: int | None = None, repeats: int = 10,
+             leaf_modules=(), progress: bool = True, runtime: str = "torch", **init_options) -> Allocation:
+    """Pick a ratio per conv (or keep it) to meet a MACs or latency budget with the least predicted loss.
+
+    Args:
+        target_macs: the converted model's MACs as a fraction of the original's (e.g. 0.8).
+        target_latency: the converted model's latency as a fraction of the original's (batch
+            and threads as ``input_size`` and ``threads``); per-layer latencies measured here.
+        table: a :class:`~ghostify.layer_sensitivity.SensitivityTable`; measured here when None
+            (``method="alone"`` when ``eval_data`` is given, else ``"proxy"``).
+        ratios: the candidate ratios per layer (with "keep as conv").
+        only_faster: never choose a ratio whose Ghost layer is not faster than the conv
+            (measured in isolation).
+        config: the layer settings (:class:`~ghostify.GhostConfig`; its global ratio is replaced by the
+            candidates); without it one is built from ``dw_size, init, cheap, include, exclude, overrides``.
+        reference: for ``method="context"``, the uniform ratio the sensitivity starts from (default: the
+            candidate whose uniform conversion's MACs are nearest the budget).
+        runtime: where latencies are measured: ``torch`` (eager), ``ort`` (ONNX Runtime) or
+            ``compile`` (``torch.compile``), each model and layer fused for inference there.
+        Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
+
+    Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
+
+    Example:
+        >>> import torch, torchvision, ghostify
+        >>> net = torchvision.models.resnet18(num_classes=10).eval()
+        >>> data = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+        >>> a = ghostify.allocate(net, target_macs=0.8, calib_data=data, input_size=(1, 3, 32, 32), progress=False)
+        >>> a.predicted_cost_ratio <= 0.8
+        True
+        >>> ghost = ghostify.convert(net, plan=a.plan, calib_data=data)
+    """
+    if (target_macs is None) == (target_latency is None):
+        raise GhostifyError("give exactly one budget: target_macs=F or target_latency=F (a fraction of the original)")
+    target = target_macs if target_macs is not None else target_latency
+    if not 0 < target <= 1:
+        raise GhostifyError(f"the budget is a fraction of the original in (0, 1] (got {target:g}); e.g. 0.8")
+    ratios = tuple(sorted(set(ratios)))
+    config = build_config(min(ratios), dw_size, init, cheap, include, exclude, overrides, config).with_global(
+        ratio=min(ratios))
+    if table is None:
+        method = method or ("alone" if eval_data is not None else "proxy")
+        if method == "context" and reference is None:  # the uniform ratio nearest the budget
+            reference = _nearest_uniform(model, ratios, target_macs or target, input_size, config, leaf_modules)
+        table = sensitivity(model, config=config, ratios=ratios, calib_data=calib_data, eval_data=eval_data,
+                            method=method, measure=measure, input_size=input_size, leaf_modules=leaf_modules,
+                            progress=progress, reference=reference, **init_options)
+    base_plan = make_plan(model, config, leaf_modules=leaf_modules)
+    candidates = {e.name: e.spec for e in base_plan.converted}
+    rows = {n: [r for r in table.options(n) if r.ratio in ratios] for n in table.layers if n in candidates}
+
+    need_latency = target_latency is not None or only_faster
+    lat, total_ms = {}, None
+    if need_latency:
+        x = torch.randn(*input_size)
+        specs = {n: [(r.ratio, candidates[n].dw_size, candidates[n].cheap) for r in opts] for n, opts in rows.items()}
+        lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+        total_ms = runtime_latency({"model": model}, x, runtime=runtime, repeats=repeats,
+                                   threads=threads)["model"]["median_ms"]
+
+    options, reasons = {}, {}
+    for name, opts in rows.items():
+        keep = []
+        for r in opts:
+            faster = not need_latency or lat[name][r.ratio] < lat[name]["conv"]
+            if only_faster and not faster:
+                continue
+            saved = r.macs_saved if target_macs is not None else lat[name]["conv"] - lat[name][r.ratio]
+            keep.append((r.ratio, float(saved), r.loss))
+        options[name] = keep
+        if need_latency and not any(lat[name][r.ratio] < lat[name]["conv"] for r in opts):
+            reasons[name] = (f"kept as conv: no Ghost ratio is faster here ({lat[name]['conv']:.3f} ms as conv, "
+                             + ", ".join(f"{lat[name][r.ratio]:.3f} ms at ratio {r.ratio}" for r in opts) + ")")
+    total = float(table.total_macs) if target_macs is not None else total_ms
+    choices, _, saved, loss = greedy_allocation(options, (1 - target) * total)
+    for name, ratio in choices.items():
+        if ratio is not None:
+            row = next(r for r in rows[name] if r.ratio == ratio)
+            reasons[name] = (f"budget: loss {row.loss:.3g}, saves {row.macs_saved / table.total_macs:.2%} of MACs"
+                             + (f", {lat[name]['conv']:.3f} -> {lat[name][ratio]:.3f} ms" if need_latency else ""))
+    for name in choices.keys() - reasons.keys():
+        reasons[name] = "kept as conv by the budget allocation"
+    plan = _budget_plan(model, base_plan, choices, reasons)
+    return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
+                      1 - saved / total if total else 1.0, loss, table.measure)
+
+
+def _nearest_uniform(model, ratios, target, input_size, config: GhostConfig, leaf_modules) -> int | float:
+    """The ratio whose uniform conversion's MACs fraction is closest to ``target`` (no weights are fitted)."""
+    x = torch.zeros(*input_size)
+    total = count(model, x).macs
+    spec = config.global_spec
+    cheap, dw_size = default_cheap(spec.init, spec.cheap, spec.dw_size)
+    cheap = "dw" if cheap == "auto" else cheap
+    fractions = {r: count(convert(model, config=config.with_global(ratio=r, dw_size=dw_size, cheap=cheap, init="none"),
+                                  leaf_modules=leaf_modules), x).macs / total
+                 for r in ratios}
+    return min(ratios, key=lambda r: abs(fractions[r] - target))
+
+
+def skip_slower(model: nn.Module, plan: Plan, inputs: torch.Tensor, *, repeats: int = 10,
+                threads: int | None = None, progress: bool = True, runtime: str = "torch") -> Plan:
+    """A copy of ``plan`` in which every layer whose Ghost layer is not faster than its conv is kept as a conv.
+
+    Each layer is timed in isolation on its real input (:func:`layer_latency`), conv and Ghost
+    layer alternately, in ``runtime`` (``torch``, ``ort``, ``compile``); the skipped entries
+    say both times.
+    """
+    specs = {e.name: [(e.spec.ratio, e.spec.dw_size, e.spec.cheap)] for e in plan.converted}
+    lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+    out = copy.deepcopy(plan)
+    for e in out.converted:
+        t = lat[e.name]
+        ghost_ms = t[e.spec.ratio]
+        if not ghost_ms < t["conv"]:
+            e.action, e.reason = "skip", (f"kept as conv: Ghost not faster here ({ghost_ms:.3f} ms against "
+                                          f"{t['conv']:.3f} ms as conv{'' if runtime == 'torch' else ' in ' + runtime})")
+            e.spec = None
+    return out
+

@@ -1,0 +1,105 @@
+"""Training data: map-style datasets with seeded augmentation (exact resumes), reusing the zoo's readers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import GhostifyError
+from ..zoo.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, resolve_data
+from ..zoo.sources import imagefolder_dataset, read_cifar10
+
+__all__ = ["Items", "crop_flip", "build_dataset", "SkipSampler"]
+
+
+class Items(Dataset):
+    """``(x, y)`` examples with an optional augmentation seeded by (seed, epoch, index), for exact resumes."""
+
+    def __init__(self, get: Callable[[int], tuple], n: int, input_size: tuple[int, ...], augment=None, seed=0):
+        self.get, self.n, self.input_size = get, n, tuple(input_size)
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x, y = self.get(i)
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, int(i))) & 0x7FFF_FFFF_FFFF)
+                x = self.augment(x)
+        return x, y
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+
+def crop_flip(pad: int):
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        i, j = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        x = F.pad(x, (pad, pad, pad, pad))[:, i:i + h, j:j + w]
+        return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+    return augment
+
+
+def build_dataset(spec: str, *, split: str, augment: bool, image_size: int | None = None, limit: int | None = None,
+                  seed: int = 0) -> Items:
+    """A map-style dataset of ``(x, y)`` for training (``split="train"``) or validation (``"val"``).
+
+    ``cifar10:PATH`` reads the train or test split by ``split`` (random crop with 4 padding
+    and flip when ``augment``); ``imagefolder:PATH`` reads one subfolder per class (random
+    resized crop and flip when ``augment``, else resize and centre crop; ``image_size``
+    default 224); any other spec goes through :func:`ghostify.resolve_data` and is held in memory.
+    """
+    name, _, arg = spec.partition(":")
+    if name == "cifar10":
+        x, y = read_cifar10(Path(arg).expanduser(), split)
+        if limit:
+            x, y = x[:limit], y[:limit]
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD))
+        get = lambda i: ((x[i].float() / 255 - mean) / std, y[i])
+        return Items(get, len(x), (3, 32, 32), crop_flip(4) if augment else None, seed)
+    if name == "imagefolder":
+        from torchvision import transforms as T
+
+        size = image_size or 224
+        path = Path(arg).expanduser()
+        if not path.is_dir():
+            raise GhostifyError(f"image folder '{arg}' does not exist; set data.root=PATH (for {spec!r}) or give "
+                                "imagefolder:PATH with one subfolder of images per class")
+        ds = imagefolder_dataset(path, size)
+        norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if augment:  # the random crop replaces the resize; the seeded augmentation runs on the loaded image
+            ds.transform = None
+            crop = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+        n = min(limit, len(ds)) if limit else len(ds)
+        return Items(lambda i: ds[i], n, (3, size, size), crop if augment else None, seed)
+    src = resolve_data(spec, batch_size=4096, limit=limit)
+    xs, ys = [], []
+    for bx, by in src:
+        if by is None:
+            raise GhostifyError(f"the data {spec!r} has no labels; fine-tuning needs (x, y) pairs "
+                                "(KD alone: keep the labels out with loss.alpha=0)")
+        xs.append(bx)
+        ys.append(by)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return Items(lambda i: (x[i], y[i]), len(x), tuple(x.shape[1:]), None, seed)
+
+
+class SkipSampler(Sampler):
+    """The indices of ``base`` from position ``skip`` on (a resumed epoch)."""
+
+    def __init__(self, base: Sampler, skip: int):
+        self.base, self.skip = base, skip
+
+    def __iter__(self):
+        return iter(list(self.base)[self.skip:])
+
+    def __len__(self):
+        return max(0, len(self.base) - self.skip)
