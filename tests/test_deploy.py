@@ -299,7 +299,7 @@ def test_export_checks_on_a_data_spec(residual_net, tmp_path):
 
 def test_missing_extra_is_one_line_naming_the_install(monkeypatch, residual_net, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(GhostifyError, match=r"pip install ghostify\[deploy\]") as err:
+    with pytest.raises(GhostifyError, match=r"pip install 'ghostify\[deploy\]'") as err:
         ghostify.export(residual_net, tmp_path / "m.onnx", input_size=(1, 3, 8, 8))
     assert "\n" not in str(err.value)
 

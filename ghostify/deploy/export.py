@@ -1,13 +1,12 @@
 """Export a model to ONNX or a ``torch.export`` program, and check the file against the PyTorch model.
 
-The file is written next to its destination under a temporary name, checked in the runtime
-that will run it (ONNX Runtime for ``.onnx``, ``torch.export.load`` for ``.pt2``), and only
-then moved into place: a file that fails the check is never left behind.
+The file is written next to its destination under a temporary name (:func:`ghostify.outputs.atomic_write`),
+checked in the runtime that will run it (ONNX Runtime for ``.onnx``, ``torch.export.load`` for ``.pt2``),
+and only then moved into place: a file that fails the check is never left behind.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,14 +15,16 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .._util import eval_mode
 from ..errors import GhostifyError, describe
+from ..outputs import atomic_write, check_output
 from ..zoo.data import resolve_data
 from .fuse import fuse as fuse_model
 
 __all__ = ["export", "ExportCheck", "check_outputs", "require_onnx", "onnx_session", "FORMATS"]
 
 FORMATS = ("onnx", "pt2")
-INSTALL_HINT = "pip install ghostify[deploy]"
+INSTALL_HINT = "pip install 'ghostify[deploy]'"
 
 
 @dataclass
@@ -47,10 +48,13 @@ class ExportCheck:
     fusions: dict = field(default_factory=dict)
     not_fused: list = field(default_factory=list)  # one line per pass skip and per unaligned cat left
     data: str = "random inputs"  # what the check ran on
+    cats_left: int | None = None  # Ghost cats the deploy pass could not remove (None: not fused)
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.1%}" if self.top1_agreement is not None else ""
         fus = (", ".join(f"{k} x{v}" for k, v in self.fusions.items()) or "none") if self.fused else "off (--no-fuse)"
+        if self.cats_left is not None:
+            fus += f"; {self.cats_left} Ghost cats left"
         if self.not_fused:
             fus += f" ({len(self.not_fused)} notes: {self.not_fused[0]}{', ...' if len(self.not_fused) > 1 else ''})"
         return (f"wrote {self.path} ({self.format}); checked on {self.samples} samples ({self.data}) against PyTorch: "
@@ -180,14 +184,11 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
         raise GhostifyError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require_onnx()
-    if path.exists() and not force:
-        raise GhostifyError(f"{path} exists; choose another path or overwrite it with force=True (--force)")
+    check_output(path, force=force)  # refused now, before the work
     input_size = tuple(int(s) for s in input_size)
     if len(input_size) != 4:
         raise GhostifyError(f"input_size is (N, C, H, W) (got {input_size}); e.g. --input-size 1,3,224,224")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         report, target, notes = None, model, []
         if fuse:
             try:
@@ -196,40 +197,43 @@ def export(model: nn.Module, path, input_size: Iterable[int] = (1, 3, 224, 224),
             except GhostifyError as exc:  # an untraceable model is exported as it is
                 notes.append(str(exc).split(";")[0])
         example = torch.randn(input_size, generator=torch.Generator().manual_seed(0))  # = the first random check batch
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-        os.close(fd)
-        try:
+        batches = _check_batches(check_data, input_size, dynamic_batch, model)
+        wrong = {x.shape[0] for x in batches} - {input_size[0]}
+        if wrong and not dynamic_batch:
+            raise GhostifyError(f"the check data has batches of {min(wrong)} but the file takes batches of "
+                                f"{input_size[0]}; export with dynamic_batch=True (--dynamic-batch)")
+        found = {}
+
+        def write(tmp: str) -> None:  # checked under its temporary name; a failure leaves nothing behind
             run = (_export_onnx if fmt == "onnx" else _export_pt2)(target, example, tmp, dynamic_batch, opset)
-            batches = _check_batches(check_data, input_size, dynamic_batch, model)
-            wrong = {x.shape[0] for x in batches} - {input_size[0]}
-            if wrong and not dynamic_batch:
-                raise GhostifyError(f"the check data has batches of {min(wrong)} but the file takes batches of "
-                                    f"{input_size[0]}; export with dynamic_batch=True (--dynamic-batch)")
-            abs_err = rel_err = 0.0
-            same = total = 0
-            logits = True
-            with torch.inference_mode():
-                for x in batches:
-                    x = x.float()
-                    a, r, top1, agree = check_outputs(_outputs(model(x)), run(x))
-                    abs_err, rel_err = max(abs_err, a), max(rel_err, r)
-                    logits = logits and top1 is not None
-                    same, total = same + agree, total + x.shape[0]
-            if not rel_err <= tolerance:
-                raise GhostifyError(f"export check failed: max relative error {rel_err:.2e} > tolerance {tolerance:g} "
-                                    f"(max abs {abs_err:.2e}) on {total} samples; nothing written to {path}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    finally:
-        model.train(was_training)
+            found.update(_compare(model, run, batches))
+            if not found["rel"] <= tolerance:
+                raise GhostifyError(f"export check failed: max relative error {found['rel']:.2e} > tolerance "
+                                    f"{tolerance:g} (max abs {found['abs']:.2e}) on {found['total']} samples; "
+                                    f"nothing written to {path}")
+
+        atomic_write(path, write, force=force)
     if report is not None:
         notes = [f"{p} at {w}: {why}" for p, w, why in report.skipped]
         notes += [f"cat of {layer} left with pieces {sizes} (not multiples of 8)" for layer, sizes in report.unaligned_cats()]
-    return ExportCheck(str(path), fmt, input_size, abs_err, rel_err, same / total if logits else None, total,
-                       tolerance, fuse, report.counts() if report else {}, notes, _data_name(check_data))
+    top1 = found["same"] / found["total"] if found["logits"] else None
+    return ExportCheck(str(path), fmt, input_size, found["abs"], found["rel"], top1, found["total"], tolerance, fuse,
+                       report.counts() if report else {}, notes, _data_name(check_data),
+                       len(report.cats) if report else None)
+
+
+def _compare(model: nn.Module, run, batches: list[torch.Tensor]) -> dict:
+    """The worst errors and the argmax agreement of ``run`` (the exported file) against ``model`` on ``batches``."""
+    found = {"abs": 0.0, "rel": 0.0, "same": 0, "total": 0, "logits": True}
+    with torch.inference_mode():
+        for x in batches:
+            x = x.float()
+            a, r, top1, agree = check_outputs(_outputs(model(x)), run(x))
+            found["abs"], found["rel"] = max(found["abs"], a), max(found["rel"], r)
+            found["logits"] = found["logits"] and top1 is not None
+            found["same"] += agree
+            found["total"] += x.shape[0]
+    return found
 
 
 def _data_name(check_data) -> str:
