@@ -7,7 +7,7 @@
 * :func:`runtime_latency` (``runtime.py``): original against converted, side by side, in eager
   PyTorch, ``torch.compile`` or ONNX Runtime.
 
-ONNX support needs the optional extra: ``pip install ghostify[deploy]``.
+ONNX support needs the optional extra: ``pip install 'ghostify[deploy]'``.
 
 The command line is a thin face over these calls:
 

@@ -23,6 +23,7 @@ converted model saves it with its weights (``ghostify.save``), so ``ghostify.loa
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from dataclasses import dataclass, replace
 from typing import Iterable
@@ -233,8 +234,8 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
         x = torch.randn(*input_size)
         specs = {n: [(r.ratio, candidates[n].dw_size, candidates[n].cheap) for r in opts] for n, opts in rows.items()}
         lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
-        total_ms = runtime_latency({"model": model}, x, runtime=runtime, repeats=repeats,
-                                   threads=threads)["model"]["median_ms"]
+        timer = measure_latency if runtime == "torch" else functools.partial(runtime_latency, runtime=runtime)
+        total_ms = timer({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
 
     options, reasons = {}, {}
     for name, opts in rows.items():
