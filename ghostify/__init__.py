@@ -33,6 +33,8 @@ _EXPORTS = {
     "trace": "conversion.tracing", "GhostTracer": "conversion.tracing",
     "GhostifyError": "errors",
     "load_recipe": "train.recipe", "Recipe": "train.recipe", "kd_loss": "train.loss",
+    "fuse": "deploy", "export": "deploy", "ExportCheck": "deploy", "runtime_latency": "deploy",
+    "torch_threads": "measure.latency",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
