@@ -27,7 +27,6 @@ import math
 import statistics
 import time
 import warnings
-from importlib import import_module
 from typing import Callable, Iterable
 
 import torch
@@ -525,13 +524,6 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 # -- short distillation ----------------------------------------------------------------------------
 
 
-def kd_loss_fn():
-    """ghostify's KD loss (``ghostify.kd_loss``, the fine-tune recipes' loss)."""
-    import ghostify
-
-    return ghostify.kd_loss
-
-
 def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], *, steps: int = 150,
                 lr: float = 0.005, temperature: float = 4.0, warmup: int = 20, clip: float = 2.0,
                 seed: int = 0) -> nn.Module:
@@ -541,7 +533,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
     momentum 0.9, weight decay 5e-4, lr 0.005 with 20 warm-up steps then cosine, gradient clipping at 2,
     ``T = 4``), without labels: ``kd_loss(student, teacher, None)``. Batches are drawn in a seeded order.
     """
-    kd_loss = kd_loss_fn()
+    from ghostify import kd_loss  # the fine-tune recipes' loss
+
     work = copy.deepcopy(student).train()
     teacher = teacher.eval()
     opt = torch.optim.SGD(work.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
