@@ -191,8 +191,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 2
 
     Example:
         >>> import torch, ghostify
-        >>> net = ghostify.reference.resnet20(in_channels=1, num_classes=10).eval()
-        >>> ghost = ghostify.convert(net, ratio=2, init="calib", calib_data="mnist-sample:calib", calib_size=64)
+        >>> from ghostify.reference import resnet20
+        >>> net = resnet20().eval()                                    # MNIST-sized; load trained weights here
+        >>> calib = ghostify.resolve_data("mnist-sample:calib", limit=64)
+        >>> ghost = ghostify.convert(net, ratio=2, init="calib", calib_data=calib)
         >>> fixed = ghostify.distill(ghost, net, "mnist-sample:calib", steps=2, limit=64, progress=False)
         >>> fixed(torch.zeros(1, 1, 28, 28)).shape
         torch.Size([1, 10])
