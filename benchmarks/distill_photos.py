@@ -69,7 +69,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-at", default="100,200,400", help="steps at which agreement is measured")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--image-size", type=int, default=None, help="train on crops of this size (default 224)")
     p.add_argument("--cache", default=None, help="folder to keep the calibrated conversion in")
     p.add_argument("--json", default=None, help="also write the results here")

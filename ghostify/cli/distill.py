@@ -18,7 +18,7 @@ __all__ = ["distill"]
                    "synthetic, mnist-sample, ...")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="AdamW learning rate (cosine schedule).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
 @click.option("--feature-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,

@@ -158,7 +158,7 @@ def _recipe(**o) -> DistillRecipe:
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 200, batch_size: int = 16,
-            lr: float = 1e-3, temperature: float = 2.0, feature_weight: float = 1.0,
+            lr: float = 1e-4, temperature: float = 2.0, feature_weight: float = 1.0,
             augment: AugmentConfig | dict | None = None, image_size: int | None = None, limit: int | None = 256,
             freeze_bn: bool = True, warmup_steps: int = 0, val_data: Any = None, val_limit: int | None = None,
             input_size: tuple[int, ...] | None = None, run_dir: str | os.PathLike | None = None,
