@@ -35,8 +35,8 @@ from ..errors import GhostifyError
 from ..layers import GhostConv2d, ghost_macs_per_position
 from ..graph import bn_output_scales
 from .lockstep import Lockstep
-from .fitting import (CV_ROWS, choose_ridge, gather_taps, pair_ghosts, patches, pivoted_cholesky, reduced_rank,
-                      ridge_solve, sample_positions, select_intrinsic)
+from .fitting import (CV_ROWS, choose_ridge, gram, pair_ghosts, patch_rows, pivoted_cholesky, reduced_rank,
+                      ridge_solve, sample_positions, select_intrinsic, windows)
 from .registry import Layer, register_init
 from .transfer import copy_layer
 
@@ -200,30 +200,52 @@ def _rel_error(outs, ys, scale: torch.Tensor) -> float:
 
 def _statistics(conv: nn.Conv2d, xs, ys, positions: int, gen: torch.Generator):
     """Normal equations ``A``, ``B`` (one pair per half of the images), ``sum y y^T``, ``sum y``, the row
-    count and the sampled positions of each batch, streamed over the batches."""
-    n = ys[0].shape[1]
+    count and the sampled positions of each batch, streamed over the batches on their device."""
+    n, dev = ys[0].shape[1], ys[0].device
     d_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
-    a = torch.zeros(2, d_in, d_in, dtype=torch.float64)  # two halves of the images, for choosing the ridge
-    b = torch.zeros(2, d_in, n, dtype=torch.float64)
-    yy = torch.zeros(n, n, dtype=torch.float64)
-    ysum = torch.zeros(n, dtype=torch.float64)
-    count = 0
+    a = torch.zeros(2, d_in, d_in, dtype=torch.float64, device=dev)  # two halves of the images, for the ridge
+    b = torch.zeros(2, d_in, n, dtype=torch.float64, device=dev)
+    yy = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    ysum = torch.zeros(n, dtype=torch.float64, device=dev)
+    count = seen = 0
     pos_per_batch = []
     for x, y in zip(xs, ys):
         pos = sample_positions(y.shape[2] * y.shape[3], positions, gen)
         pos_per_batch.append(pos)
+        # image i of the run is in half i % 2; the rows of each half are made contiguous
+        half = (torch.arange(len(x), device=dev) + seen) % 2
+        order = torch.argsort(half, stable=True)
+        cut = int((half == 0).sum()) * len(pos)
         # products in float32 (the bulk of the time, 2x faster than float64), sums in float64
-        p = patches(conv, x.cpu().float(), pos, y.shape[3])
-        t = y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, n).cpu().float()
-        half = (torch.arange(len(p)) // len(pos) + count // len(pos)) % 2  # rows are image-major
-        for k in (0, 1):
-            pk, tk = p[half == k], t[half == k]
-            a[k] += (pk.T @ pk).double()
-            b[k] += (pk.T @ tk).double()
+        p = patch_rows(conv, x.float(), pos, y.shape[3], order)
+        t = _rows(y, pos, order)
+        _accumulate(a[0], b[0], p[:cut], t[:cut])
+        _accumulate(a[1], b[1], p[cut:], t[cut:])
         yy += (t.T @ t).double()
-        ysum += t.double().sum(0)
+        ysum += t.sum(0, dtype=torch.float64)
         count += len(t)
+        seen += len(x)
     return a, b, yy, ysum, count, pos_per_batch
+
+
+def _rows(y: torch.Tensor, pos: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` at positions ``pos`` as float32 rows ``(N*P, channels)``, image-major (images in ``images``' order)."""
+    pos = pos.to(y.device)
+    images = torch.arange(len(y), device=y.device) if images is None else images
+    return y.flatten(2)[images[:, None], :, pos[None]].reshape(-1, y.shape[1]).float()
+
+
+def _accumulate(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> None:
+    """``a += [p 1]^T [p 1]``, ``b += [p 1]^T t`` (float64 sums of float32 products), without building ``[p 1]``."""
+    if not len(p):
+        return
+    a[:-1, :-1] += gram(p)
+    s = p.sum(0, dtype=torch.float64)
+    a[:-1, -1] += s
+    a[-1, :-1] += s
+    a[-1, -1] += len(p)
+    b[:-1] += (p.T @ t).double()
+    b[-1] += t.sum(0, dtype=torch.float64)
 
 
 def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256, ridge: float = 1e-6,
@@ -260,6 +282,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
     a, b, yy, ysum, count, pos_per_batch = _statistics(conv, xs, ys, positions, gen)
     mean = ysum / count
     scale = torch.ones(n, dtype=torch.float64) if scale is None else scale.double()
+    scale = scale.to(a.device)
     cov = (yy / count - torch.outer(mean, mean)) * torch.outer(scale, scale)  # as the next BN sees it
     has_bias = conv.bias is not None
     if not has_bias:  # no bias in the layer: fit without the intercept column
@@ -277,7 +300,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
         elif ghost.cheap_kind == "mix":
             intrinsic = pivoted_cholesky(cov, m)
         else:
-            intrinsic = select_intrinsic(cov.float(), m)
+            intrinsic = select_intrinsic(cov.float().cpu(), m)
         if refit:  # only the intrinsic filters are refit
             w_i = ridge_solve(a, b[:, intrinsic], ridge)
         else:
@@ -288,7 +311,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
         w_i = torch.cat([w_i, a.new_zeros(1, m)])
     slots = sorted(set(range(n)) - set(intrinsic))
     if ghost.cheap_kind != "mix" and not fixed_order:
-        order, slots = pair_ghosts(cov.float(), intrinsic, slots, ghost.cheap.per_parent)
+        order, slots = pair_ghosts(cov.float().cpu(), intrinsic, slots, ghost.cheap.per_parent)
         w_i = w_i[:, [intrinsic.index(c) for c in order]]
         intrinsic = order
     prim = ghost.primary
@@ -308,18 +331,18 @@ def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None
     parents = ghost.cheap.parents()
     g = len(slots)
     q = d * d + 1
-    a = torch.zeros(g, q, q, dtype=torch.float64)
-    b = torch.zeros(g, q, dtype=torch.float64)
+    a = torch.zeros(g, q, q, dtype=torch.float64, device=prim.weight.device)
+    b = torch.zeros(g, q, dtype=torch.float64, device=prim.weight.device)
     for x, y, pos in zip(xs, ys, pos_per_batch):
         z = prim(x)
-        zc = gather_taps(F.pad(z, (d // 2,) * 4), (d, d), (1, 1), (1, 1), pos, z.shape[3])  # (N, m*d*d, P)
-        zc = zc.reshape(len(z), z.shape[1], d * d, -1)[:, parents]  # (N, g, d*d, P)
-        zc = torch.cat([zc, zc.new_ones(zc.shape[0], g, 1, zc.shape[-1])], 2).float()
-        t = y.flatten(2)[:, slots][:, :, pos].float()  # (N, g, P)
-        a += torch.einsum("ngip,ngjp->gij", zc, zc).double()
-        b += torch.einsum("ngip,ngp->gi", zc, t).double()
+        zc = windows(F.pad(z, (d // 2,) * 4), (d, d), (1, 1), (1, 1), pos, z.shape[3])  # (N, P, m, d, d)
+        zc = zc.flatten(3)[:, :, parents].permute(2, 0, 1, 3).reshape(g, -1, d * d)  # (g, N*P, d*d)
+        zc = torch.cat([zc, zc.new_ones(g, zc.shape[1], 1)], 2).float()
+        t = _rows(y[:, slots], pos).T  # (g, N*P)
+        a += torch.bmm(zc.transpose(1, 2), zc).double()
+        b += torch.bmm(zc.transpose(1, 2), t[..., None])[..., 0].double()
     lam = ridge * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-    sol = torch.linalg.solve(a + lam[:, None, None] * torch.eye(q, dtype=a.dtype), b[..., None])[..., 0]
+    sol = torch.linalg.solve(a + lam[:, None, None] * torch.eye(q, dtype=a.dtype, device=a.device), b[..., None])[..., 0]
     dw = ghost.cheap.conv
     dw.weight.zero_()
     dw.weight[:g, 0] = sol[:, :-1].reshape(g, d, d).to(dw.weight.dtype)
@@ -329,14 +352,10 @@ def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None
 def _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:
     """``y_ghosts ~ M z + c`` over the intrinsic maps at sampled positions (ridge least squares)."""
     m = len(intrinsic)
-    a = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-    b = torch.zeros(m + 1, len(slots), dtype=torch.float64)
+    a = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=prim.weight.device)
+    b = torch.zeros(m + 1, len(slots), dtype=torch.float64, device=prim.weight.device)
     for x, y, pos in zip(xs, ys, pos_per_batch):
-        z = prim(x).flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, m).float()
-        z = torch.cat([z, z.new_ones(len(z), 1)], 1)
-        t = y.flatten(2)[:, slots][:, :, pos].permute(0, 2, 1).reshape(-1, len(slots)).float()
-        a += (z.T @ z).double()
-        b += (z.T @ t).double()
+        _accumulate(a, b, _rows(prim(x), pos), _rows(y[:, slots], pos))
     sol = ridge_solve(a, b, ridge)
     ghost.cheap.load_mix(sol[:-1].T)
     _set_ghost_bias(ghost, ghost.cheap.mix, sol[-1], len(slots))

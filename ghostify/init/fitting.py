@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["select_intrinsic", "pair_ghosts", "fit_dw_kernels", "pivoted_cholesky", "ridge_solve", "choose_ridge",
-           "reduced_rank", "patches", "gather_taps", "sample_positions", "conv_padding", "CV_ROWS", "RIDGES"]
+           "reduced_rank", "patches", "patch_rows", "windows", "gram", "sample_positions", "conv_padding", "CV_ROWS",
+           "RIDGES"]
 
 
 def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 12) -> list[int]:
@@ -183,20 +184,46 @@ def conv_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
 def patches(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_width: int) -> torch.Tensor:
     """Input patches of ``conv`` at output positions ``pos`` (per image), as rows with a trailing 1.
 
-    Gathered tap by tap at the sampled positions only (``F.unfold`` would build every patch);
-    the columns are ordered like ``conv.weight.reshape(n, -1)``: channel, then kernel row, column.
+    The columns are ordered like ``conv.weight.reshape(n, -1)``: channel, then kernel row, column.
     """
-    cols = gather_taps(F.pad(x, conv_padding(conv, x)), conv.kernel_size, conv.stride, conv.dilation, pos, out_width)
-    cols = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+    cols = patch_rows(conv, x, pos, out_width)
     return torch.cat([cols, cols.new_ones(len(cols), 1)], 1)
 
 
-def gather_taps(xp: torch.Tensor, kernel, stride, dilation, pos: torch.Tensor, out_width: int) -> torch.Tensor:
-    """``F.unfold(xp, ...)[:, :, pos]`` for an already padded ``xp``, computed only at ``pos``: ``(N, C*kh*kw, P)``."""
+def patch_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_width: int,
+               images: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`patches` without the trailing 1, for the images ``images`` (default all, in order): ``(N*P, C*kh*kw)``."""
+    xp = F.pad(x, conv_padding(conv, x)) if any(conv_padding(conv, x)) else x
+    win = windows(xp, conv.kernel_size, conv.stride, conv.dilation, pos, out_width, images)
+    return win.reshape(win.shape[0] * win.shape[1], -1)
+
+
+def windows(xp: torch.Tensor, kernel, stride, dilation, pos: torch.Tensor, out_width: int,
+            images: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``kh x kw`` windows of an already padded ``xp`` at output positions ``pos``: ``(N, P, C, kh, kw)``.
+
+    One gather from a strided view of every window (``F.unfold`` would copy every patch, the
+    sampled ones only are copied here), already in row order.
+    """
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    r0, c0 = (pos // out_width) * sh, (pos % out_width) * sw
-    taps = [xp[:, :, r0 + i * dh, c0 + j * dw] for i in range(kh) for j in range(kw)]  # each (N, C, P)
-    return torch.stack(taps, 2).reshape(len(xp), -1, len(pos))
+    view = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    view = view.permute(0, 2, 3, 1, 4, 5)  # (N, Ho, Wo, C, kh, kw)
+    pos = pos.to(xp.device)
+    r, c = pos // out_width, pos % out_width
+    if images is None:
+        return view[:, r, c]
+    return view[images[:, None], r[None], c[None]]
+
+
+def gram(p: torch.Tensor) -> torch.Tensor:
+    """``p^T p`` in float64, computed in ``p``'s precision; float32 on the CPU through BLAS ``syrk``, which
+    computes one triangle only (half the multiply-adds of a matmul)."""
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() or not len(p):
+        return (p.T @ p).double()
+    from scipy.linalg.blas import ssyrk
+
+    upper = torch.from_numpy(ssyrk(1.0, p.numpy().T, trans=0)).double()  # p^T p, lower triangle zero
+    return upper + upper.triu(1).T
 
 
 def sample_positions(total: int, per_image: int, gen: torch.Generator) -> torch.Tensor:
@@ -205,7 +232,7 @@ def sample_positions(total: int, per_image: int, gen: torch.Generator) -> torch.
 
 def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
     """``(a + l I) w = b`` with ``l = ridge * mean(diag a)``; Cholesky (half the work of LU) when it succeeds."""
-    reg = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(a), dtype=a.dtype)
+    reg = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(a), dtype=a.dtype, device=a.device)
     chol, bad = torch.linalg.cholesky_ex(reg)
     return torch.linalg.solve(reg, b) if bad.item() else torch.cholesky_solve(b, chol)
 
