@@ -410,3 +410,28 @@ def test_fractional_ratio_converts_counts_and_round_trips(init, tmp_path):
     assert back.get_submodule("conv").ratio == pytest.approx(4 / 3)
     with torch.no_grad():
         torch.testing.assert_close(back(x), ghost(x))
+
+
+def test_fixed_order_mix_reaches_the_best_rank_m_error():
+    """A layer whose channel order cannot move (fixed_order) keeps channels 0..3 as its intrinsic
+    maps, yet its mix fit is still the best rank-4 map: here channels 0-3 are weak (0.1 x) and
+    4-7 carry the signal, so regressing 4-7 on a refit of 0-3 (the old fixed-order path) loses
+    almost everything, while the rank-4 map loses only the tail of the spectrum."""
+    from ghostify.init.calib import fit_layer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 1)
+    with torch.no_grad():
+        conv.weight[:4] *= 0.1
+    ghost = GhostConv2d.from_conv(conv, 2, 1, "mix", cheap_bias=True)
+    xs = [torch.randn(4, 6, 5, 5) for _ in range(3)]
+    with torch.no_grad():
+        ys = [conv(x) for x in xs]
+        fit_layer(conv, ghost, xs, ys, positions=25, ridge=1e-10, fixed_order=True)
+        yg = torch.cat([ghost(x) for x in xs]).permute(0, 2, 3, 1).reshape(-1, 8).double()
+    y = torch.cat(ys).permute(0, 2, 3, 1).reshape(-1, 8).double()
+    centred = y - y.mean(0)
+    best = (torch.linalg.eigvalsh(centred.T @ centred)[:4].sum() / (y**2).sum()).sqrt().item()
+    assert ((yg - y).norm() / y.norm()).item() == pytest.approx(best, rel=1e-3)
+    assert best < 0.1
+    assert ghost.channel_map.tolist() == list(range(8))  # the order stayed

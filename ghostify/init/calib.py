@@ -291,9 +291,8 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
     if refit and count < CV_ROWS * len(a[0]):  # few rows per unknown: choose the ridge on the other half
         ridge = choose_ridge(a, b, scale, ridge)
     a, b = a.sum(0), b.sum(0)
-    rank_reduced = refit and ghost.cheap_kind == "mix" and ghost.cheap.mix.groups == 1 and not fixed_order
-    if rank_reduced:
-        w_i, intrinsic = reduced_rank(a, b, m, scale, ridge, count, has_bias)
+    if refit and ghost.cheap_kind == "mix" and ghost.cheap.mix.groups == 1:  # the best rank-m map
+        w_i, intrinsic = reduced_rank(a, b, m, scale, ridge, count, has_bias, fixed_order)
     else:
         if fixed_order:
             intrinsic = list(range(m))

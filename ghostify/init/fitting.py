@@ -278,7 +278,8 @@ def choose_ridge(a, b, scale, ridge: float) -> float:
     return best[1]
 
 
-def reduced_rank(a, b, m: int, scale, ridge: float, count: int, centred: bool) -> tuple[torch.Tensor, list[int]]:
+def reduced_rank(a, b, m: int, scale, ridge: float, count: int, centred: bool,
+                 fixed_order: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Intrinsic filters and channels for ``mix``: the best rank-``m`` linear map, in the BN-weighted metric.
 
     The full least-squares fit ``W`` predicts all ``n`` channels; the top ``m`` principal
@@ -286,6 +287,9 @@ def reduced_rank(a, b, m: int, scale, ridge: float, count: int, centred: bool) -
     mean) give the rank-``m`` map ``W S U U^T S^-1``, which any ``m`` channels whose rows of ``U``
     are independent can carry, the rest being linear mixes of them. The channels are chosen by
     pivoted Cholesky on ``U U^T`` (greedy maximal volume), which keeps the mixing weights small.
+    With ``fixed_order`` (a layer whose channel order cannot move) the first ``m`` channels carry
+    it: the map is the same rank-``m`` one, only the mixing weights grow when those channels'
+    rows of ``U`` are nearly dependent.
     """
     w = ridge_solve(a, b, ridge)  # (d, n)
     ws = w * scale[None, :]
@@ -295,7 +299,7 @@ def reduced_rank(a, b, m: int, scale, ridge: float, count: int, centred: bool) -
         second = second - torch.outer(mu, mu)
     pred = ws.T @ second @ ws  # (n, n): covariance of the weighted predictions
     u = torch.linalg.eigh(pred)[1][:, -m:]
-    intrinsic = pivoted_cholesky(u @ u.T, m)
+    intrinsic = list(range(m)) if fixed_order else pivoted_cholesky(u @ u.T, m)
     proj = (scale[:, None] * u) @ (u.T / scale[None, :])  # S U U^T S^-1
     w_r = w @ proj
     if centred:  # project only the variation: (P w - mean) proj + mean
