@@ -192,10 +192,15 @@ init_calib.chooses_cheap = True  # supports cheap="auto"
 
 def _rel_error(outs, ys, scale: torch.Tensor) -> float:
     """``||outs - ys|| / ||ys||`` with each channel weighted by ``scale``."""
-    w = scale.float().to(ys[0].device)[None, :, None, None] ** 2
-    num = sum((w * (o - y) ** 2).sum().item() for o, y in zip(outs, ys))
-    den = sum((w * y**2).sum().item() for y in ys)
+    w = scale.double().to(ys[0].device) ** 2
+    num = sum(_channel_energy(o - y) @ w for o, y in zip(outs, ys)).item()
+    den = sum(_channel_energy(y) @ w for y in ys).item()
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _channel_energy(y: torch.Tensor) -> torch.Tensor:
+    """Sum of squares per channel of ``(N, C, H, W)`` ``y``, in float64."""
+    return torch.linalg.vector_norm(y, dim=(0, 2, 3)).double() ** 2
 
 
 def _statistics(conv: nn.Conv2d, xs, ys, positions: int, gen: torch.Generator):
@@ -228,24 +233,27 @@ def _statistics(conv: nn.Conv2d, xs, ys, positions: int, gen: torch.Generator):
     return a, b, yy, ysum, count, pos_per_batch
 
 
-def _rows(y: torch.Tensor, pos: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+def _rows(y: torch.Tensor, pos: torch.Tensor, images: torch.Tensor | None = None, channels=None) -> torch.Tensor:
     """``y`` at positions ``pos`` as float32 rows ``(N*P, channels)``, image-major (images in ``images``' order)."""
-    pos = pos.to(y.device)
-    images = torch.arange(len(y), device=y.device) if images is None else images
-    return y.flatten(2)[images[:, None], :, pos[None]].reshape(-1, y.shape[1]).float()
+    dev = y.device
+    images = torch.arange(len(y), device=dev) if images is None else images
+    channels = torch.arange(y.shape[1], device=dev) if channels is None else torch.as_tensor(channels, device=dev)
+    rows = y.flatten(2)[images[:, None, None], channels[None, None, :], pos.to(dev)[None, :, None]]  # (N, P, C)
+    return rows.reshape(-1, len(channels)).float()
 
 
 def _accumulate(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> None:
-    """``a += [p 1]^T [p 1]``, ``b += [p 1]^T t`` (float64 sums of float32 products), without building ``[p 1]``."""
-    if not len(p):
+    """``a += [p 1]^T [p 1]``, ``b += [p 1]^T t`` (float64 sums of float32 products), without building ``[p 1]``;
+    ``p`` is ``(..., rows, d)``, ``t`` is ``(..., rows, k)``, leading dimensions batched."""
+    if not p.shape[-2]:
         return
-    a[:-1, :-1] += gram(p)
-    s = p.sum(0, dtype=torch.float64)
-    a[:-1, -1] += s
-    a[-1, :-1] += s
-    a[-1, -1] += len(p)
-    b[:-1] += (p.T @ t).double()
-    b[-1] += t.sum(0, dtype=torch.float64)
+    a[..., :-1, :-1] += gram(p)
+    s = p.sum(-2, dtype=torch.float64)
+    a[..., :-1, -1] += s
+    a[..., -1, :-1] += s
+    a[..., -1, -1] += p.shape[-2]
+    b[..., :-1, :] += (p.mT @ t).double()
+    b[..., -1, :] += t.sum(-2, dtype=torch.float64)
 
 
 def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256, ridge: float = 1e-6,
@@ -331,17 +339,14 @@ def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None
     g = len(slots)
     q = d * d + 1
     a = torch.zeros(g, q, q, dtype=torch.float64, device=prim.weight.device)
-    b = torch.zeros(g, q, dtype=torch.float64, device=prim.weight.device)
+    b = torch.zeros(g, q, 1, dtype=torch.float64, device=prim.weight.device)
     for x, y, pos in zip(xs, ys, pos_per_batch):
-        z = prim(x)
-        zc = windows(F.pad(z, (d // 2,) * 4), (d, d), (1, 1), (1, 1), pos, z.shape[3])  # (N, P, m, d, d)
-        zc = zc.flatten(3)[:, :, parents].permute(2, 0, 1, 3).reshape(g, -1, d * d)  # (g, N*P, d*d)
-        zc = torch.cat([zc, zc.new_ones(g, zc.shape[1], 1)], 2).float()
-        t = _rows(y[:, slots], pos).T  # (g, N*P)
-        a += torch.bmm(zc.transpose(1, 2), zc).double()
-        b += torch.bmm(zc.transpose(1, 2), t[..., None])[..., 0].double()
+        z = F.pad(prim(x)[:, parents], (d // 2,) * 4)
+        zc = windows(z, (d, d), (1, 1), (1, 1), pos, z.shape[3] - d + 1, channels_first=True)  # (g, N, P, d, d)
+        _accumulate(a, b, zc.reshape(g, -1, d * d).float(), _rows(y, pos, channels=slots).T[..., None])
     lam = ridge * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-    sol = torch.linalg.solve(a + lam[:, None, None] * torch.eye(q, dtype=a.dtype, device=a.device), b[..., None])[..., 0]
+    a.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    sol = torch.linalg.solve(a, b)[..., 0]
     dw = ghost.cheap.conv
     dw.weight.zero_()
     dw.weight[:g, 0] = sol[:, :-1].reshape(g, d, d).to(dw.weight.dtype)
@@ -354,7 +359,7 @@ def _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> Non
     a = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=prim.weight.device)
     b = torch.zeros(m + 1, len(slots), dtype=torch.float64, device=prim.weight.device)
     for x, y, pos in zip(xs, ys, pos_per_batch):
-        _accumulate(a, b, _rows(prim(x), pos), _rows(y[:, slots], pos))
+        _accumulate(a, b, _rows(prim(x), pos), _rows(y, pos, channels=slots))
     sol = ridge_solve(a, b, ridge)
     ghost.cheap.load_mix(sol[:-1].T)
     _set_ghost_bias(ghost, ghost.cheap.mix, sol[-1], len(slots))

@@ -199,17 +199,20 @@ def patch_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_width: i
 
 
 def windows(xp: torch.Tensor, kernel, stride, dilation, pos: torch.Tensor, out_width: int,
-            images: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``kh x kw`` windows of an already padded ``xp`` at output positions ``pos``: ``(N, P, C, kh, kw)``.
+            images: torch.Tensor | None = None, channels_first: bool = False) -> torch.Tensor:
+    """The ``kh x kw`` windows of an already padded ``xp`` at output positions ``pos``: ``(N, P, C, kh, kw)``,
+    or ``(C, N, P, kh, kw)`` with ``channels_first`` (then for all images).
 
     One gather from a strided view of every window (``F.unfold`` would copy every patch, the
     sampled ones only are copied here), already in row order.
     """
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    view = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-    view = view.permute(0, 2, 3, 1, 4, 5)  # (N, Ho, Wo, C, kh, kw)
+    view = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (N, C, Ho, Wo, ..)
     pos = pos.to(xp.device)
     r, c = pos // out_width, pos % out_width
+    if channels_first:
+        return view.transpose(0, 1)[:, :, r, c]
+    view = view.permute(0, 2, 3, 1, 4, 5)  # (N, Ho, Wo, C, kh, kw)
     if images is None:
         return view[:, r, c]
     return view[images[:, None], r[None], c[None]]
@@ -218,8 +221,8 @@ def windows(xp: torch.Tensor, kernel, stride, dilation, pos: torch.Tensor, out_w
 def gram(p: torch.Tensor) -> torch.Tensor:
     """``p^T p`` in float64, computed in ``p``'s precision; float32 on the CPU through BLAS ``syrk``, which
     computes one triangle only (half the multiply-adds of a matmul)."""
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() or not len(p):
-        return (p.T @ p).double()
+    if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous() or p.dim() != 2 or not len(p):
+        return (p.mT @ p).double()
     from scipy.linalg.blas import ssyrk
 
     upper = torch.from_numpy(ssyrk(1.0, p.numpy().T, trans=0)).double()  # p^T p, lower triangle zero
@@ -232,7 +235,8 @@ def sample_positions(total: int, per_image: int, gen: torch.Generator) -> torch.
 
 def ridge_solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
     """``(a + l I) w = b`` with ``l = ridge * mean(diag a)``; Cholesky (half the work of LU) when it succeeds."""
-    reg = a + ridge * a.diagonal().mean().clamp_min(1e-12) * torch.eye(len(a), dtype=a.dtype, device=a.device)
+    reg = a.clone()
+    reg.diagonal().add_(ridge * a.diagonal().mean().clamp_min(1e-12))
     chol, bad = torch.linalg.cholesky_ex(reg)
     return torch.linalg.solve(reg, b) if bad.item() else torch.cholesky_solve(b, chol)
 
