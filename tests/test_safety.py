@@ -423,6 +423,15 @@ def test_7_no_output_is_overwritten_without_force(tmp_path):
     assert [p.name for p in folder.iterdir()] == ["summary.md"] and (folder / "summary.md").read_text() == "my notes"
 
 
+def test_11_a_model_output_must_be_named_safetensors(tmp_path):
+    """``-o x.pt`` would hold a safetensors file that nothing reads back as .pt: refused, nothing written."""
+    chain = ["conftest:ChainNet", "--weights", "none", "--input-size", "3,8,8"]
+    one_line_error(run("convert", *chain, "-o", tmp_path / "x.pt"), ".safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert run("convert", *chain, "-o", tmp_path / "x.safetensors").exit_code == 0
+    assert isinstance(ghostify.load(tmp_path / "x.safetensors", trust_code=True), nn.Module)
+
+
 def test_7_non_regular_files_are_refused_even_with_force(tmp_path):
     fifo = _fifo(tmp_path)
     chain = ["conftest:ChainNet", "--weights", "none", "--input-size", "3,8,8"]

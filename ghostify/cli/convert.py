@@ -10,8 +10,8 @@ import click
 
 from ..errors import GhostifyError
 from ..outputs import atomic_write
-from .options import (budget_options, check_input, default_input, parse_input_size, parse_override, selection_options,
-                      trust_code_option, user_errors)
+from .options import (budget_options, check_input, default_input, parse_input_size, parse_override, require_runtime,
+                      selection_options, trust_code_option, user_errors)
 
 __all__ = ["inspect", "convert", "eval_", "models", "env", "COMMANDS"]
 
@@ -96,6 +96,11 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
         check_output(output, force=force, suffixes=(".safetensors",))
     if budget.get("save_plan") is not None:
         check_output(budget["save_plan"], force=force, option="--save-plan")
+    if budget.get("runtime", "torch") != "torch":
+        if not (budget.get("skip_slower") or budget.get("target_latency")):
+            raise GhostifyError(f"--runtime {budget['runtime']} says where --skip-slower/--target-latency time "
+                                "the layers; add one of them")
+        require_runtime(budget["runtime"])
     size = parse_input_size(input_size, lambda: default_input(model))
     original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf,
                                          trust_code)

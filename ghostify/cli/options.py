@@ -181,7 +181,8 @@ def budget_options(fn):
                      help="Choose a ratio per conv (or keep it) so the model has <= F of the original MACs, "
                           "least predicted loss first (greedy; see ghostify sensitivity)."),
         click.option("--target-latency", type=float, default=None, callback=fraction, metavar="F",
-                     help="As --target-macs, on per-layer latency measured here (batch of --input-size)."),
+                     help="As --target-macs, on per-layer latency measured here (batch of --input-size; "
+                          "in --runtime)."),
         click.option("--ratios", "budget_ratios", default="2,3,4", show_default=True,
                      help="Candidate ratios per conv for --target-macs/--target-latency."),
         click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False), default=None,
@@ -198,6 +199,10 @@ def budget_options(fn):
                      help="Keep a conv when its Ghost layer, timed alone on its real input, is not faster."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Intra-op threads for latency measurements (default: torch's)."),
+        click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="torch", show_default=True,
+                     help="Where --skip-slower and --target-latency time each layer (with its BN and activation, "
+                          "fused): eager PyTorch, ONNX Runtime (ort; needs pip install 'ghostify[deploy]') or "
+                          "torch.compile."),
         click.option("--plan", "plan_file", type=click.Path(dir_okay=False), default=None,
                      help="Replay a plan: a JSON plan (--save-plan) or a model saved by ghostify."),
         click.option("--save-plan", type=click.Path(dir_okay=False), default=None,
@@ -206,6 +211,29 @@ def budget_options(fn):
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+RUNTIME_CHOICES = ("torch", "ort", "compile")
+
+
+def require_runtime(runtime: str | None) -> None:
+    """Fail now, in one line naming the extra to install, when ``runtime`` needs ONNX and it is missing."""
+    if runtime == "ort":
+        from ..deploy.export import require_onnx
+
+        require_onnx()
+
+
+def runtime_timer(runtime: str | None):
+    """The ``timer`` for :func:`ghostify.report` that times in ``runtime`` (None: eager, unfused)."""
+    if runtime is None:
+        return None
+    require_runtime(runtime)
+    import functools
+
+    from ..deploy.runtime import runtime_latency
+
+    return functools.partial(runtime_latency, runtime=runtime)
 
 
 def default_input(model_spec: str):

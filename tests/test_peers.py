@@ -1,0 +1,108 @@
+"""benchmarks/peer_methods.py and peers.py on tiny networks: the peers' MAC matching, the BN fold before
+export, the low-rank refit and the Pareto front (the run itself is a benchmark, not a test)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torch_pruning", reason="the peers extra is not installed: pip install -e '.[peers]'")
+pytest.importorskip("tensorly", reason="the peers extra is not installed: pip install -e '.[peers]'")
+
+import ghostify  # noqa: E402
+from benchmarks import peer_methods as P  # noqa: E402
+from benchmarks.peers import pareto  # noqa: E402
+
+X = torch.zeros(1, 3, 8, 8)
+
+
+def _convs(model):
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_uniform_pruning_keeps_the_fraction_of_every_layer_and_the_classifier(chain_net):
+    pruned = P.prune(chain_net, X, importance="l1", global_pruning=False, ratio=0.5, ignored=lambda m: [m.fc])
+    # stem 8 -> 4, conv1 16 -> 8, conv2 12 -> 6 output channels; the classifier keeps its 5 outputs
+    assert [c.out_channels for c in _convs(pruned)] == [4, 8, 6]
+    assert (pruned.fc.in_features, pruned.fc.out_features) == (6, 5)
+    # the convs' MACs by hand on 8x8: 3*4*9*64, 4*8*9*64 (against 8*16*9*64)
+    by = ghostify.count(pruned, X).macs_by_module
+    assert (by["stem"], by["conv1"]) == (6912, 18432)
+    assert ghostify.count(chain_net, X).macs_by_module["conv1"] == 73728
+    assert [c.out_channels for c in _convs(chain_net)] == [8, 16, 12]  # the caller's model is untouched
+
+
+def test_bisection_matches_a_macs_target_for_pruning_and_low_rank(chain_net):
+    macs0 = ghostify.count(chain_net, X).macs
+    frac = lambda m: ghostify.count(m, X).macs / macs0  # noqa: E731
+    prune = lambda p: P.prune(chain_net, X, importance="bn", global_pruning=False, ratio=p,  # noqa: E731
+                              ignored=lambda m: [m.fc])
+    p, got = P.bisect(lambda p: frac(prune(p)), 0.55, 0.0, 0.95, increasing=False)
+    assert got == frac(prune(p)) and abs(got - 0.55) < 0.06  # channel counts are integers: a step function
+    t, got = P.bisect(lambda t: frac(P.lowrank(chain_net, X, t, decompose=False)), 0.55, 0.01, 1.0, increasing=True)
+    assert abs(got - 0.55) < 0.06
+    assert frac(P.lowrank(chain_net, X, t)) == got  # the shells counted are the decomposed model's shapes
+
+
+def test_svd_of_a_low_rank_1x1_conv_is_exact_and_refit_never_hurts():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 1)
+    conv.weight.data = (torch.randn(32, 2) @ torch.randn(2, 16))[:, :, None, None]  # rank 2
+    net = nn.Sequential(conv).eval()
+    low = P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5)
+    assert low.lowrank_layers == {"0": (5,)}  # floor(0.5 * 16 * 32 / 48)
+    x = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(low(x), net(x), atol=1e-4, rtol=1e-4)
+
+    deep = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    low = P.lowrank(deep, torch.randn(1, 3, 8, 8), 0.3)
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    refit = P.refit_last_factors(low, deep, calib)
+    err = lambda m: sum((m(x) - deep(x)).pow(2).sum().item() for x in calib)  # noqa: E731
+    assert err(refit) < err(low)  # least squares on the same images cannot do worse than the data-free start
+
+
+@pytest.mark.parametrize("kw", [dict(ratio=2), dict(ratio=1.5), dict(ratio=3, cheap="mix", dw_size=1),
+                                dict(ratio=2, cheap="mix", dw_size=3), dict(ratio=3, dw_size=1)])
+def test_bn_fold_into_ghost_layers_is_exact(chain_net, kw):
+    ghost = ghostify.convert(_randomise_bn(chain_net), init="copy", **kw)
+    folded, n = P.fold_bn(ghost)
+    ghosts = [name for name, m in ghost.named_modules() if isinstance(m, ghostify.GhostConv2d)]
+    assert n == len(ghosts) >= 1  # each converted conv (conv1, and conv2 when it saves MACs) takes its BN
+    assert not any(isinstance(folded.get_submodule(name.replace("conv", "bn")), nn.BatchNorm2d) for name in ghosts)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(folded(x), ghost(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bn_recalibration_changes_statistics_only(chain_net):
+    batches = [(torch.randn(16, 3, 8, 8) * 2 + 1, None) for _ in range(3)]
+    new = P.bn_recalibrate(chain_net, batches)
+    x = torch.cat([b[0] for b in batches])
+    torch.testing.assert_close(new.bn0.running_mean, new.stem(x).mean((0, 2, 3)))
+    torch.testing.assert_close(new.stem.weight, chain_net.stem.weight)
+    assert not new.training
+
+
+def test_exported_model_matches_pytorch(chain_net):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -e '.[peers]'")
+    ghost = ghostify.convert(_randomise_bn(chain_net), ratio=2, init="copy")
+    folded, _ = P.fold_bn(ghost)
+    data = P.onnx_bytes(folded, X)
+    assert P.ort_check(data, ghost, torch.randn(3, 3, 8, 8)) < 1e-5  # batch axis dynamic, BN fold exact
+
+
+def test_pareto_front_by_hand():
+    pts = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.8), (0.5, 0.1), (2.0, 0.7)]
+    assert pareto(pts, higher=True) == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.9)]
+    # an error: lower is better
+    assert pareto([(1.0, 0.3), (2.0, 0.1), (3.0, 0.2)], higher=False) == [(1.0, 0.3), (2.0, 0.1)]
