@@ -15,7 +15,8 @@ and its target is the original conv's output on the original model. Per layer:
    regression, channels by pivoted Cholesky); with few rows per unknown the ridge ``l`` is
    chosen by two-fold cross-validation over images;
 4. the cheap op is fitted in closed form on the refit intrinsic maps: per ghost a
-   ``d x d`` kernel and bias for ``dw``, a linear map for ``mix``.
+   ``d x d`` kernel and bias for ``dw``, a linear map for ``mix`` (from the normal equations of
+   step 1 projected on the intrinsic filters: no second pass over the data).
 
 The last ``holdout`` fraction of the calibration batches is never used for fitting; each
 layer's relative output error is measured on it and recorded (``heldout_error``), and a
@@ -227,7 +228,7 @@ def _statistics(conv: nn.Conv2d, xs, ys, positions: int, gen: torch.Generator):
         _accumulate(a[0], b[0], p[:cut], t[:cut])
         _accumulate(a[1], b[1], p[cut:], t[cut:])
         yy += (t.T @ t).double()
-        ysum += t.sum(0, dtype=torch.float64)
+        ysum += t.sum(0).double()
         count += len(t)
         seen += len(x)
     return a, b, yy, ysum, count, pos_per_batch
@@ -248,12 +249,12 @@ def _accumulate(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, t: torch.Tens
     if not p.shape[-2]:
         return
     a[..., :-1, :-1] += gram(p)
-    s = p.sum(-2, dtype=torch.float64)
+    s = p.sum(-2).double()  # float32 cascade sum (as accurate here, without a float64 copy of p)
     a[..., :-1, -1] += s
     a[..., -1, :-1] += s
     a[..., -1, -1] += p.shape[-2]
     b[..., :-1, :] += (p.mT @ t).double()
-    b[..., -1, :] += t.sum(-2, dtype=torch.float64)
+    b[..., -1, :] += t.sum(-2).double()
 
 
 def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256, ridge: float = 1e-6,
@@ -293,6 +294,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
     scale = scale.to(a.device)
     cov = (yy / count - torch.outer(mean, mean)) * torch.outer(scale, scale)  # as the next BN sees it
     has_bias = conv.bias is not None
+    a_full, b_full = a.sum(0), b.sum(0)  # with the intercept column, for the mix
     if not has_bias:  # no bias in the layer: fit without the intercept column
         a, b = a[:, :-1, :-1], b[:, :-1]
     dw_ridge = ridge  # a d x d kernel has few unknowns; the chosen ridge is for the filters and the mix
@@ -326,7 +328,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
     if prim.bias is not None:
         prim.bias.copy_(w_i[-1].to(prim.bias.dtype))
     if ghost.cheap_kind == "mix":
-        _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge)
+        _fit_mix(ghost, a_full, b_full, w_i, slots, ridge)
     else:
         _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, dw_ridge)
     ghost.set_channel_map(torch.as_tensor(intrinsic + slots))
@@ -353,14 +355,14 @@ def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None
     _set_ghost_bias(ghost, dw, sol[:, -1], g)
 
 
-def _fit_mix(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None:
-    """``y_ghosts ~ M z + c`` over the intrinsic maps at sampled positions (ridge least squares)."""
-    m = len(intrinsic)
-    a = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=prim.weight.device)
-    b = torch.zeros(m + 1, len(slots), dtype=torch.float64, device=prim.weight.device)
-    for x, y, pos in zip(xs, ys, pos_per_batch):
-        _accumulate(a, b, _rows(prim(x), pos), _rows(y, pos, channels=slots))
-    sol = ridge_solve(a, b, ridge)
+def _fit_mix(ghost, a: torch.Tensor, b: torch.Tensor, w_i: torch.Tensor, slots, ridge) -> None:
+    """``y_ghosts ~ M z + c`` over the intrinsic maps ``z = [p 1] w_i`` at the sampled positions (ridge least
+    squares), from the layer's normal equations ``a``, ``b`` (patches with their trailing 1): the intrinsic
+    maps' own equations are ``T^T a T`` and ``T^T b`` with ``T = [w_i e]`` (``e`` picks the trailing 1),
+    so no forward pass is needed and the sums are the float64 ones of the patches."""
+    t = torch.cat([w_i, torch.zeros_like(w_i[:, :1])], 1)
+    t[-1, -1] = 1
+    sol = ridge_solve(t.T @ a @ t, t.T @ b[:, slots], ridge)
     ghost.cheap.load_mix(sol[:-1].T)
     _set_ghost_bias(ghost, ghost.cheap.mix, sol[-1], len(slots))
 
