@@ -54,7 +54,8 @@ def build_dataset(spec: str, *, split: str, augment: bool, image_size: int | Non
     ``cifar10:PATH`` reads the train or test split by ``split`` (random crop with 4 padding
     and flip when ``augment``); ``imagefolder:PATH`` reads one subfolder per class (random
     resized crop and flip when ``augment``, else resize and centre crop; ``image_size``
-    default 224; ``limit`` images spread evenly over the folder, so over its classes); any other spec goes through :func:`ghostify.resolve_data` and is held in memory.
+    default 224; ``limit`` images spread evenly over the folder, so over its classes); any other
+    spec goes through :func:`ghostify.resolve_data` and is held in memory.
     """
     name, _, arg = spec.partition(":")
     if name == "cifar10":
