@@ -12,7 +12,7 @@ ratio of medians, and the table shows the median ratio and its spread (min-max o
     python benchmarks/deploy_latency.py --models mobilenet_v2 --skip-slower --runtimes ort
     python benchmarks/deploy_latency.py --parity                         # exported ONNX vs PyTorch on the photos
     python benchmarks/deploy_latency.py --parity --runtimes '' --models densenet121 --ratios 1.5 --cheap mix --scatter
-    python benchmarks/deploy_latency.py --profile --runtimes ort         # ORT profile per op kind (dense / depthwise / per-channel conv, Concat, ...)
+    python benchmarks/deploy_latency.py --profile --runtimes ort         # ORT profile per kind of op
     python benchmarks/deploy_latency.py --quick                          # checks the script (figures meaningless)
 
 Needs the deploy extra (pip install ghostify[deploy]) for ONNX Runtime, and a C++ compiler for
