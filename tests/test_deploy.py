@@ -414,3 +414,14 @@ def test_an_unknown_cheap_op_stays_opaque_and_the_skip_is_reported(residual_net,
                                                       ("scale_into_primary", "conv2.primary")]
     assert "not a conv" in report.skipped[0][2]
     assert modules(fused, nn.BatchNorm2d) == 4  # both halves of both layers keep their BN (split by the cat)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_timing_sessions_do_not_spin_unless_asked(spin, tmp_path):
+    from ghostify.deploy.export import onnx_session
+
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False)
+    sess = onnx_session(path, threads=2, spin=spin)
+    entry = sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert entry == ("1" if spin else "0")
