@@ -5,13 +5,14 @@ offline, so the model has torchvision's random initialisation: the time depends 
 shapes, not on the weights (the fidelity figures live in the other benchmarks). The data
 are ``photos:calib`` crops (already decoded and cached by one untimed call).
 
-    python benchmarks/calib_time.py                      # resnet50, 256 images, cheap=dw
-    python benchmarks/calib_time.py --cheap mix --images 128
+    python benchmarks/calib_time.py                      # resnet50, 256 images, the default cheap op (mix 1x1)
+    python benchmarks/calib_time.py --cheap dw --images 128  # the paper's depthwise 3x3 cheap op
     python benchmarks/calib_time.py --hooks              # the per-layer capture path, for comparison
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 GOAL_S = 120.0
@@ -23,7 +24,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ratio", type=int, default=2)
-    p.add_argument("--cheap", default="dw")
+    p.add_argument("--cheap", default=None, help="cheap op (default: convert's default for init='calib')")
     p.add_argument("--hooks", action="store_true", help="force per-layer capture instead of the lockstep pass")
     p.add_argument("--quick", action="store_true", help="resnet18, 16 images: checks the script only")
     args = p.parse_args(argv)
@@ -41,14 +42,17 @@ def main(argv=None):
     data = ghostify.resolve_data("photos:calib", batch_size=args.batch_size, limit=args.images)
     batches = [x for x, _ in data]
     model = torchvision.models.get_model(args.model).eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ghost = ghostify.convert(model, ratio=args.ratio, init="calib", cheap=args.cheap, calib_data=batches)
+    cpu = time.process_time() - c0
     seconds = time.perf_counter() - t0
     info = ghostify.conversion_info(ghost)
     errs = [r["heldout_error"] for r in info.layer_info.values() if "heldout_error" in r]
-    print(f"{args.model} ratio {args.ratio} cheap={args.cheap} init=calib, {sum(len(b) for b in batches)} images "
+    print(f"{args.model} ratio {args.ratio} cheap={args.cheap or 'default'} init=calib, "
+          f"{sum(len(b) for b in batches)} images "
           f"{tuple(batches[0].shape[1:])}, {len(info.plan.converted)} layers, threads {torch.get_num_threads()}, "
-          f"{'hooks' if args.hooks else 'lockstep'}: {seconds:.1f} s (goal < {GOAL_S:.0f} s: "
+          f"{'hooks' if args.hooks else 'lockstep'}: {seconds:.1f} s, CPU {cpu:.0f} s, "
+          f"load {os.getloadavg()[0]:.1f} (goal < {GOAL_S:.0f} s: "
           f"{'met' if seconds < GOAL_S else 'missed'}); median held-out layer error "
           f"{sorted(errs)[len(errs) // 2]:.3f}")
 

@@ -12,7 +12,7 @@ ratio of medians, and the table shows the median ratio and its spread (min-max o
     python benchmarks/deploy_latency.py --models mobilenet_v2 --skip-slower --runtimes ort
     python benchmarks/deploy_latency.py --parity                         # exported ONNX vs PyTorch on the photos
     python benchmarks/deploy_latency.py --parity --runtimes '' --models densenet121 --ratios 1.5 --cheap mix --scatter
-    python benchmarks/deploy_latency.py --profile --runtimes ort         # ORT per-op profile of each converted model
+    python benchmarks/deploy_latency.py --profile --runtimes ort         # ORT profile per kind of op
     python benchmarks/deploy_latency.py --quick                          # checks the script (figures meaningless)
 
 Needs the deploy extra (pip install ghostify[deploy]) for ONNX Runtime, and a C++ compiler for
@@ -160,10 +160,10 @@ def _profile(original, variants, x, args) -> dict:
     out = {}
     for key, model in {"original": original, **variants}.items():
         prof = ort_profile(model, x, threads=args.threads, runs=args.repeats)
-        out[key] = prof["by_op"]
-        ops = sorted(prof["by_op"].items(), key=lambda kv: -kv[1][0])
+        out[key] = {"total_ms": prof["total_ms"], "by_kind": prof["by_kind"]}
+        kinds = sorted(prof["by_kind"].items(), key=lambda kv: -kv[1][0])
         print(f"  ORT profile {key}: {prof['total_ms']:.2f} ms/run: "
-              + ", ".join(f"{op} {ms:.2f} ms ({n} nodes)" for op, (ms, n) in ops[:6]))
+              + ", ".join(f"{k} {ms:.2f} ms ({n} nodes)" for k, (ms, n) in kinds))
     return out
 
 

@@ -20,7 +20,8 @@ def download_timeout(seconds: float = 20.0):
 
 @contextmanager
 def eval_mode(*modules):
-    """Switch ``modules`` to eval mode for the block and give each back its ``training`` flag afterwards.
+    """Switch ``modules`` to eval mode for the block and give each submodule back its own ``training`` flag
+    afterwards (a model training with frozen BN layers gets them back in eval mode).
 
     ``None`` entries are ignored, so an optional baseline can be passed as is.
 
@@ -34,14 +35,14 @@ def eval_mode(*modules):
         True
     """
     mods = [m for m in modules if m is not None]
-    modes = [m.training for m in mods]
+    modes = [(sub, sub.training) for m in mods for sub in m.modules()]  # each submodule's own (frozen BN stays eval)
     for m in mods:
         m.eval()
     try:
         yield
     finally:
-        for m, mode in zip(mods, modes):
-            m.train(mode)
+        for sub, mode in modes:
+            sub.training = mode
 
 
 def format_table(rows, *, markdown: bool = False) -> str:

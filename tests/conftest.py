@@ -231,3 +231,23 @@ def randomize_bn(model: nn.Module) -> nn.Module:
 @pytest.fixture
 def bn_randomizer():
     return randomize_bn
+
+
+def _fake_imagenet(root, classes=3, per_class=6, side=40):
+    """ImageNet's layout in miniature: ``root/{train,val}/class{c}/{i}.png``, random RGB images ``side x side+4``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (side, side + 4, 3)).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def fake_imagenet():
+    """``fake_imagenet(root, classes=3, per_class=6, side=40)`` writes a tiny ImageNet-style folder and returns ``root``."""
+    return _fake_imagenet

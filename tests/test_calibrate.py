@@ -435,3 +435,27 @@ def test_fixed_order_mix_reaches_the_best_rank_m_error():
     assert ((yg - y).norm() / y.norm()).item() == pytest.approx(best, rel=1e-3)
     assert best < 0.1
     assert ghost.channel_map.tolist() == list(range(8))  # the order stayed
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mix_from_the_normal_equations_equals_the_fit_on_the_intrinsic_maps(bias):
+    # The mix is fitted from the patches' normal equations projected on the intrinsic filters; that must be
+    # the ridge least-squares fit of the ghost channels on the intrinsic maps themselves (all positions here).
+    from ghostify.init.calib import fit_layer
+    from ghostify.init.fitting import ridge_solve
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=bias)
+    ghost = GhostConv2d.from_conv(conv, 2, 1, "mix", cheap_bias=True)
+    xs = [torch.randn(4, 4, 32, 32) for _ in range(2)]
+    ys = [conv(x).detach() + 0.1 * torch.randn(4, 8, 32, 32) for x in xs]  # not exactly rank 4
+    with torch.no_grad():
+        fit_layer(conv, ghost, xs, ys, positions=32 * 32)
+        intrinsic, slots = ghost.channel_map[:4].tolist(), ghost.channel_map[4:].tolist()
+        z = torch.cat([ghost.primary(x).double().permute(0, 2, 3, 1).reshape(-1, 4) for x in xs])
+        z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+        t = torch.cat([y.double().permute(0, 2, 3, 1).reshape(-1, 8) for y in ys])[:, slots]
+        expected = z @ ridge_solve(z.T @ z, z.T @ t, 1e-6)
+        got = torch.cat([ghost(x).double().permute(0, 2, 3, 1).reshape(-1, 8) for x in xs])[:, slots]
+    assert sorted(intrinsic + slots) == list(range(8))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

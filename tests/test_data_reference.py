@@ -164,6 +164,18 @@ def test_imagefolder_reads_a_class_folder(tmp_path):
     assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1] and src.num_examples == 2
 
 
+def test_a_limit_on_an_image_folder_takes_every_class(fake_imagenet, tmp_path):
+    from ghostify.train.datasets import build_dataset
+
+    root = fake_imagenet(tmp_path, classes=3, per_class=4, side=8)  # 12 images, listed class by class
+    src = resolve_data(f"imagefolder:{root / 'train'}", batch_size=16, limit=6)
+    (x, y), = list(src)
+    assert y.tolist() == [0, 0, 1, 1, 2, 2] and src.num_examples == 6  # images 0, 2, 4, 6, 8, 10
+    ds = build_dataset(f"imagefolder:{root / 'train'}", split="train", augment=False, limit=3)
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 2]
+    torch.testing.assert_close(ds[1][0], x[2])  # image 4: the first of class 1, same preprocessing
+
+
 def test_registry_refuses_a_duplicate_name():
     with pytest.raises(ValueError, match="already registered"):
         register_source("mnist")(lambda arg, **kw: None)

@@ -339,6 +339,22 @@ def test_runtime_latency_alternates_models(residual_net):
         ghostify.runtime_latency({"g": ghost}, torch.randn(1, 3, 16, 16), runtime="tvm")
 
 
+def test_ort_profile_tells_the_kinds_of_conv_apart():
+    from ghostify.deploy.runtime import ort_profile
+
+    net = build("resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    original = ort_profile(net, x, threads=1, runs=1)
+    ghost = ort_profile(convert(net, ratio=2), x, threads=1, runs=1)
+    assert original["by_kind"]["Conv"][1] == original["by_op"]["Conv"][1] == 20
+    assert not any(k.startswith("Conv ") for k in original["by_kind"])
+    # 19 Ghost layers (the stem stays a conv): each has one depthwise 3x3 cheap op and one
+    # per-channel BN shift between its primary conv and the conv that reads it
+    assert ghost["by_kind"]["Conv depthwise 3x3"][1] == 19 and ghost["by_kind"]["Conv 1x1 per-channel"][1] == 19
+    convs = sum(n for k, (_, n) in ghost["by_kind"].items() if k.startswith("Conv"))
+    assert convs == ghost["by_op"]["Conv"][1]
+
+
 @pytest.mark.slow
 def test_compile_runtime_computes_the_model(residual_net):
     from ghostify.deploy.runtime import runtime_callable
@@ -398,3 +414,14 @@ def test_an_unknown_cheap_op_stays_opaque_and_the_skip_is_reported(residual_net,
                                                       ("scale_into_primary", "conv2.primary")]
     assert "not a conv" in report.skipped[0][2]
     assert modules(fused, nn.BatchNorm2d) == 4  # both halves of both layers keep their BN (split by the cat)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_timing_sessions_do_not_spin_unless_asked(spin, tmp_path):
+    from ghostify.deploy.export import onnx_session
+
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False)
+    sess = onnx_session(path, threads=2, spin=spin)
+    entry = sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert entry == ("1" if spin else "0")

@@ -48,19 +48,6 @@ def fake_cifar(root, n_train=80, n_test=32):
     return root
 
 
-def fake_imagenet(root, classes=3, per_class=6, side=40):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (side, side + 4, 3)).astype(np.uint8)).save(d / f"{i}.png")
-    return root
-
-
 # -- the loss --------------------------------------------------------------------------------------
 
 
@@ -216,7 +203,7 @@ def test_cifar10_recipe_runs_on_fake_data(tmp_path):
     assert ghostify.count(vgg, torch.zeros(1, 3, 32, 32)).macs == pytest.approx(313e6, rel=0.02)
 
 
-def test_imagenet_recipe_runs_on_fake_data(tmp_path):
+def test_imagenet_recipe_runs_on_fake_data(tmp_path, fake_imagenet):
     root = fake_imagenet(tmp_path / "imagenet")
     res = finetune("recipes/imagenet_resnet50_r4.yaml", output_dir=tmp_path / "r50", progress=False, overrides=[
         f"data.root={root}", "model.weights=none", "model.kwargs={num_classes: 3}", "data.image_size=32",

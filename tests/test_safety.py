@@ -151,11 +151,13 @@ def _commands(model, good, tmp_path):
         "inspect": ["inspect", model],
         "sweep": ["sweep", model, "--eval", "photos:heldout", "-o", tmp_path / "sw"],
         "sensitivity": ["sensitivity", model, "--init", "copy", "--eval", "photos:heldout"],
+        "distill": ["distill", model, "--teacher", "ghostify.reference:resnet20", *data, "-o", tmp_path / "d.safetensors"],
+        "distill --teacher": ["distill", good, "--teacher", model, *data, "-o", tmp_path / "d.safetensors"],
     }
 
 
 @pytest.mark.parametrize("command", ["eval", "eval --baseline", "report", "report --baseline", "convert", "inspect",
-                                     "sweep", "sensitivity"])
+                                     "sweep", "sensitivity", "distill", "distill --teacher"])
 def test_1_crafted_safetensors_runs_nothing_through_the_cli(evil_safetensors, canary, tmp_path, command):
     good = r20_ghost_file(tmp_path / "good")
     one_line_error(run(*_commands(evil_safetensors, good, tmp_path)[command]), "os:system", "--trust-code")
@@ -213,7 +215,7 @@ def test_2_crafted_pickle_runs_nothing_through_the_api(evil_pickle, canary):
 
 
 @pytest.mark.parametrize("command", ["eval", "eval --baseline", "report --baseline", "convert", "inspect", "sweep",
-                                     "sensitivity"])
+                                     "sensitivity", "distill --teacher"])
 def test_2_crafted_pickle_runs_nothing_through_the_cli(evil_pickle, canary, tmp_path, command):
     good = r20_ghost_file(tmp_path / "good")
     one_line_error(run(*_commands(evil_pickle, good, tmp_path)[command]), "pickled Python objects", "--trust-code")

@@ -2,7 +2,7 @@
 
 Tables and JSON go to stdout, progress and notes to stderr. User errors print one line,
 ``Error: ...``, and exit non-zero; ``-v`` shows the traceback of unexpected errors. Each command
-module (``convert``, ``tradeoffs``, ``deploy``, ``finetune``) imports torch only inside its commands, so
+module (``convert``, ``tradeoffs``, ``deploy``, ``finetune``, ``distill``) imports torch only inside its commands, so
 ``ghostify --help`` is instant; shared options live in :mod:`ghostify.cli.options`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import convert, deploy, finetune, tradeoffs
+from . import convert, deploy, distill, finetune, tradeoffs
 
 __all__ = ["cli", "main"]
 
@@ -40,7 +40,7 @@ def cli():
     """ghostify: Conv -> Ghost surgery on trained CNNs."""
 
 
-for command in (*convert.COMMANDS, *tradeoffs.COMMANDS, *deploy.COMMANDS, finetune.finetune):
+for command in (*convert.COMMANDS, *tradeoffs.COMMANDS, *deploy.COMMANDS, finetune.finetune, distill.distill):
     cli.add_command(command)
 
 

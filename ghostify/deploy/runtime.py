@@ -101,8 +101,13 @@ def runtime_latency(models: dict[str, nn.Module], inputs: torch.Tensor, *, runti
 
 def ort_profile(model: nn.Module | bytes | str, inputs: torch.Tensor, *, threads: int | None = None, runs: int = 10,
                 fuse: bool = True) -> dict:
-    """Where ONNX Runtime spends the time: ``{"total_ms", "by_op": {op: (ms, nodes)}, "by_node": {node: ms}}``.
+    """Where ONNX Runtime spends the time: ``{"total_ms", "by_op": {op: (ms, nodes)}, "by_kind": {kind: (ms, nodes)},
+    "by_node": {node: ms}}``.
 
+    ``by_kind`` is ``by_op`` with the convs told apart by their weights: ``Conv`` (dense or
+    grouped: primary convs, split consumers, convs that stay), ``Conv depthwise kxk`` (cheap
+    ops) and ``Conv 1x1 per-channel`` (a :class:`ChannelAffine`: a BN shift left between a
+    primary conv and its readers).
     Per run, from ORT's own profiler (``SessionOptions.enable_profiling``); node names are
     those of ORT's optimised graph (a fused conv is named after its last output, e.g.
     ``.../Relu_output_0_nchwc``). ``model`` is a module (fused unless ``fuse=False``), ONNX
@@ -123,7 +128,9 @@ def ort_profile(model: nn.Module | bytes | str, inputs: torch.Tensor, *, threads
         os.remove(path)
     n = 3 + runs
     by_op: dict[str, float] = collections.defaultdict(float)
+    by_kind: dict[str, float] = collections.defaultdict(float)
     count: collections.Counter = collections.Counter()
+    kinds: collections.Counter = collections.Counter()
     by_node: dict[str, float] = collections.defaultdict(float)
     total = 0.0
     for e in events:
@@ -131,11 +138,22 @@ def ort_profile(model: nn.Module | bytes | str, inputs: torch.Tensor, *, threads
             op = e["args"]["op_name"]
             by_op[op] += e["dur"] / n / 1e3
             count[op] += 1
+            kind = _conv_kind(e["args"]) if op in ("Conv", "FusedConv") else op
+            by_kind[kind] += e["dur"] / n / 1e3
+            kinds[kind] += 1
             by_node[e["name"][: -len("_kernel_time")]] += e["dur"] / n / 1e3
         elif e.get("cat") == "Session" and e["name"] == "model_run":
             total += e["dur"] / n / 1e3
     return {"total_ms": total, "by_op": {op: (ms, count[op] // n) for op, ms in by_op.items()},
-            "by_node": dict(by_node)}
+            "by_kind": {k: (ms, kinds[k] // n) for k, ms in by_kind.items()}, "by_node": dict(by_node)}
+
+
+def _conv_kind(args: dict) -> str:
+    """A profiled ORT conv node's kind, from its input shapes (``[x, weight, ...]``)."""
+    shapes = [next(iter(s.values())) for s in args.get("input_type_shape", [])]
+    if len(shapes) < 2 or len(shapes[1]) != 4 or shapes[1][1] != 1 or shapes[0][1] == 1:
+        return "Conv"
+    return "Conv 1x1 per-channel" if shapes[1][2:] == [1, 1] else f"Conv depthwise {shapes[1][2]}x{shapes[1][3]}"
 
 
 def layer_context(model: nn.Module, name: str, leaf_modules=()) -> list[nn.Module]:

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import GhostifyError
 from ..zoo.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, resolve_data
-from ..zoo.sources import imagefolder_dataset, read_cifar10
+from ..zoo.sources import imagefolder_dataset, read_cifar10, spread
 
 __all__ = ["Items", "crop_flip", "build_dataset", "SkipSampler"]
 
@@ -54,7 +54,8 @@ def build_dataset(spec: str, *, split: str, augment: bool, image_size: int | Non
     ``cifar10:PATH`` reads the train or test split by ``split`` (random crop with 4 padding
     and flip when ``augment``); ``imagefolder:PATH`` reads one subfolder per class (random
     resized crop and flip when ``augment``, else resize and centre crop; ``image_size``
-    default 224); any other spec goes through :func:`ghostify.resolve_data` and is held in memory.
+    default 224; ``limit`` images spread evenly over the folder, so over its classes); any other
+    spec goes through :func:`ghostify.resolve_data` and is held in memory.
     """
     name, _, arg = spec.partition(":")
     if name == "cifar10":
@@ -78,8 +79,8 @@ def build_dataset(spec: str, *, split: str, augment: bool, image_size: int | Non
         if augment:  # the random crop replaces the resize; the seeded augmentation runs on the loaded image
             ds.transform = None
             crop = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-        n = min(limit, len(ds)) if limit else len(ds)
-        return Items(lambda i: ds[i], n, (3, size, size), crop if augment else None, seed)
+        idx = spread(len(ds), limit)  # not the first `limit`: those would be one class
+        return Items(lambda i: ds[idx[i]], len(idx), (3, size, size), crop if augment else None, seed)
     src = resolve_data(spec, batch_size=4096, limit=limit)
     xs, ys = [], []
     for bx, by in src:

@@ -99,7 +99,7 @@ class DataConfig:
     root: Optional[str] = None
     image_size: Optional[int] = field(default=None, metadata={"min": 1})  # imagefolder crop (default 224)
     augment: bool = True  # random crop + flip for cifar10 and imagefolder training data
-    limit: Optional[int] = field(default=None, metadata={"min": 1})  # first N training examples only
+    limit: Optional[int] = field(default=None, metadata={"min": 1})  # N training examples (first N; imagefolder: spread)
     val_limit: Optional[int] = field(default=None, metadata={"min": 1})
     workers: int = field(default=0, metadata={"min": 0})
 

@@ -106,7 +106,11 @@ class Session(TrainingLoop):
                                            limit=cfg.conversion.calib_size)
         else:
             self.calib_set = None
-        world = self.dist.world
+        self._sampling()
+
+    def _sampling(self):
+        """The batch per process, the sampler and the run's length in steps and epochs, from ``self.train_set``."""
+        cfg, world = self.cfg, self.dist.world
         if cfg.train.batch_size % world:
             raise GhostifyError(f"recipe key 'train.batch_size': {cfg.train.batch_size} does not split over "
                                 f"{world} processes; use a multiple of {world}")
@@ -139,22 +143,25 @@ class Session(TrainingLoop):
         if self.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
-        info = student.ghostify_info
-        self.converted = [e.name for e in info.plan.converted]
+        self._converted_layers()
+
+    def _converted_layers(self):
+        """The names of the student's Ghost layers and the channel order each one emits."""
+        self.converted = [e.name for e in conversion_info(self.student).plan.converted]
         self.channel_maps = {}
         for name in self.converted:
             g = self.student.get_submodule(name)
             self.channel_maps[name] = g.channel_map if g.emit_internal_order else None
 
     def _hooks(self):
-        self.s_feats, self.t_feats = {}, {}
+        self.s_feats, self.t_feats, self.hooks = {}, {}, []
         if self.cfg.loss.feature_weight <= 0 or not self.cfg.loss.teacher:
             return
         for name in self.converted:
-            self.student.get_submodule(name).register_forward_hook(
-                lambda mod, args, out, n=name: self.s_feats.__setitem__(n, out))
-            self.teacher.get_submodule(name).register_forward_hook(
-                lambda mod, args, out, n=name: self.t_feats.__setitem__(n, out))
+            self.hooks += [self.student.get_submodule(name).register_forward_hook(
+                               lambda mod, args, out, n=name: self.s_feats.__setitem__(n, out)),
+                           self.teacher.get_submodule(name).register_forward_hook(
+                               lambda mod, args, out, n=name: self.t_feats.__setitem__(n, out))]
 
     # -- pieces of the loop ------------------------------------------------------------------------
     def _eval_model(self) -> nn.Module:

@@ -43,7 +43,8 @@ def resolve_data(spec: Any, *, batch_size: int = 64, limit: int | None = None, r
             centre crop 224, ImageNet normalisation), ``cifar10:PATH`` (test split), or an
             iterable of batches: tensors or ``(x, y)`` pairs (bare tensors give ``y=None``).
         batch_size: examples per batch; an iterable of ready batches keeps its own.
-        limit: use at most this many examples (the first ones, before any shuffling).
+        limit: use at most this many examples (the first ones, before any shuffling; from an
+            image folder, spread evenly over it so that every class has its share).
         root: a folder holding the MNIST files, searched first.
         shuffle, seed: a new seeded order on every pass (for training).
         model, input_size: for sources made from the model itself (``synthetic``): the trained

@@ -17,7 +17,7 @@ from .synthetic import synthesize
 from .datasource import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD, DataSource,
                          register_source, tensor_source, dataset_source)
 
-__all__ = ["find_mnist", "read_cifar10", "imagefolder_dataset", "MNIST_CACHE", "MNIST_SAMPLE_CALIB"]
+__all__ = ["find_mnist", "read_cifar10", "imagefolder_dataset", "spread", "MNIST_CACHE", "MNIST_SAMPLE_CALIB"]
 
 MNIST_CACHE = Path("~/.cache/ghostify/mnist").expanduser()
 
@@ -203,14 +203,32 @@ def imagefolder_dataset(path: Path, size: int = 224):
         raise GhostifyError(f"image folder '{path}': {exc}; it needs one subfolder of images per class") from None
 
 
+def spread(n: int, limit: int | None) -> range | list[int]:
+    """The indices of ``limit`` of ``n`` examples, spread evenly over them (all ``n`` when ``limit`` is None or larger).
+
+    An image folder lists its images class by class, so its first ``limit`` would be one class;
+    ``limit`` images of an image folder are these (ImageNet's train/, 1,024: one every 1,251).
+
+    Example:
+        >>> spread(10, 4), spread(3, None)
+        ([0, 2, 5, 7], range(0, 3))
+    """
+    if limit is None or limit >= n:
+        return range(n)
+    return [i * n // limit for i in range(limit)]
+
+
 @register_source("imagefolder", "imagefolder:PATH")
 def _imagefolder(arg, *, batch_size, limit, root, shuffle, seed) -> DataSource:
+    from torch.utils.data import Subset
+
     path = Path(arg or "").expanduser()
     if not arg or not path.is_dir():
         raise GhostifyError(f"image folder '{arg}' does not exist; write imagefolder:PATH with PATH a folder "
                             "holding one subfolder of images per class")
-    return dataset_source(f"imagefolder:{path}", imagefolder_dataset(path), (3, 224, 224), batch_size, limit, shuffle,
-                          seed)
+    ds = imagefolder_dataset(path)
+    ds = Subset(ds, spread(len(ds), limit)) if limit is not None and limit < len(ds) else ds
+    return dataset_source(f"imagefolder:{path}", ds, (3, 224, 224), batch_size, None, shuffle, seed)
 
 
 @register_source("cifar10", "cifar10:PATH")
