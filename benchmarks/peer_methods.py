@@ -16,7 +16,7 @@ onnxruntime. Uses only ghostify's public API, so it keeps working when the packa
 - :func:`refit_last_factors`: a least-squares refit of each decomposition's last 1x1 factor (and bias) to the
   original conv's output on calibration images, layer after layer in the order they run.
 - :func:`onnx_bytes` / :func:`ort_latency`: a local export + timing helper (TorchScript exporter, opset 17,
-  ORT_ENABLE_ALL, fixed intra-op threads, models alternating, median) until ``ghostify.export`` lands on main.
+  ORT_ENABLE_ALL, fixed intra-op threads, models alternating, median); ``peers.py --export local`` uses it instead of ``ghostify.export``.
 - :func:`kd_finetune`: a minimal distillation loop with ghostify's KD loss (the hook for ``ghostify.distill``).
 """
 from __future__ import annotations
@@ -342,7 +342,7 @@ def refit_last_factors(compressed: nn.Module, original: nn.Module, batches: Iter
     return work
 
 
-# -- BN fold, export and ONNX Runtime timing (local until ghostify.export lands) -------------------------
+# -- BN fold, export (``--export local``) and ONNX Runtime timing ------------------------------------------
 
 
 class Shift(nn.Module):

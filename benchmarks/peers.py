@@ -293,8 +293,8 @@ def export(model: nn.Module, example: torch.Tensor, how: str, folder: Path) -> t
 
 
 def export_mode(choice: str) -> str:
-    if choice == "auto":
-        return "local"
+    if choice == "auto":  # what a ghostify user deploys with, applied to every model alike
+        return "ghostify" if hasattr(ghostify, "export") else "local"
     if choice == "ghostify" and not hasattr(ghostify, "export"):
         raise SystemExit("--export ghostify: this ghostify has no export (the deploy pass of issue 13 is not here)")
     return choice
@@ -304,7 +304,9 @@ EXPORT_DESC = {
     "local": "every model alike: each BatchNorm that reads a Ghost layer folded into it (peer_methods.fold_bn; "
              "the intrinsic maps' shift stays an Add when the cheap op has a kxk kernel), then torch.onnx.export "
              "(dynamo=False, opset 17, eval mode, which folds each BatchNorm after a conv); no other Ghost fusion",
-    "ghostify": "ghostify.export (the deploy pass of issue 13) for every model",
+    "ghostify": "every model alike through ghostify.export (its deploy pass ghostify.fuse: Ghost layers inlined and "
+                "their cats pushed into consumers where exact, every BatchNorm folded; then torch.onnx.export, "
+                "opset 17, dynamic batch, checked against PyTorch)",
 }
 ORT_DESC = ("ONNX Runtime CPU, ORT_ENABLE_ALL, {threads} intra-op threads, no spin-waiting, one session per "
             "architecture, all of a model's architectures alternating run after run, median; each ONNX model "
@@ -542,9 +544,9 @@ def main(argv=None) -> None:
                     help="ORT batch sizes (default: 1 and 8; the VGG16 trunk 1)")
     ap.add_argument("--repeats", type=int, default=None, help="ORT repeats per batch size (default: per model)")
     ap.add_argument("--export", default="auto", choices=["auto", "local", "ghostify"],
-                    help="local (default, auto): every model alike: BN after a Ghost layer folded into it, then "
-                         "torch.onnx.export (dynamo=False, opset 17; folds BN after a conv); "
-                         "ghostify: ghostify.export (issue 13's deploy pass)")
+                    help="ghostify (auto when ghostify.export exists): every model through ghostify.export "
+                         "(its deploy pass, then ONNX); local: every model alike: BN after a Ghost layer folded "
+                         "into it, then torch.onnx.export (dynamo=False, opset 17; folds BN after a conv)")
     ap.add_argument("--kd-steps", type=int, default=150, help="MNIST distillation steps per student")
     ap.add_argument("--no-kd", action="store_true", help="no distillation rows")
     ap.add_argument("--photo-distill", action="store_true", help="photos: ghostify.distill (when it exists)")
