@@ -25,10 +25,14 @@ def test_layer_errors_match_a_hand_computation_with_and_without_folding(chain_ne
         den = sum((w * y.pow(2)).sum() for _, y in inputs)
     expected = (num / den).sqrt().item()
     assert expected > 1e-3  # a real, non-zero error
-    for ghost in (folded, plain):
-        errs = ghostify.layer_errors(model, ghost, data, progress=False, weighting=weighting)
-        assert set(errs) == {"conv1", "conv2"}
-        assert errs["conv1"] == pytest.approx(expected, rel=1e-4)
+    errs = {}
+    for label, ghost in (("folded", folded), ("plain", plain)):
+        errs[label] = ghostify.layer_errors(model, ghost, data, progress=False, weighting=weighting)
+        assert set(errs[label]) == {"conv1", "conv2"}
+        assert errs[label]["conv1"] == pytest.approx(expected, rel=1e-4)
+    # conv2 reads folded conv1's output, its input weights permuted by the fold: the same layer error
+    assert errs["folded"]["conv2"] == pytest.approx(errs["plain"]["conv2"], rel=1e-4)
+    assert errs["plain"]["conv2"] > 1e-3
     assert model.training is False
 
 

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from ..layers import GhostConv2d
 
-__all__ = ["fold_channel_order", "foldable_layers", "would_fold"]
+__all__ = ["fold_channel_order", "foldable_layers", "would_fold", "folded_inputs"]
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Sigmoid, nn.Tanh,
                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
@@ -147,6 +147,30 @@ def foldable_layers(gm: fx.GraphModule) -> set[str]:
             if edits is not None and not any(k == "linear_in" and f.mods[n.target].in_features % mod.out_channels
                                              for k, n in edits):
                 out.add(node.target)
+    return out
+
+
+def folded_inputs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """``{name: order}`` for each Ghost layer of ``gm`` that reads a folded layer's output: its input is the
+    original model's input at that point in ``order`` (``x[:, order]``, the folded layer's channel map),
+    since the fold permuted its input weights to match.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from ghostify import convert
+        >>> ghost = convert(torchvision.models.vgg11_bn(), ratio=2, scatter=True).eval()
+        >>> orders = folded_inputs(ghost)
+        >>> len(orders) > 0 and all(o.numel() == ghost.get_submodule(n).in_channels for n, o in orders.items())
+        True
+    """
+    f = _Fold(gm)
+    out = {}
+    for node in gm.graph.nodes:
+        mod = f.mods.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, GhostConv2d) and mod.emit_internal_order:
+            for kind, consumer in f.plan(node) or []:
+                if kind == "ghost_in":
+                    out[consumer.target] = mod.channel_map
     return out
 
 

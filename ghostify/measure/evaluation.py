@@ -6,11 +6,12 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .._util import eval_mode
 from ..graph import bn_output_scales
 from ..errors import GhostifyError
+from ..conversion.fold import folded_inputs
 from ..layers import GhostConv2d, inverse_permutation
 
 __all__ = ["evaluate", "layer_errors", "compare_outputs", "model_outputs", "Agreement"]
@@ -140,14 +141,17 @@ def layer_errors(original: nn.Module, converted: nn.Module, data: Iterable, *, p
     for name, s in scales.items():  # a folded layer's BN reads its internal order
         if ghosts[name].emit_internal_order:
             scales[name] = s[inverse_permutation(ghosts[name].channel_map.cpu())]
+    orders = folded_inputs(converted) if isinstance(converted, fx.GraphModule) else {}
     num = dict.fromkeys(ghosts, 0.0)
     den = dict.fromkeys(ghosts, 0.0)
     handles = []
 
     def hook(name):
         def fn(mod, args, out):
-            g = ghosts[name]
-            y = g(args[0])
+            g, x = ghosts[name], args[0]
+            if name in orders:  # it reads a folded layer's output: the fold permuted its input weights
+                x = x[:, orders[name].to(x.device)]
+            y = g(x)
             if g.emit_internal_order:  # folded layer: its output is in internal channel order
                 y = y[:, inverse_permutation(g.channel_map)]
             w = scales[name].to(out)[None, :, None, None] ** 2 if name in scales else 1.0
