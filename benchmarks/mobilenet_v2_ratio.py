@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from benchmarks.trunk_fidelity import projection_errors
+from benchmarks.trunk_fidelity import output_moments, projection_errors
 
 
 def kind_of(name: str) -> str:
@@ -48,38 +48,13 @@ def kind_of(name: str) -> str:
 
 
 @torch.no_grad()
-def output_moments(model, names, batches, scales) -> dict[str, tuple]:
-    """Per conv in ``names``: (sum of y, sum of y y^T, positions), y the BN-weighted output, float64."""
-    acc, handles = {}, []
-
-    def hook(name):
-        def fn(mod, args, out):
-            y = out.permute(1, 0, 2, 3).reshape(out.shape[1], -1).double()
-            if name in scales:
-                y = y * scales[name].double()[:, None]
-            s, yy, n = acc.get(name, (0.0, 0.0, 0))
-            acc[name] = (s + y.sum(1), yy + y @ y.T, n + y.shape[1])
-        return fn
-
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return acc
-
-
-@torch.no_grad()
 def ghosts_to_means(model, ghost, batches):
     """``ghost`` with every ghost channel replaced by its mean output on ``batches`` (pruning with bias
     compensation): the cheap op's weights zeroed, its bias set to the original conv's channel means."""
     import ghostify
 
     names = [n for n, m in ghost.named_modules() if isinstance(m, ghostify.GhostConv2d) and m.cheap is not None]
-    moments = output_moments(model, names, batches, {})
+    moments = output_moments(model, batches, {}, names)
     for name in names:
         layer = ghost.get_submodule(name)
         s, _, n = moments[name]
@@ -133,8 +108,8 @@ def main(argv=None):
         rows[f"calib x{args.more}"] = ghostify.convert(model, init="calib", calib_data=more, **spec)
         print(f"  calib x{args.more} ({sum(map(len, more))} crops): {time.perf_counter() - t0:.0f} s", flush=True)
 
-    held_m = output_moments(model, names, held, scales)
-    calib_m = output_moments(model, names, calib, scales)
+    held_m = output_moments(model, held, scales, names)
+    calib_m = output_moments(model, calib, scales, names)
     per_layer: dict[str, dict[str, float]] = {"bound": {}, "bound/calib": {}}
     for name in names:
         n = held_m[name][1].shape[0]

@@ -471,17 +471,11 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = 17) -> byte
 
 
 def ort_session(data: bytes, threads: int):
-    import onnxruntime as ort
+    """ghostify's timing session: ORT_ENABLE_ALL, sequential, spinning off (without it each session's idle
+    workers busy-wait after a run and steal the cores from the one being timed: 5.9 ms -> 43 ms at batch 8)."""
+    from ghostify.deploy.export import onnx_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Without this, each session's idle workers busy-wait after a run; with many sessions alternating on
-    # few cores they steal the cores from the session being timed (measured: 5.9 ms -> 43 ms at batch 8).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return onnx_session(data, threads)
 
 
 def ort_check(data: bytes, model: nn.Module, x: torch.Tensor) -> float:

@@ -92,21 +92,22 @@ def convs_of(trunk: nn.Sequential) -> list[str]:
 
 
 @torch.no_grad()
-def output_moments(trunk: nn.Sequential, batches, scales) -> dict[str, tuple]:
-    """Per conv: (sum of y, sum of y y^T, positions), y the BN-weighted output at every position, float64."""
+def output_moments(trunk: nn.Module, batches, scales, names: list[str] | None = None) -> dict[str, tuple]:
+    """Per conv (``names``, default every conv child of the trunk): (sum of y, sum of y y^T, positions), y the
+    BN-weighted output at every position, float64."""
     acc, handles = {}, []
 
     def hook(name):
         def fn(mod, args, out):
             y = out.permute(1, 0, 2, 3).reshape(out.shape[1], -1).double()
             if name in scales:
-                y = y * scales[name][:, None]
+                y = y * scales[name].double()[:, None]
             s, yy, n = acc.get(name, (0.0, 0.0, 0))
             acc[name] = (s + y.sum(1), yy + y @ y.T, n + y.shape[1])
         return fn
 
-    for name in convs_of(trunk):
-        handles.append(trunk._modules[name].register_forward_hook(hook(name)))
+    for name in convs_of(trunk) if names is None else names:
+        handles.append(trunk.get_submodule(name).register_forward_hook(hook(name)))
     try:
         for x in batches:
             trunk(x)
