@@ -81,9 +81,39 @@ def test_skip_slower_keeps_layers_whose_ghost_is_not_faster(chain_net, monkeypat
 
     fake = {"conv1": {"conv": 1.0, 2: 0.5}, "conv2": {"conv": 1.0, 2: 1.2}}
     monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
-    plan = skip_slower(chain_net, ghostify.make_plan(chain_net), torch.randn(*SIZE), progress=False)
+    plan = skip_slower(chain_net, ghostify.make_plan(chain_net), torch.randn(*SIZE), progress=False,
+                       whole_model=False)
     assert plan["conv1"].action == "convert"
     assert plan["conv2"].action == "skip" and "not faster" in plan["conv2"].reason
+
+
+@pytest.mark.parametrize("with_one, expect", [(0.8, ["conv1"]), (1.1, [])])
+def test_skip_slower_drops_the_least_gaining_layers_while_the_whole_model_is_not_faster(chain_net, monkeypatch,
+                                                                                        with_one, expect):
+    import ghostify.tradeoffs.allocation as alloc
+
+    fake = {"conv1": {"conv": 1.0, 2: 0.5}, "conv2": {"conv": 1.0, 2: 0.9}}  # both faster alone; conv1 gains most
+    monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
+    seen = []
+
+    def whole(model, plan, x, *args):
+        names = [e.name for e in plan.converted]
+        seen.append(names)
+        return (1.2 if len(names) == 2 else with_one), 1.0  # (converted ms, original ms)
+
+    monkeypatch.setattr(alloc, "_whole_model_ms", whole)
+    plan = skip_slower(chain_net, ghostify.make_plan(chain_net), torch.randn(*SIZE), progress=False)
+    assert seen == [["conv1", "conv2"], ["conv1"]]
+    assert [e.name for e in plan.converted] == expect
+    assert "whole model with it was not faster" in plan["conv2"].reason and "1.20 ms against 1.00" in plan["conv2"].reason
+
+
+def test_whole_model_timing_converts_by_the_plan(chain_net):
+    import ghostify.tradeoffs.allocation as alloc
+
+    plan = ghostify.make_plan(chain_net, ghostify.build_config(init="calib"))  # cheap "auto": timed as mix
+    ghost_ms, conv_ms = alloc._whole_model_ms(chain_net, plan, torch.randn(*SIZE), 2, 1, "torch")
+    assert ghost_ms > 0 and conv_ms > 0
 
 
 def test_layer_latency_times_conv_and_ghosts(chain_net):

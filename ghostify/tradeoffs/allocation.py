@@ -278,22 +278,66 @@ def _nearest_uniform(model, ratios, target, input_size, config: GhostConfig, lea
 
 
 def skip_slower(model: nn.Module, plan: Plan, inputs: torch.Tensor, *, repeats: int = 10,
-                threads: int | None = None, progress: bool = True, runtime: str = "torch") -> Plan:
+                threads: int | None = None, progress: bool = True, runtime: str = "torch",
+                whole_model: bool = True) -> Plan:
     """A copy of ``plan`` in which every layer whose Ghost layer is not faster than its conv is kept as a conv.
 
     Each layer is timed in isolation on its real input (:func:`layer_latency`), conv and Ghost
     layer alternately, in ``runtime`` (``torch``, ``ort``, ``compile``); the skipped entries
-    say both times.
+    say both times. A layer faster alone can still cost time in the whole model (a fusion the
+    runtime no longer makes), so with ``whole_model`` the converted model is then timed against
+    the original in ``runtime`` (fused, alternating): while it is not faster, the half of the
+    remaining layers that gained least alone are kept as convs too, down to none (the original).
+
+    Example:
+        >>> import torchvision, ghostify
+        >>> net = torchvision.models.resnet18().eval()
+        >>> plan = skip_slower(net, ghostify.make_plan(net), torch.randn(1, 3, 64, 64), repeats=2, progress=False)
+        >>> all(e.action in ("convert", "skip") for e in plan.entries)
+        True
     """
     specs = {e.name: [(e.spec.ratio, e.spec.dw_size, e.spec.cheap)] for e in plan.converted}
     lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+    where = "" if runtime == "torch" else " in " + runtime
     out = copy.deepcopy(plan)
+    gain = {}
     for e in out.converted:
         t = lat[e.name]
         ghost_ms = t[e.spec.ratio]
         if not ghost_ms < t["conv"]:
             e.action, e.reason = "skip", (f"kept as conv: Ghost not faster here ({ghost_ms:.3f} ms against "
-                                          f"{t['conv']:.3f} ms as conv{'' if runtime == 'torch' else ' in ' + runtime})")
+                                          f"{t['conv']:.3f} ms as conv{where})")
             e.spec = None
+        else:
+            gain[e.name] = 1 - ghost_ms / t["conv"]
+    keep = sorted(gain, key=gain.get, reverse=True)  # the layers that gained most alone first
+    while whole_model and keep:
+        ghost_ms, conv_ms = _whole_model_ms(model, out, inputs, repeats, threads, runtime)
+        if ghost_ms < conv_ms:
+            break
+        keep, dropped = keep[:len(keep) // 2], keep[len(keep) // 2:]
+        for e in out.entries:
+            if e.name in dropped:
+                e.action, e.spec = "skip", None
+                e.reason = (f"kept as conv: faster alone, but the whole model with it was not faster than the "
+                            f"original ({ghost_ms:.2f} ms against {conv_ms:.2f} ms{where})")
     return out
+
+
+def _whole_model_ms(model: nn.Module, plan: Plan, inputs: torch.Tensor, repeats: int, threads: int | None,
+                    runtime: str) -> tuple[float, float]:
+    """``(converted ms, original ms)``: ``model`` converted by ``plan`` (weights random: timing only) and the
+    original, fused and alternating in ``runtime``."""
+    timing = copy.deepcopy(plan)
+    for e in timing.converted:
+        if e.spec.cheap == "auto":  # as layer_latency times it
+            e.spec = replace(e.spec, cheap="mix", dw_size=1)
+    ghost = convert(model, plan=timing, initialize=False).eval()
+    with torch.no_grad():
+        for m in ghost.modules():
+            if isinstance(m, GhostConv2d):
+                for p in m.parameters():  # uninitialised memory could hold denormals, which skew timings
+                    p.normal_(0, 0.01)
+    r = runtime_latency({"ghost": ghost, "conv": model}, inputs, runtime=runtime, repeats=repeats, threads=threads)
+    return r["ghost"]["median_ms"], r["conv"]["median_ms"]
 
