@@ -7,6 +7,7 @@ Ingredients (``--variants``, each a separate run from the same calibrated model)
     logit   KL on the logits at T = 2 only (no feature loss, no mixing)
     feat    + the per-Ghost-layer feature loss toward the original convs' outputs
     mix     + mixing between images (mixup / cutmix on half the examples)
+    ghost   mix, training only the Ghost layers (every other weight stays the original's)
 
 Every run uses crops, flips and colour jitter, AdamW on a cosine schedule, BN statistics frozen.
 
@@ -27,7 +28,8 @@ import time
 
 VARIANTS = {"logit": {"feature_weight": 0.0, "augment": {"mix": 0.0}},
             "feat": {"feature_weight": 1.0, "augment": {"mix": 0.0}},
-            "mix": {"feature_weight": 1.0, "augment": {"mix": 0.5}}}
+            "mix": {"feature_weight": 1.0, "augment": {"mix": 0.5}},
+            "ghost": {"feature_weight": 1.0, "augment": {"mix": 0.5}, "only_ghost": True}}
 
 
 def build(name: str):
@@ -70,6 +72,10 @@ def main(argv=None):
     p.add_argument("--eval-at", default="100,200,400", help="steps at which agreement is measured")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps of the learning rate")
+    p.add_argument("--photos", default=None,
+                   help="distil on only the first N calibration crops, e.g. '64,128,256': one run per N and "
+                        "variant (the curve against the number of photos; calibration still uses --train)")
     p.add_argument("--image-size", type=int, default=None, help="train on crops of this size (default 224)")
     p.add_argument("--cache", default=None, help="folder to keep the calibrated conversion in")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -102,8 +108,16 @@ def main(argv=None):
           flush=True)
     eval_at = {int(s) for s in args.eval_at.split(",")}
     results = {"start": start, "macs": macs, "runs": {}}
-    for name in args.variants.split(","):
+    limits = [int(n) for n in args.photos.split(",")] if args.photos else [args.train]
+    for name, limit in [(v, n) for v in args.variants.split(",") for n in limits]:
+        name = name if len(limits) == 1 else f"{name}@{limit}"
         student = copy.deepcopy(ghost)
+        options = dict(VARIANTS[name.split("@")[0]])
+        if options.pop("only_ghost", False):
+            ghost_params = {id(q) for m in student.modules() if isinstance(m, ghostify.GhostConv2d)
+                            for q in m.parameters()}
+            for q in student.parameters():
+                q.requires_grad_(id(q) in ghost_params)
         rows, t0, paused = [], time.perf_counter(), [0.0]
 
         def on_step(step, loss, name=name, rows=rows, t0=t0, paused=paused):
@@ -112,12 +126,12 @@ def main(argv=None):
                 row = {"step": step, "train_seconds": round(e0 - t0 - paused[0], 1), "loss": loss, **agreement()}
                 paused[0] += time.perf_counter() - e0
                 rows.append(row)
-                print(f"  {name:<6} step {step:>4}: top-1 {row['top1']:.3f}, top-5 {row['top5']:.3f}, "
+                print(f"  {name:<10} step {step:>4}: top-1 {row['top1']:.3f}, top-5 {row['top5']:.3f}, "
                       f"KL {row['kl']:.3f} ({row['train_seconds']:.0f} s of training)", flush=True)
 
-        ghostify.distill(student, model, calib, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         image_size=args.image_size, limit=args.train, inplace=True, progress=False,
-                         checkpoint_every=None, on_step=on_step, **VARIANTS[name])
+        ghostify.distill(student, model, calib[:limit], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=args.warmup, image_size=args.image_size, limit=limit, inplace=True,
+                         progress=False, checkpoint_every=None, on_step=on_step, **options)
         results["runs"][name] = rows
     if args.json:
         with open(args.json, "w") as f:

@@ -500,7 +500,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                 fid = fidelity(s, mdl, ctx.ref)
                 row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
                        "macs": macs, "params": params, "arch": arch, "seconds": sec, **fid}
-                if repair == kd_from and not args.no_kd:
+                if repair == kd_from and not args.no_kd and method in (args.kd_methods or args.methods):
                     t1 = time.perf_counter()
                     student = distill(ctx, mdl)
                     if student is not None:
@@ -549,6 +549,8 @@ def main(argv=None) -> None:
                          "into it, then torch.onnx.export (dynamo=False, opset 17; folds BN after a conv)")
     ap.add_argument("--kd-steps", type=int, default=150, help="MNIST distillation steps per student")
     ap.add_argument("--no-kd", action="store_true", help="no distillation rows")
+    ap.add_argument("--kd-methods", nargs="+", default=None, choices=METHODS,
+                    help="distil only these methods' students (default: every method run)")
     ap.add_argument("--photo-distill", action="store_true", help="photos: ghostify.distill (when it exists)")
     ap.add_argument("--photo-kd-steps", type=int, default=300)
     ap.add_argument("--no-latency", action="store_true")
