@@ -18,8 +18,10 @@ __all__ = ["distill"]
                    "synthetic, mnist-sample, ...")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-5, show_default=True,
               help="AdamW learning rate (cosine schedule).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Steps of linear learning-rate warm-up.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
 @click.option("--feature-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the per-Ghost-layer feature loss (0: logits only).")
@@ -45,7 +47,7 @@ __all__ = ["distill"]
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @trust_code_option
 @user_errors
-def distill(ghost, teacher, teacher_weights, data_spec, steps, batch_size, lr, temperature, feature_weight, mix,
+def distill(ghost, teacher, teacher_weights, data_spec, steps, batch_size, lr, warmup_steps, temperature, feature_weight, mix,
             jitter, crop_scale, image_size, limit, val_data, val_limit, input_size, output, run_dir, resume, force,
             seed, no_progress, trust_code):
     """Distil --teacher into GHOST (a converted .safetensors) on a few unlabelled images; write -o.
@@ -69,7 +71,7 @@ def distill(ghost, teacher, teacher_weights, data_spec, steps, batch_size, lr, t
     student = load(ghost, trust_code=trust_code)
     original = get_model(teacher, weights=teacher_weights, trust_code=trust_code)
     size = parse_input_size(input_size)[1:] if input_size else None
-    model = run(student, original, calib_spec(data_spec), steps=steps, batch_size=batch_size, lr=lr,
+    model = run(student, original, calib_spec(data_spec), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                 temperature=temperature, feature_weight=feature_weight, image_size=image_size, limit=limit,
                 augment=AugmentConfig(crop_scale=crop_scale, jitter=jitter, mix=mix), val_data=val_data,
                 val_limit=val_limit, input_size=size, run_dir=run_dir or Path(output).with_suffix(".run"),

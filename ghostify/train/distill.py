@@ -158,9 +158,9 @@ def _recipe(**o) -> DistillRecipe:
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 200, batch_size: int = 16,
-            lr: float = 1e-4, temperature: float = 2.0, feature_weight: float = 1.0,
+            lr: float = 3e-5, temperature: float = 2.0, feature_weight: float = 1.0,
             augment: AugmentConfig | dict | None = None, image_size: int | None = None, limit: int | None = 256,
-            freeze_bn: bool = True, warmup_steps: int = 0, val_data: Any = None, val_limit: int | None = None,
+            freeze_bn: bool = True, warmup_steps: int = 10, val_data: Any = None, val_limit: int | None = None,
             input_size: tuple[int, ...] | None = None, run_dir: str | os.PathLike | None = None,
             resume: str | os.PathLike | None = None, force: bool = False, inplace: bool = False, seed: int = 0,
             device: str = "auto", progress: bool = True, log_every: int = 10, checkpoint_every: int | None = 100,
@@ -170,7 +170,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 2
     Each step draws ``batch_size`` augmented images (see :class:`AugmentConfig`; ``augment=None``
     uses its defaults, ``{"mix": 0}`` turns mixing off) and lowers ``T^2 KL(teacher_T ||
     student_T) + feature_weight * (per-Ghost-layer relative squared error to the teacher's conv
-    output)`` with AdamW at ``lr`` on a cosine schedule, BN statistics frozen (``freeze_bn``).
+    output)`` with AdamW at ``lr`` on a cosine schedule after ``warmup_steps`` of linear warm-up,
+    BN statistics frozen (``freeze_bn``). The defaults are gentle on purpose: on MobileNetV2 at
+    ratio 2, ``lr=1e-4`` without warm-up cost two thirds of the calibrated agreement in the first
+    50 steps; 3e-5 with 10 warm-up steps raised it (docs/distillation.md).
 
     Args:
         student: a model from :func:`ghostify.convert` or :func:`ghostify.load`; not modified
