@@ -196,7 +196,8 @@ def budget_options(fn):
                           "context: each conv moved alone away from the uniform model nearest the budget, all "
                           "recalibrated (slow; the most faithful with --init calib)."),
         click.option("--skip-slower", is_flag=True,
-                     help="Keep a conv when its Ghost layer, timed alone on its real input, is not faster."),
+                     help="Keep a conv when its Ghost layer, timed alone on its real input, is not faster; then, "
+                          "while the whole model is not faster, also the layers that gained least."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Intra-op threads for latency measurements (default: torch's)."),
         click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="torch", show_default=True,
