@@ -117,6 +117,15 @@ def test_discarded_ghost_slots_are_not_computed():
                                                                            (4, 4, 4), (12, 5, 1)]
 
 
+def test_folding_is_computed_in_float64_and_rounded_once(residual_net):
+    ghost = convert(randomize_bn(residual_net), ratio=2, cheap="mix", dw_size=1).eval()
+    fused = fuse(ghost)
+    exact = fuse(ghost.double())  # the same passes on a float64 copy
+    assert all(t.dtype == torch.float32 for t in fused.state_dict().values() if t.is_floating_point())
+    for k, v in fused.state_dict().items():  # folded in float32 many products round differently
+        assert_close(v, exact.state_dict()[k].to(v.dtype), rtol=0, atol=0, msg=k)
+
+
 def test_fuse_leaves_the_input_model_alone(residual_net):
     ghost = convert(residual_net).train()
     before = {k: v.clone() for k, v in ghost.state_dict().items()}

