@@ -492,7 +492,12 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                     store_arch(f"{target}-{method}", build(ctx, method, target)[0])  # resumed after a deleted export
                 continue
             t0 = time.perf_counter()
-            model, setting, repairs = build(ctx, method, target)
+            try:
+                model, setting, repairs = build(ctx, method, target)
+            except ghostify.GhostifyError as exc:  # e.g. an allocation whose ratios cannot reach the target
+                log(f"  target {target} {method:18} not reachable: {str(exc).splitlines()[0]}")
+                meta.setdefault("unreachable", []).append([s.name, target, method, str(exc).splitlines()[0]])
+                continue
             sec = time.perf_counter() - t0
             arch = f"{target}-{method}"
             macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
