@@ -125,11 +125,16 @@ def greedy_allocation(options: dict[str, list[tuple[int, float, float]]], need: 
 def _timing_ghost(conv: nn.Conv2d, ratio: int, dw_size: int, cheap: str) -> nn.Module:
     if cheap == "auto":  # calibration picks per layer; time the mix form (the usual pick where dw fits poorly)
         cheap, dw_size = "mix", 1
-    ghost = GhostConv2d.from_conv(conv, ratio, dw_size, cheap, cheap_bias=True)
-    with torch.no_grad():
-        for p in ghost.parameters():  # from_conv leaves memory uninitialised; denormals would skew timings
-            p.normal_(0, 0.01)
-    return ghost
+    return _timing_weights(GhostConv2d.from_conv(conv, ratio, dw_size, cheap, cheap_bias=True))
+
+
+@torch.no_grad()
+def _timing_weights(module: nn.Module) -> nn.Module:
+    """Fill ``module``'s parameters with small random values (uninitialised memory could hold denormals,
+    which skew timings); for layers built only to be timed."""
+    for p in module.parameters():
+        p.normal_(0, 0.01)
+    return module
 
 
 def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]], inputs: torch.Tensor, *,
@@ -333,11 +338,9 @@ def _whole_model_ms(model: nn.Module, plan: Plan, inputs: torch.Tensor, repeats:
         if e.spec.cheap == "auto":  # as layer_latency times it
             e.spec = replace(e.spec, cheap="mix", dw_size=1)
     ghost = convert(model, plan=timing, initialize=False).eval()
-    with torch.no_grad():
-        for m in ghost.modules():
-            if isinstance(m, GhostConv2d):
-                for p in m.parameters():  # uninitialised memory could hold denormals, which skew timings
-                    p.normal_(0, 0.01)
+    for m in ghost.modules():
+        if isinstance(m, GhostConv2d):
+            _timing_weights(m)
     r = runtime_latency({"ghost": ghost, "conv": model}, inputs, runtime=runtime, repeats=repeats, threads=threads)
     return r["ghost"]["median_ms"], r["conv"]["median_ms"]
 
