@@ -7,7 +7,6 @@ and only then moved into place: a file that fails the check is never left behind
 from __future__ import annotations
 
 import copy
-
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
