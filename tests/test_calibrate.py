@@ -270,7 +270,7 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
                                 dict(kernel_size=(3, 5), dilation=2, padding="same"), dict(kernel_size=1, stride=2),
                                 dict(kernel_size=3, padding="valid")])
 def test_patches_at_sampled_positions_equal_unfold(kw):
-    from ghostify.init.fitting import conv_padding as _pads, patches as _patches
+    from ghostify.init.fitting import conv_padding as _pads, patch_rows
 
     conv = nn.Conv2d(4, 6, **kw)
     x = torch.randn(2, 4, 11, 9)
@@ -279,12 +279,13 @@ def test_patches_at_sampled_positions_equal_unfold(kw):
     cols = nn.functional.unfold(nn.functional.pad(x, _pads(conv, x)), conv.kernel_size, dilation=conv.dilation,
                                 stride=conv.stride)
     expected = cols[:, :, pos].permute(0, 2, 1).reshape(-1, cols.shape[1])
-    got = _patches(conv, x, pos, y.shape[3])
-    torch.testing.assert_close(got[:, :-1], expected)
-    assert (got[:, -1] == 1).all()
+    got = patch_rows(conv, x, pos, y.shape[3])
+    torch.testing.assert_close(got, expected)
     # the rows reproduce the conv's outputs at those positions
-    w = torch.cat([conv.weight.reshape(6, -1).T, conv.bias[None]])
-    torch.testing.assert_close(got @ w, y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, 6), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got @ conv.weight.reshape(6, -1).T + conv.bias,
+                               y.flatten(2)[:, :, pos].permute(0, 2, 1).reshape(-1, 6), rtol=1e-4, atol=1e-5)
+    # a subset of the images, in a given order
+    torch.testing.assert_close(patch_rows(conv, x, pos, y.shape[3], torch.tensor([1])), expected[len(pos):])
 
 
 # -- BN weighting, reduced-rank mix, ridge choice, fractional ratios -----------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["select_intrinsic", "pair_ghosts", "fit_dw_kernels", "pivoted_cholesky", "ridge_solve", "choose_ridge",
-           "reduced_rank", "patches", "patch_rows", "windows", "gram", "sample_positions", "conv_padding", "CV_ROWS",
+           "reduced_rank", "patch_rows", "windows", "gram", "sample_positions", "conv_padding", "CV_ROWS",
            "RIDGES"]
 
 
@@ -181,19 +181,13 @@ def conv_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def patches(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_width: int) -> torch.Tensor:
-    """Input patches of ``conv`` at output positions ``pos`` (per image), as rows with a trailing 1.
-
-    The columns are ordered like ``conv.weight.reshape(n, -1)``: channel, then kernel row, column.
-    """
-    cols = patch_rows(conv, x, pos, out_width)
-    return torch.cat([cols, cols.new_ones(len(cols), 1)], 1)
-
-
 def patch_rows(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_width: int,
                images: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`patches` without the trailing 1, for the images ``images`` (default all, in order): ``(N*P, C*kh*kw)``."""
-    xp = F.pad(x, conv_padding(conv, x)) if any(conv_padding(conv, x)) else x
+    """Input patches of ``conv`` at output positions ``pos`` (per image), as rows ``(N*P, C*kh*kw)`` for the images
+    ``images`` (default all, in order); the columns are ordered like ``conv.weight.reshape(n, -1)``: channel,
+    then kernel row, column."""
+    pad = conv_padding(conv, x)
+    xp = F.pad(x, pad) if any(pad) else x
     win = windows(xp, conv.kernel_size, conv.stride, conv.dilation, pos, out_width, images)
     return win.reshape(win.shape[0] * win.shape[1], -1)
 
