@@ -122,9 +122,14 @@ def greedy_allocation(options: dict[str, list[tuple[int, float, float]]], need: 
     return {n: c[0] for n, c in current.items()}, moves, saved, loss
 
 
+def _timed_form(cheap: str, dw_size: int) -> tuple[str, int]:
+    """The cheap op a layer is timed with: ``cheap="auto"`` (calibration picks per layer) is timed as the
+    1x1 ``mix``, the usual pick where ``dw`` fits poorly."""
+    return ("mix", 1) if cheap == "auto" else (cheap, dw_size)
+
+
 def _timing_ghost(conv: nn.Conv2d, ratio: int, dw_size: int, cheap: str) -> nn.Module:
-    if cheap == "auto":  # calibration picks per layer; time the mix form (the usual pick where dw fits poorly)
-        cheap, dw_size = "mix", 1
+    cheap, dw_size = _timed_form(cheap, dw_size)
     return _timing_weights(GhostConv2d.from_conv(conv, ratio, dw_size, cheap, cheap_bias=True))
 
 
@@ -334,9 +339,9 @@ def _whole_model_ms(model: nn.Module, plan: Plan, inputs: torch.Tensor, repeats:
     """``(converted ms, original ms)``: ``model`` converted by ``plan`` (weights random: timing only) and the
     original, fused and alternating in ``runtime``."""
     timing = copy.deepcopy(plan)
-    for e in timing.converted:
-        if e.spec.cheap == "auto":  # as layer_latency times it
-            e.spec = replace(e.spec, cheap="mix", dw_size=1)
+    for e in timing.converted:  # as layer_latency times each layer
+        cheap, dw_size = _timed_form(e.spec.cheap, e.spec.dw_size)
+        e.spec = replace(e.spec, cheap=cheap, dw_size=dw_size)
     ghost = convert(model, plan=timing, initialize=False).eval()
     for m in ghost.modules():
         if isinstance(m, GhostConv2d):
