@@ -17,7 +17,8 @@ onnxruntime. Uses only ghostify's public API, so it keeps working when the packa
   original conv's output on calibration images, layer after layer in the order they run.
 - :func:`onnx_bytes` / :func:`ort_latency`: a local export + timing helper (TorchScript exporter, opset 17,
   ORT_ENABLE_ALL, fixed intra-op threads, models alternating, median); ``peers.py --export local`` uses it instead of ``ghostify.export``.
-- :func:`kd_finetune`: a minimal distillation loop with ghostify's KD loss (the hook for ``ghostify.distill``).
+- :func:`kd_finetune`: one distillation recipe for every student (logit KD with ghostify's loss; the MNIST
+  recipe, or ``ghostify.distill``'s optimiser, schedule and augmentation on photos).
 """
 from __future__ import annotations
 
@@ -519,33 +520,65 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 
 
 def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], *, steps: int = 150,
-                lr: float = 0.005, temperature: float = 4.0, warmup: int = 20, clip: float = 2.0,
-                seed: int = 0) -> nn.Module:
+                recipe: str = "mnist", seed: int = 0) -> nn.Module:
     """A copy of ``student`` after ``steps`` steps of label-free KD toward ``teacher`` on ``batches``.
 
-    The optimiser, schedule and loss of the shipped MNIST recipe (``recipes/mnist_resnet20_r2.yaml``: SGD
-    momentum 0.9, weight decay 5e-4, lr 0.005 with 20 warm-up steps then cosine, gradient clipping at 2,
-    ``T = 4``), without labels: ``kd_loss(student, teacher, None)``. Batches are drawn in a seeded order.
+    The same recipe for every student, whatever made it, with ghostify's KD loss (``kd_loss(student,
+    teacher, None)``, logits only: a pruned or decomposed model has no Ghost layers to compare features of):
+
+    - ``"mnist"``: the shipped MNIST recipe's optimiser and schedule (``recipes/mnist_resnet20_r2.yaml``: SGD
+      momentum 0.9, weight decay 5e-4, lr 0.005 with 20 warm-up steps then cosine, gradient clipping at 2,
+      ``T = 4``); the batches drawn whole, in a seeded order.
+    - ``"photos"``: ``ghostify.distill``'s defaults (AdamW lr 3e-5, no weight decay, 10 warm-up steps then cosine,
+      ``T = 2``, BatchNorm statistics frozen, batches of 16 augmented images drawn from ``batches`` by
+      ``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``: crops, flips, jitter, mixing).
     """
     from ghostify import kd_loss  # the fine-tune recipes' loss
 
     work = copy.deepcopy(student).train()
     teacher = teacher.eval()
-    opt = torch.optim.SGD(work.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    if recipe == "mnist":
+        opt = torch.optim.SGD(work.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+        warmup, temperature, clip = 20, 4.0, 2.0
+        order: list[int] = []
+
+        def draw() -> torch.Tensor:
+            if not order:
+                order.extend(torch.randperm(len(batches), generator=gen).tolist())
+            return batches[order.pop()]
+    elif recipe == "photos":
+        from ghostify.train.augment import AugmentConfig
+        from ghostify.train.distill import distill_dataset
+
+        opt = torch.optim.AdamW(work.parameters(), lr=3e-5, weight_decay=0.0)
+        warmup, temperature, clip = 10, 2.0, None
+        for m in work.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        data = distill_dataset(torch.cat(batches), augment=AugmentConfig(), seed=seed)
+        idx: list[int] = []
+        epoch = [0]
+
+        def draw() -> torch.Tensor:  # 16 examples of the current epoch; each epoch's augmentations are its own
+            if len(idx) < 16:
+                idx[:] = torch.randperm(len(data), generator=gen).tolist()
+                data.set_epoch(epoch[0])
+                epoch[0] += 1
+            return torch.stack([data[idx.pop()][0] for _ in range(16)])
+    else:
+        raise ValueError(f"recipe {recipe!r}: 'mnist' or 'photos'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     for _ in range(steps):
-        if not order:
-            order = torch.randperm(len(batches), generator=gen).tolist()
-        x = batches[order.pop()]
+        x = draw()
         with torch.no_grad():
             t = teacher(x)
         loss, _ = kd_loss(work(x), t, None, temperature=temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(work.parameters(), clip)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(work.parameters(), clip)
         opt.step()
         sched.step()
     return work.eval()

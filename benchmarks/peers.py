@@ -257,20 +257,28 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
 KD_REPAIR = {"ghostify": "none", "tp": "bn-recal", "lowrank": "ls-refit"}
 
 
-def distill(ctx: Context, student: nn.Module) -> nn.Module | None:
-    """--- DISTILLATION HOOK ---: the same KD budget for every student, or None where not available yet.
+def distill(ctx: Context, method: str, student: nn.Module) -> dict:
+    """The same KD budget for every student: ``{"kd": fidelity after it, "kd_seconds": ...}``, plus for ghostify's
+    students on photos ``"kd_own"``: after ghostify's own repair (``ghostify.distill``, which adds the per-Ghost-layer
+    feature loss), the same steps.
 
-    MNIST: ``--kd-steps`` (150) steps of label-free KD (ghostify's ``kd_loss``, the MNIST recipe's optimiser)
-    on the calibration images, in a minimal loop. Photos: ghostify's few-shot distillation
-    (``ghostify.distill``, issue 14) once it is on main; until then no row. Switch MNIST to
-    ``ghostify.distill`` too when it lands, so that every student gets the same recipe.
+    MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
+    images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
+    schedule and augmentation, logits only) on the calibration crops. The trunk has no logits: no row.
     """
+    if ctx.s.kind == "trunk":
+        return {}
+    t0 = time.perf_counter()
     if ctx.s.kind == "mnist":
-        return P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.kd_steps)
-    if ctx.s.kind == "photos" and hasattr(ghostify, "distill") and ctx.args.photo_distill:
-        out = ghostify.distill(student, ctx.model, ctx.s.data["calib"], steps=ctx.args.photo_kd_steps)
-        return out if isinstance(out, nn.Module) else out.model
-    return None
+        kd = P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.kd_steps)
+    else:
+        kd = P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.photo_kd_steps, recipe="photos")
+    res = {"kd": fidelity(ctx.s, kd, ctx.ref)["fidelity"], "kd_seconds": time.perf_counter() - t0}
+    if ctx.s.kind == "photos" and family(method) == "ghostify":
+        own = ghostify.distill(student, ctx.model, ctx.s.data["calib"], steps=ctx.args.photo_kd_steps,
+                               progress=False, checkpoint_every=None)
+        res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
+    return res
 
 
 # -- export and latency ----------------------------------------------------------------------------
@@ -350,11 +358,12 @@ def table(rows: list[dict], setups: dict[str, Setup]) -> str:
         mine = [r for r in rows if r["model"] == name]
         orig = next(r for r in mine if r["method"] == "original")
         kd = any(r.get("kd") is not None for r in mine)
+        own = any(r.get("kd_own") is not None for r in mine)
         lines += [f"\n### {name}: {s.metric} ({'higher' if higher_is_better(s) else 'lower'} is better)\n",
                   f"{orig.get('data', '')}\n",
                   "| target | method | repair | setting | MACs | params | " + s.metric + (" | after KD" if kd else "")
-                  + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig |",
-                  "|---|---|---|---|---|---|---|" + ("---|" if kd else "") + "---|---|---|"]
+                  + (" | after ghostify.distill" if own else "") + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if kd else "") + ("---|" if own else "") + "---|---|---|"]
         lat0 = orig.get("ort_ms", {}).get("1")
         for r in mine:
             lat = r.get("ort_ms", {})
@@ -362,6 +371,7 @@ def table(rows: list[dict], setups: dict[str, Setup]) -> str:
             lines.append(f"| {r['target'] if r['target'] else '-'} | {r['method']} | {r['repair']} | {r['setting']} | "
                          f"{r['macs']:.3f} | {r['params']:.3f} | {fmt_fid(s, r['fidelity'])} | "
                          + (f"{fmt_fid(s, r.get('kd'))} | " if kd else "")
+                         + (f"{fmt_fid(s, r.get('kd_own'))} | " if own else "")
                          + " | ".join(f"{lat[b]:.2f}" if b in lat else "-" for b in ("1", "8")) + f" | {rel} |")
     return "\n".join(lines) + "\n"
 
@@ -458,8 +468,15 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     onnx_dir = out / "onnx" / s.name
     onnx_dir.mkdir(parents=True, exist_ok=True)
     done = {(r["target"], r["method"], r["repair"]) for r in rows if r["model"] == s.name}
+
+    def wants_kd(method: str) -> bool:
+        return not args.no_kd and s.kind != "trunk" and method in (args.kd_methods or args.methods)
+
     todo = [(t, m) for t in args.targets for m in args.methods if (t, m, "none") not in done]
-    if not todo and all("ort_ms" in r for r in rows if r["model"] == s.name):
+    kd_todo = [r for r in rows if r["model"] == s.name and r["method"] != "original" and "kd" not in r
+               and r["repair"] == KD_REPAIR[r["method"].split("-")[0]] and r["target"] in args.targets
+               and wants_kd(r["method"])]
+    if not todo and not kd_todo and all("ort_ms" in r for r in rows if r["model"] == s.name):
         log(f"\n== {s.name}: done (resume)")
         return
     onnx_err: dict[str, float] = {}
@@ -487,9 +504,20 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     store_arch("original", ctx.model)
     for target in args.targets:
         for method in args.methods:
-            if (target, method, "none") in done:
-                if not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists()):
-                    store_arch(f"{target}-{method}", build(ctx, method, target)[0])  # resumed after a deleted export
+            if (target, method, "none") in done:  # resumed: fill in what is missing
+                kd_row = next((r for r in rows if (r["model"], r["target"], r["method"], r["repair"])
+                               == (s.name, target, method, KD_REPAIR[method.split("-")[0]])), None)
+                need_kd = kd_row is not None and "kd" not in kd_row and wants_kd(method)
+                need_onnx = not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists())
+                if need_kd or need_onnx:
+                    model, _, repairs = build(ctx, method, target)
+                    if need_kd:
+                        kd_row.update(distill(ctx, method, {"none": model, **repairs}[kd_row["repair"]]))
+                        log(f"  target {target} {method:18} {kd_row['repair']:9} after KD "
+                            f"{fmt_fid(s, kd_row.get('kd'))}")
+                        save(out, rows, meta)
+                    if need_onnx:
+                        store_arch(f"{target}-{method}", model)
                 continue
             t0 = time.perf_counter()
             try:
@@ -507,14 +535,11 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                 fid = fidelity(s, mdl, ctx.ref)
                 row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
                        "macs": macs, "params": params, "arch": arch, "seconds": sec, **fid}
-                if repair == kd_from and not args.no_kd and method in (args.kd_methods or args.methods):
-                    t1 = time.perf_counter()
-                    student = distill(ctx, mdl)
-                    if student is not None:
-                        kd = fidelity(s, student, ctx.ref)
-                        row["kd"], row["kd_seconds"] = kd["fidelity"], time.perf_counter() - t1
+                if repair == kd_from and wants_kd(method):
+                    row.update(distill(ctx, method, mdl))
                 log(f"    {repair:9} {s.metric} {fmt_fid(s, fid['fidelity'])}"
-                    + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else ""))
+                    + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else "")
+                    + (f" (ghostify.distill {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
                 add(row)
             store_arch(arch, model)
 
@@ -558,8 +583,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-kd", action="store_true", help="no distillation rows")
     ap.add_argument("--kd-methods", nargs="+", default=None, choices=METHODS,
                     help="distil only these methods' students (default: every method run)")
-    ap.add_argument("--photo-distill", action="store_true", help="photos: ghostify.distill (when it exists)")
-    ap.add_argument("--photo-kd-steps", type=int, default=300)
+    ap.add_argument("--photo-kd-steps", type=int, default=150, help="photos: distillation steps per student "
+                    "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
@@ -573,6 +598,7 @@ def main(argv=None) -> None:
         args.models = args.models if "--models" in (argv or sys.argv) else ["resnet20"]
         args.targets = args.targets if "--targets" in (argv or sys.argv) else [0.55]
         args.kd_steps = min(args.kd_steps, 10)
+        args.photo_kd_steps = min(args.photo_kd_steps, 5)
     P.require_peers()
     out = Path(args.out)
     rows: list[dict] = []

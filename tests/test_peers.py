@@ -106,3 +106,28 @@ def test_pareto_front_by_hand():
     assert pareto(pts, higher=True) == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.9)]
     # an error: lower is better
     assert pareto([(1.0, 0.3), (2.0, 0.1), (3.0, 0.2)], higher=False) == [(1.0, 0.3), (2.0, 0.1)]
+
+
+@pytest.mark.parametrize("recipe", ["mnist", "photos"])
+def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
+    """Both recipes lower the KL to the teacher on images they did not train on and leave the student as it
+    was; the photos recipe (ghostify.distill's gentle AdamW 3e-5: a small step) keeps the BatchNorm statistics
+    frozen, the MNIST one updates them."""
+    teacher = _randomise_bn(chain_net)
+    student = _randomise_bn(type(chain_net)().eval())  # a different network: far from the teacher
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(4)]
+    held = torch.randn(64, 3, 8, 8, generator=gen)
+
+    def kl(model):
+        with torch.no_grad():
+            return ghostify.kd_loss(model.eval()(held), teacher(held), None, temperature=2.0)[0].item()
+
+    kd = P.kd_finetune(student, teacher, batches, steps=40, recipe=recipe)
+    assert kl(kd) < (0.9 if recipe == "mnist" else 0.99) * kl(student)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    same_stats = torch.equal(kd.bn1.running_mean, student.bn1.running_mean)
+    assert same_stats == (recipe == "photos")
+    assert not kd.training
