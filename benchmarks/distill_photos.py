@@ -71,8 +71,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-at", default="100,200,400", help="steps at which agreement is measured")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps of the learning rate")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (ghostify.distill's default)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps of the learning rate (the default's)")
     p.add_argument("--photos", default=None,
                    help="distil on only the first N calibration crops, e.g. '64,128,256': one run per N and "
                         "variant (the curve against the number of photos; calibration still uses --train)")
