@@ -41,6 +41,7 @@ def main(argv=None):
         calibrate._single_input = lambda graph: False
     data = ghostify.resolve_data("photos:calib", batch_size=args.batch_size, limit=args.images)
     batches = [x for x, _ in data]
+    torch.manual_seed(0)  # the same random weights every run, so that the error figures compare
     model = torchvision.models.get_model(args.model).eval()
     t0, c0 = time.perf_counter(), time.process_time()
     ghost = ghostify.convert(model, ratio=args.ratio, init="calib", cheap=args.cheap, calib_data=batches)
