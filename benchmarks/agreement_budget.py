@@ -1,0 +1,81 @@
+"""The largest MACs saving that keeps >= 90 % top-1 agreement with the original on held-out photos, training-free.
+
+For an ImageNet classifier (MobileNetV2 or EfficientNet-Lite0), one sensitivity table (``proxy``: each conv
+converted alone and fitted on the calibration crops, ``mix``, ratios 2/3/4) and then, per MACs target, the
+budgeted allocation (``ghostify.allocate``: the ratio per conv, or keep it, with the least predicted loss)
+converted with calibration; top-1/top-5 agreement with the original on crops of ``photos:heldout`` (other
+photos than the calibration crops'). Mild targets convert few layers: the question is how few, and whether
+those keep the original's decisions.
+
+    python -m benchmarks.agreement_budget                                   # MobileNetV2, 0.98 0.95 0.9
+    python -m benchmarks.agreement_budget --model efficientnet_lite0 --targets 0.99 0.97
+    python -m benchmarks.agreement_budget --quick                           # 16 + 16 crops: checks that it runs
+
+Needs the photo corpus and the weights (``python -m benchmarks.assets fetch``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "efficientnet_lite0"])
+    p.add_argument("--targets", nargs="+", type=float, default=[0.98, 0.95, 0.9], help="MACs fractions")
+    p.add_argument("--calib", type=int, default=256, help="calibration crops (photos:calib)")
+    p.add_argument("--heldout", type=int, default=376, help="held-out crops (photos:heldout)")
+    p.add_argument("--goal", type=float, default=0.9, help="top-1 agreement to keep")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="16 + 16 crops, one target: checks that it runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.calib, args.heldout, args.targets = 16, 16, args.targets[:1]
+
+    import torch
+
+    import ghostify
+    from benchmarks.distill_photos import build
+
+    torch.manual_seed(0)
+    model = build(args.model).eval()
+    calib = [x for x, _ in ghostify.resolve_data("photos:calib", batch_size=32, limit=args.calib)]
+    held = [x for x, _ in ghostify.resolve_data("photos:heldout", batch_size=64, limit=args.heldout)]
+    size = (1, *calib[0].shape[1:])
+    t0 = time.perf_counter()
+    table = ghostify.sensitivity(model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=calib,
+                                 method="proxy", input_size=size, progress=False)
+    print(f"{args.model}: sensitivity table (proxy, mix, ratios 2/3/4) on {sum(map(len, calib))} calibration "
+          f"crops: {time.perf_counter() - t0:.0f} s; {sum(map(len, held))} held-out crops", flush=True)
+    rows = []
+    for target in args.targets:
+        try:
+            plan = ghostify.allocate(model, target_macs=target, table=table, ratios=(2, 3, 4), dw_size=1,
+                                     cheap="mix", input_size=size, progress=False)
+        except ghostify.GhostifyError as exc:
+            print(f"  target {target}: not reachable ({str(exc).splitlines()[0]})", flush=True)
+            continue
+        t0 = time.perf_counter()
+        ghost = ghostify.convert(model, plan=plan.plan, calib_data=calib)
+        res = ghostify.evaluate(ghost, held, baseline=model, progress=False)
+        rep = ghostify.report(model, ghost)
+        converted = sorted((n, r) for n, r in plan.choices.items() if r is not None)
+        row = {"target": target, "macs": rep.macs_after / rep.macs_before, "converted": converted,
+               "of": len(plan.choices), "top1": res["agree_top1"], "top5": res["agree_top5"], "kl": res["kl"],
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"  target {target}: MACs {row['macs']:.3f}, {len(converted)} of {len(plan.choices)} convs converted "
+              f"({', '.join(f'{n} r{r}' for n, r in converted[:6])}{' ...' if len(converted) > 6 else ''}); "
+              f"held-out top-1 agreement {row['top1']:.3f}, top-5 {row['top5']:.3f}, KL {row['kl']:.3f}", flush=True)
+    ok = [r for r in rows if r["top1"] >= args.goal]
+    best = min(ok, key=lambda r: r["macs"]) if ok else None
+    print(f"largest saving at >= {args.goal:.0%} top-1 agreement among the targets: "
+          + (f"{1 - best['macs']:.3f} of the MACs (target {best['target']})" if best else "none"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
