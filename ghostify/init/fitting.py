@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["select_intrinsic", "pair_ghosts", "fit_dw_kernels", "pivoted_cholesky", "ridge_solve", "choose_ridge",
-           "reduced_rank", "patch_rows", "windows", "gram", "window_gram", "sample_positions", "conv_padding", "CV_ROWS",
-           "RIDGES"]
+           "reduced_rank", "patch_rows", "windows", "gram", "window_gram", "sample_positions", "conv_padding",
+           "CV_ROWS", "RIDGES"]
 
 
 def select_intrinsic(gram: torch.Tensor, m: int, rounds: int = 12) -> list[int]:
@@ -233,7 +233,8 @@ def window_gram(x: torch.Tensor, kernel, dilation, out_size) -> torch.Tensor:
     over the positions ``r`` that tap ``u`` reads. Every tap reads a common core of positions, so
     each of the ``(2k-1)^2`` shifts is multiplied over the core once (half of them: the other half
     are transposes), and each pair of taps adds its own border strips. For a 3x3 conv on a 14x14
-    map that is about half the multiply-adds of ``p^T p`` by ``syrk``.
+    map that is about half the multiply-adds of ``p^T p`` by ``syrk``. The output must be larger
+    than the kernel's dilated extent less one (else there is no core).
 
     Example:
         >>> import torch
@@ -256,6 +257,8 @@ def window_gram(x: torch.Tensor, kernel, dilation, out_size) -> torch.Tensor:
         return lhs.T @ xs[:, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(-1, c)
 
     r_core, c_core = (kh - 1) * dh, (kw - 1) * dw  # every tap reads [r_core, ho) x [c_core, wo)
+    if ho <= r_core or wo <= c_core:
+        raise ValueError(f"window_gram needs an output larger than {r_core} x {c_core}, got {ho} x {wo}")
     core: dict = {}
     out = torch.empty(c, k, c, k, dtype=x.dtype, device=x.device)
     for i, (ra, ca) in enumerate(taps):
