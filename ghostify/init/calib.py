@@ -14,7 +14,7 @@ and its target is the original conv's output on the original model. Per layer:
 3. the intrinsic filters and biases are refit by ridge least squares ``(A + lI) w = B``; for
    ``mix`` (free channel order) they are the best rank-``m`` map instead (reduced-rank
    regression, channels by pivoted Cholesky); with few rows per unknown the ridge ``l`` is
-   chosen by two-fold cross-validation over images, once per layer shape;
+   chosen by two-fold cross-validation over images (for large layers once per layer shape);
 4. the cheap op is fitted in closed form on the refit intrinsic maps: per ghost a
    ``d x d`` kernel and bias for ``dw``, a linear map for ``mix`` (from the normal equations of
    step 1 projected on the intrinsic filters: no second pass over the data).
@@ -297,6 +297,9 @@ def _accumulate_windows(a: torch.Tensor, b: torch.Tensor, xp: torch.Tensor, t: t
     b[-1, :] += t.sum(0).double()
 
 
+RIDGE_MEMO_SIZE = 1024  # layers with at least this many unknowns per output reuse the ridge of their shape
+
+
 def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256, ridge: float = 1e-6,
               refit: bool = True, gen: torch.Generator | None = None, fixed_order: bool = False,
               scale: torch.Tensor | None = None, ridges: dict | None = None) -> None:
@@ -308,7 +311,8 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
     covariance (weighted per channel by ``scale``, as the next BN sees them), the intrinsic
     filters refit by ridge least squares (``refit``; the ridge chosen by cross-validation over
     the two halves of the images when rows are few; ``ridges``, a dict shared by the layers of one
-    model, keeps the choice per layer shape, so that layers of the same shape on the same data reuse
+    model, keeps the choice per layer shape, so that the large layers (:data:`RIDGE_MEMO_SIZE`
+    unknowns or more, where the factorisations cost most) of the same shape on the same data reuse
     the first one's), then the cheap op fitted in closed form.
     ``fixed_order`` keeps intrinsic channels ``0..m-1`` (the identity layout of
     :class:`~ghostify.init.registry.Layer`). A ghost without a cheap op (ratio 1) is copied.
@@ -341,7 +345,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
         a, b = a[:, :-1, :-1], b[:, :-1]
     dw_ridge = ridge  # a d x d kernel has few unknowns; the chosen ridge is for the filters and the mix
     if refit and count < CV_ROWS * len(a[0]):  # few rows per unknown: choose the ridge on the other half
-        memo = {} if ridges is None else ridges
+        memo = {} if ridges is None or len(a[0]) < RIDGE_MEMO_SIZE else ridges
         key = (tuple(a.shape), tuple(b.shape), count, ghost.cheap_kind, m, ridge)
         if key not in memo:
             memo[key] = choose_ridge(a, b, scale, ridge)
