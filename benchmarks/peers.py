@@ -236,6 +236,8 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         return model, f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}", {}
     if method.startswith("tp-"):
         _, imp, scope = method.split("-")
+        if imp == "bn" and not P.has_bn(m):  # BNScaleImportance scores nothing: the bisection would prune nothing
+            raise ghostify.GhostifyError("BN-scale importance needs BatchNorm layers; this model has none")
         grads = ctx.grads() if imp == "taylor" else None
         make = lambda p: P.prune(m, x0, importance=imp, global_pruning=scope == "global", ratio=p,
                                  ignored=ctx.s.ignored, grads=grads)
