@@ -294,15 +294,15 @@ def test_statistics_from_every_window_equal_the_gathered_patches(kw, monkeypatch
     """When every output position is sampled (stride 1), the normal equations come from shifted products of
     the whole input (window_gram, the conv's weight gradient): the same sums as from the gathered patches,
     for both halves of the images (5 images: halves of 3 and 2)."""
-    import ghostify.init.calib as C
+    import ghostify.init.statistics as S
 
     conv = nn.Conv2d(4, 6, **kw)
     xs = [torch.randn(5, 4, 11, 9), torch.randn(2, 4, 11, 9)]
     ys = [conv(x).detach() for x in xs]
-    assert C._every_window(conv, ys[0], torch.arange(ys[0].shape[2] * ys[0].shape[3]))
-    dense = C._statistics(conv, xs, ys, 10_000, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(C, "_every_window", lambda *a: False)
-    gathered = C._statistics(conv, xs, ys, 10_000, torch.Generator().manual_seed(0))
+    assert S.every_window(conv, ys[0], torch.arange(ys[0].shape[2] * ys[0].shape[3]))
+    dense = S.normal_equations(conv, xs, ys, 10_000, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(S, "every_window", lambda *a: False)
+    gathered = S.normal_equations(conv, xs, ys, 10_000, torch.Generator().manual_seed(0))
     for got, want in zip(dense[:5], gathered[:5]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert dense[4] == 7 * ys[0].shape[2] * ys[0].shape[3]

@@ -37,9 +37,10 @@ from ..errors import GhostifyError
 from ..layers import GhostConv2d, ghost_macs_per_position
 from ..graph import bn_output_scales
 from .lockstep import Lockstep
-from .fitting import (CV_ROWS, choose_ridge, conv_padding, gram, pair_ghosts, patch_rows, pivoted_cholesky,
-                      reduced_rank, ridge_solve, sample_positions, select_intrinsic, window_gram, windows)
+from .fitting import (CV_ROWS, choose_ridge, pair_ghosts, pivoted_cholesky, reduced_rank, ridge_solve,
+                      select_intrinsic, windows)
 from .registry import Layer, register_init
+from .statistics import accumulate, normal_equations, output_rows
 from .transfer import copy_layer
 
 __all__ = ["init_calib", "as_input_batches", "fit_layer", "Lockstep"]
@@ -211,92 +212,6 @@ def _channel_energy(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(y, dim=(0, 2, 3)).double() ** 2
 
 
-def _statistics(conv: nn.Conv2d, xs, ys, positions: int, gen: torch.Generator):
-    """Normal equations ``A``, ``B`` (one pair per half of the images), ``sum y y^T``, ``sum y``, the row
-    count and the sampled positions of each batch, streamed over the batches on their device."""
-    n, dev = ys[0].shape[1], ys[0].device
-    d_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
-    a = torch.zeros(2, d_in, d_in, dtype=torch.float64, device=dev)  # two halves of the images, for the ridge
-    b = torch.zeros(2, d_in, n, dtype=torch.float64, device=dev)
-    yy = torch.zeros(n, n, dtype=torch.float64, device=dev)
-    ysum = torch.zeros(n, dtype=torch.float64, device=dev)
-    count = seen = 0
-    pos_per_batch = []
-    for x, y in zip(xs, ys):
-        pos = sample_positions(y.shape[2] * y.shape[3], positions, gen)
-        pos_per_batch.append(pos)
-        # image i of the run is in half i % 2; the rows of each half are made contiguous
-        half = (torch.arange(len(x), device=dev) + seen) % 2
-        order = torch.argsort(half, stable=True)
-        cut = int((half == 0).sum()) * len(pos)
-        # products in float32 (the bulk of the time, 2x faster than float64), sums in float64
-        t = _rows(y, pos, order)
-        if _every_window(conv, y, pos):
-            xp = F.pad(x.float()[order], conv_padding(conv, x)).contiguous(memory_format=torch.channels_last)
-            n0 = cut // len(pos)
-            _accumulate_windows(a[0], b[0], xp[:n0], t[:cut], conv)
-            _accumulate_windows(a[1], b[1], xp[n0:], t[cut:], conv)
-        else:
-            p = patch_rows(conv, x.float(), pos, y.shape[3], order)
-            _accumulate(a[0], b[0], p[:cut], t[:cut])
-            _accumulate(a[1], b[1], p[cut:], t[cut:])
-        yy += (t.T @ t).double()
-        ysum += t.sum(0).double()
-        count += len(t)
-        seen += len(x)
-    return a, b, yy, ysum, count, pos_per_batch
-
-
-def _rows(y: torch.Tensor, pos: torch.Tensor, images: torch.Tensor | None = None, channels=None) -> torch.Tensor:
-    """``y`` at positions ``pos`` as float32 rows ``(N*P, channels)``, image-major (images in ``images``' order)."""
-    dev = y.device
-    images = torch.arange(len(y), device=dev) if images is None else images
-    channels = torch.arange(y.shape[1], device=dev) if channels is None else torch.as_tensor(channels, device=dev)
-    rows = y.flatten(2)[images[:, None, None], channels[None, None, :], pos.to(dev)[None, :, None]]  # (N, P, C)
-    return rows.reshape(-1, len(channels)).float()
-
-
-def _accumulate(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> None:
-    """``a += [p 1]^T [p 1]``, ``b += [p 1]^T t`` (float64 sums of float32 products), without building ``[p 1]``;
-    ``p`` is ``(..., rows, d)``, ``t`` is ``(..., rows, k)``, leading dimensions batched."""
-    if not p.shape[-2]:
-        return
-    a[..., :-1, :-1] += gram(p)
-    s = p.sum(-2).double()  # float32 cascade sum (as accurate here, without a float64 copy of p)
-    a[..., :-1, -1] += s
-    a[..., -1, :-1] += s
-    a[..., -1, -1] += p.shape[-2]
-    b[..., :-1, :] += (p.mT @ t).double()
-    b[..., -1, :] += t.sum(-2).double()
-
-
-def _every_window(conv: nn.Conv2d, y: torch.Tensor, pos: torch.Tensor) -> bool:
-    """Whether the statistics can come from the whole input (:func:`_accumulate_windows`): every output position
-    sampled, stride 1, one group, a kernel wider than 1x1 and smaller than the output."""
-    (kh, kw), (dh, dw), (ho, wo) = conv.kernel_size, conv.dilation, y.shape[2:]
-    return (len(pos) == ho * wo and tuple(conv.stride) == (1, 1) and conv.groups == 1 and kh * kw > 1
-            and ho > (kh - 1) * dh and wo > (kw - 1) * dw)
-
-
-def _accumulate_windows(a: torch.Tensor, b: torch.Tensor, xp: torch.Tensor, t: torch.Tensor, conv: nn.Conv2d) -> None:
-    """:func:`_accumulate` of every window of the padded images ``xp`` (stride 1), ``t`` their outputs as rows
-    (image, row, column): the Gram matrix by :func:`window_gram` and ``[p 1]^T t`` as the conv's weight
-    gradient for the outputs ``[t 1]``, without gathering the windows."""
-    if not len(t):
-        return
-    n, k = t.shape[1], conv.kernel_size
-    ho, wo = xp.shape[2] - conv.dilation[0] * (k[0] - 1), xp.shape[3] - conv.dilation[1] * (k[1] - 1)
-    ext = torch.cat([t, t.new_ones(len(t), 1)], 1).reshape(len(xp), ho, wo, n + 1).permute(0, 3, 1, 2)
-    pt = torch.nn.grad.conv2d_weight(xp, (n + 1, xp.shape[1], *k), ext, dilation=conv.dilation)
-    pt = pt.reshape(n + 1, -1).T.double()  # (C*kh*kw, n + 1): [p^T t, p^T 1]
-    a[:-1, :-1] += window_gram(xp, k, conv.dilation, (ho, wo))
-    a[:-1, -1] += pt[:, -1]
-    a[-1, :-1] += pt[:, -1]
-    a[-1, -1] += len(t)
-    b[:-1, :] += pt[:, :-1]
-    b[-1, :] += t.sum(0).double()
-
-
 RIDGE_MEMO_SIZE = 1024  # layers with at least this many unknowns per output reuse the ridge of their shape
 
 
@@ -334,7 +249,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostConv2d, xs, ys, positions: int = 256,
         copy_layer(conv, ghost, fixed_order)
         return
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    a, b, yy, ysum, count, pos_per_batch = _statistics(conv, xs, ys, positions, gen)
+    a, b, yy, ysum, count, pos_per_batch = normal_equations(conv, xs, ys, positions, gen)
     mean = ysum / count
     scale = torch.ones(n, dtype=torch.float64) if scale is None else scale.double()
     scale = scale.to(a.device)
@@ -395,7 +310,7 @@ def _fit_dw(ghost, prim, xs, ys, pos_per_batch, intrinsic, slots, ridge) -> None
     for x, y, pos in zip(xs, ys, pos_per_batch):
         z = F.pad(prim(x)[:, parents], (d // 2,) * 4)
         zc = windows(z, (d, d), (1, 1), (1, 1), pos, z.shape[3] - d + 1, channels_first=True)  # (g, N, P, d, d)
-        _accumulate(a, b, zc.reshape(g, -1, d * d).float(), _rows(y, pos, channels=slots).T[..., None])
+        accumulate(a, b, zc.reshape(g, -1, d * d).float(), output_rows(y, pos, channels=slots).T[..., None])
     lam = ridge * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
     a.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     sol = torch.linalg.solve(a, b)[..., 0]
