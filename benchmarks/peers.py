@@ -259,6 +259,11 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
 KD_REPAIR = {"ghostify": "none", "tp": "bn-recal", "lowrank": "ls-refit"}
 
 
+def kd_repair(method: str) -> str:
+    """The repair whose model a method's distillation starts from."""
+    return KD_REPAIR[method.split("-")[0]]
+
+
 def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     """The same KD budget for every student: ``{"kd": fidelity after it, "kd_seconds": ...}``, plus for ghostify's
     students on photos ``"kd_own"``: after ghostify's own repair (``ghostify.distill``, which adds the per-Ghost-layer
@@ -476,7 +481,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
 
     todo = [(t, m) for t in args.targets for m in args.methods if (t, m, "none") not in done]
     kd_todo = [r for r in rows if r["model"] == s.name and r["method"] != "original" and "kd" not in r
-               and r["repair"] == KD_REPAIR[r["method"].split("-")[0]] and r["target"] in args.targets
+               and r["repair"] == kd_repair(r["method"]) and r["target"] in args.targets
                and wants_kd(r["method"])]
     if not todo and not kd_todo and all("ort_ms" in r for r in rows if r["model"] == s.name):
         log(f"\n== {s.name}: done (resume)")
@@ -508,7 +513,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
         for method in args.methods:
             if (target, method, "none") in done:  # resumed: fill in what is missing
                 kd_row = next((r for r in rows if (r["model"], r["target"], r["method"], r["repair"])
-                               == (s.name, target, method, KD_REPAIR[method.split("-")[0]])), None)
+                               == (s.name, target, method, kd_repair(method))), None)
                 need_kd = kd_row is not None and "kd" not in kd_row and wants_kd(method)
                 need_onnx = not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists())
                 if need_kd or need_onnx:
@@ -532,7 +537,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
             arch = f"{target}-{method}"
             macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
             log(f"  target {target} {method:18} {setting:40} MACs {macs:.3f} ({sec:.0f} s)")
-            kd_from = KD_REPAIR[method.split("-")[0]]
+            kd_from = kd_repair(method)
             for repair, mdl in {"none": model, **repairs}.items():
                 fid = fidelity(s, mdl, ctx.ref)
                 row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
