@@ -1,7 +1,9 @@
 """The largest MACs saving that keeps >= 90 % top-1 agreement with the original on held-out photos, training-free.
 
-For an ImageNet classifier (MobileNetV2 or EfficientNet-Lite0), one sensitivity table (``proxy``: each conv
-converted alone and fitted on the calibration crops, ``mix``, ratios 2/3/4) and then, per MACs target, the
+For an ImageNet classifier (MobileNetV2 or EfficientNet-Lite0), one sensitivity table (``mix``, ratios 2/3/4;
+``--sensitivity proxy``: each conv's relative output error after its fit, on calibration batches the fit left out;
+``alone``: each conv fitted on the first 3/4 of the calibration crops, then put alone into the original and the
+KL of the logits measured on the last 1/4, crops of other photos) and then, per MACs target, the
 budgeted allocation (``ghostify.allocate``: the ratio per conv, or keep it, with the least predicted loss)
 converted with calibration; top-1/top-5 agreement with the original on crops of ``photos:heldout`` (other
 photos than the calibration crops'). Mild targets convert few layers: the question is how few, and whether
@@ -9,6 +11,7 @@ those keep the original's decisions.
 
     python -m benchmarks.agreement_budget                                   # MobileNetV2, 0.98 0.95 0.9
     python -m benchmarks.agreement_budget --model efficientnet_lite0 --targets 0.99 0.97
+    python -m benchmarks.agreement_budget --sensitivity alone              # ranked by their effect on the logits
     python -m benchmarks.agreement_budget --quick                           # 16 + 16 crops: checks that it runs
 
 Needs the photo corpus and the weights (``python -m benchmarks.assets fetch``).
@@ -26,6 +29,7 @@ def main(argv=None):
     p.add_argument("--targets", nargs="+", type=float, default=[0.98, 0.95, 0.9], help="MACs fractions")
     p.add_argument("--calib", type=int, default=256, help="calibration crops (photos:calib)")
     p.add_argument("--heldout", type=int, default=376, help="held-out crops (photos:heldout)")
+    p.add_argument("--sensitivity", default="proxy", choices=["proxy", "alone"], help="how the convs are ranked")
     p.add_argument("--goal", type=float, default=0.9, help="top-1 agreement to keep")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="16 + 16 crops, one target: checks that it runs")
@@ -40,14 +44,16 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = build(args.model).eval()
-    calib = [x for x, _ in ghostify.resolve_data("photos:calib", batch_size=32, limit=args.calib)]
+    calib = [x for x, _ in ghostify.resolve_data("photos:calib", batch_size=8 if args.quick else 32, limit=args.calib)]
     held = [x for x, _ in ghostify.resolve_data("photos:heldout", batch_size=64, limit=args.heldout)]
     size = (1, *calib[0].shape[1:])
     t0 = time.perf_counter()
-    table = ghostify.sensitivity(model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=calib,
-                                 method="proxy", input_size=size, progress=False)
-    print(f"{args.model}: sensitivity table (proxy, mix, ratios 2/3/4) on {sum(map(len, calib))} calibration "
-          f"crops: {time.perf_counter() - t0:.0f} s; {sum(map(len, held))} held-out crops", flush=True)
+    cut = len(calib) if args.sensitivity == "proxy" else 3 * len(calib) // 4
+    fit, judge = calib[:cut], calib[cut:] or None
+    table = ghostify.sensitivity(model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=fit,
+                                 eval_data=judge, method=args.sensitivity, input_size=size, progress=False)
+    print(f"{args.model}: sensitivity table ({args.sensitivity}, mix, ratios 2/3/4) on {sum(map(len, calib))} "
+          f"calibration crops: {time.perf_counter() - t0:.0f} s; {sum(map(len, held))} held-out crops", flush=True)
     rows = []
     for target in args.targets:
         try:
@@ -74,7 +80,7 @@ def main(argv=None):
           + (f"{1 - best['macs']:.3f} of the MACs (target {best['target']})" if best else "none"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "sensitivity": args.sensitivity, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ Models and data (the same calibration images and the same evaluation data for ev
 - ``vgg16_trunk``: torchvision ``vgg16().features`` with VGG16's ImageNet weights; calibration on 64 crops of
   ``photos:calib``; fidelity: relative error ``||f - f0|| / ||f0||`` of the last feature map on 48 held-out
   crops (fewer than the classifiers: 15 GMACs a crop); ONNX Runtime at batch 1 only.
+- ``craft_trunk``: CRAFT's VGG16-BN trunk (``vgg16_bn().features[:39]``, a text detector's ImageNet-initialised
+  backbone, 12 convs each followed by BatchNorm); data and metric as ``vgg16_trunk``.
 
 Methods (``--methods``, default all):
 
@@ -23,6 +25,8 @@ Methods (``--methods``, default all):
   ``ghostify-mix``: the same with ``cheap="mix", dw_size=1`` (what ``init="calib"`` picks by default);
   ``ghostify-alloc``: ``ghostify.allocate(target_macs=F)`` (ratios 2/3/4 or keep, mix, ``proxy`` sensitivity
   on the calibration images), then calibrated.
+  ``ghostify-alloc-kl`` (classifiers): the same with the ``alone`` sensitivity, each conv fitted on the first 3/4
+  of the calibration images, put alone into the original and the KL of the logits measured on the last 1/4.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
   ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
   output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the
@@ -61,7 +65,7 @@ from benchmarks import peer_methods as P
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
-METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", *TP_METHODS, "lowrank"]
+METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", "ghostify-alloc-kl", *TP_METHODS, "lowrank"]
 FAMILIES = {"ghostify": "ghostify", "tp": "Torch-Pruning", "lowrank": "low-rank"}
 
 
@@ -114,6 +118,8 @@ SETUPS = {
     "efficientnet_lite0": Setup("efficientnet_lite0", "photos", _real("efficientnet_lite0"), (3, 224, 224),
                                 lambda m: [m.net._fc], 256, 376, 15, "held-out top-1 agreement"),
     "vgg16_trunk": Setup("vgg16_trunk", "trunk", _real("vgg16_imagenet_trunk"), (3, 224, 224), _last_conv,
+                         64, 48, 5, "held-out feature error", (1,)),
+    "craft_trunk": Setup("craft_trunk", "trunk", _real("craft_vgg16bn_trunk"), (3, 224, 224), _last_conv,
                          64, 48, 5, "held-out feature error", (1,)),
 }
 
@@ -193,19 +199,22 @@ class Context:
         self.params0 = ghostify.count(self.model, self.x0).params
         self.calib_x = [x for x, _ in s.data["calib"]]
         self.ref = reference(s, self.model)
-        self._table = self._grads = None
+        self._tables, self._grads = {}, None
 
     def macs(self, model: nn.Module) -> float:
         return ghostify.count(model, self.x0).macs / self.macs0
 
-    def table(self):
-        if self._table is None:
+    def table(self, method: str = "proxy"):
+        """The sensitivity table: ``proxy`` on all calibration images, or ``alone`` (the KL of the logits) fitted
+        on the first 3/4 of them and measured on the last 1/4."""
+        if method not in self._tables:
             t0 = time.perf_counter()
-            self._table = ghostify.sensitivity(self.model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib",
-                                               calib_data=self.calib_x, method="proxy",
-                                               input_size=tuple(self.x0.shape), progress=False)
-            log(f"  sensitivity table (proxy, mix, ratios 2/3/4): {time.perf_counter() - t0:.0f} s")
-        return self._table
+            cut = len(self.calib_x) if method == "proxy" else 3 * len(self.calib_x) // 4
+            self._tables[method] = ghostify.sensitivity(
+                self.model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=self.calib_x[:cut],
+                eval_data=self.calib_x[cut:] or None, method=method, input_size=tuple(self.x0.shape), progress=False)
+            log(f"  sensitivity table ({method}, mix, ratios 2/3/4): {time.perf_counter() - t0:.0f} s")
+        return self._tables[method]
 
     def grads(self):
         if self._grads is None:
@@ -228,8 +237,11 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         ratio = round(ratio, 4)
         model = ghostify.convert(m, ratio=ratio, init="calib", calib_data=calib, **kw)
         return model, f"ratio {ratio:g}", {}
-    if method == "ghostify-alloc":
-        a = ghostify.allocate(m, target_macs=target, table=ctx.table(), ratios=(2, 3, 4), dw_size=1, cheap="mix",
+    if method in ("ghostify-alloc", "ghostify-alloc-kl"):
+        if method == "ghostify-alloc-kl" and ctx.s.kind == "trunk":
+            raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none")
+        table = ctx.table("alone" if method.endswith("-kl") else "proxy")
+        a = ghostify.allocate(m, target_macs=target, table=table, ratios=(2, 3, 4), dw_size=1, cheap="mix",
                               input_size=tuple(x0.shape), progress=False)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]

@@ -131,3 +131,23 @@ def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
     same_stats = torch.equal(kd.bn1.running_mean, student.bn1.running_mean)
     assert same_stats == (recipe == "photos")
     assert not kd.training
+
+
+def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net):
+    from benchmarks.peers import Context, Setup, build
+
+    torch.manual_seed(0)
+    net = _randomise_bn(chain_net)
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
+    s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
+    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    ctx = Context(s, None)
+    model, setting, repairs = build(ctx, "ghostify-alloc-kl", 0.8)
+    table = ctx._tables["alone"]
+    assert list(ctx._tables) == ["alone"] and table.method == "alone" and table.measure == "kl"
+    assert ctx.macs(model) <= 0.8 and setting.startswith("1/2 convs") and repairs == {}
+    assert any(isinstance(m, ghostify.GhostConv2d) for m in model.modules())
+    trunk = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "feature error")
+    trunk.data = s.data
+    with pytest.raises(ghostify.GhostifyError, match="needs logits"):
+        build(Context(trunk, None), "ghostify-alloc-kl", 0.8)
