@@ -23,6 +23,16 @@ import json
 import time
 
 
+def sensitivity_table(model, calib: list, method: str, input_size):
+    """The ``mix`` sensitivity table at ratios 2/3/4: ``proxy`` fitted on every calibration batch, or ``alone``
+    fitted on the first 3/4 of them and judged (KL of the logits) on the last 1/4."""
+    import ghostify
+
+    cut = len(calib) if method == "proxy" else 3 * len(calib) // 4
+    return ghostify.sensitivity(model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=calib[:cut],
+                                eval_data=calib[cut:] or None, method=method, input_size=input_size, progress=False)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "efficientnet_lite0"])
@@ -48,10 +58,7 @@ def main(argv=None):
     held = [x for x, _ in ghostify.resolve_data("photos:heldout", batch_size=64, limit=args.heldout)]
     size = (1, *calib[0].shape[1:])
     t0 = time.perf_counter()
-    cut = len(calib) if args.sensitivity == "proxy" else 3 * len(calib) // 4
-    fit, judge = calib[:cut], calib[cut:] or None
-    table = ghostify.sensitivity(model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=fit,
-                                 eval_data=judge, method=args.sensitivity, input_size=size, progress=False)
+    table = sensitivity_table(model, calib, args.sensitivity, size)
     print(f"{args.model}: sensitivity table ({args.sensitivity}, mix, ratios 2/3/4) on {sum(map(len, calib))} "
           f"calibration crops: {time.perf_counter() - t0:.0f} s; {sum(map(len, held))} held-out crops", flush=True)
     rows = []

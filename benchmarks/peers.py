@@ -62,6 +62,7 @@ from torch import nn
 
 import ghostify
 from benchmarks import peer_methods as P
+from benchmarks.agreement_budget import sensitivity_table
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
@@ -209,10 +210,7 @@ class Context:
         on the first 3/4 of them and measured on the last 1/4."""
         if method not in self._tables:
             t0 = time.perf_counter()
-            cut = len(self.calib_x) if method == "proxy" else 3 * len(self.calib_x) // 4
-            self._tables[method] = ghostify.sensitivity(
-                self.model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=self.calib_x[:cut],
-                eval_data=self.calib_x[cut:] or None, method=method, input_size=tuple(self.x0.shape), progress=False)
+            self._tables[method] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape))
             log(f"  sensitivity table ({method}, mix, ratios 2/3/4): {time.perf_counter() - t0:.0f} s")
         return self._tables[method]
 
