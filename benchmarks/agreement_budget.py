@@ -1,6 +1,7 @@
 """The largest MACs saving that keeps >= 90 % top-1 agreement with the original on held-out photos, training-free.
 
-For an ImageNet classifier (MobileNetV2 or EfficientNet-Lite0), one sensitivity table (``mix``, ratios 2/3/4;
+For an ImageNet classifier (MobileNetV2 or EfficientNet-Lite0), one sensitivity table (``mix``, ratios 2/3/4 or
+``--ratios``;
 ``--sensitivity proxy``: each conv's relative output error after its fit, on calibration batches the fit left out;
 ``alone``: each conv fitted on the first 3/4 of the calibration crops, then put alone into the original and the
 KL of the logits measured on the last 1/4, crops of other photos) and then, per MACs target, the
@@ -12,6 +13,7 @@ those keep the original's decisions.
     python -m benchmarks.agreement_budget                                   # MobileNetV2, 0.98 0.95 0.9
     python -m benchmarks.agreement_budget --model efficientnet_lite0 --targets 0.99 0.97
     python -m benchmarks.agreement_budget --sensitivity alone              # ranked by their effect on the logits
+    python -m benchmarks.agreement_budget --sensitivity alone --ratios 1.5 2 3 4  # milder ratios too
     python -m benchmarks.agreement_budget --quick                           # 16 + 16 crops: checks that it runs
 
 Needs the photo corpus and the weights (``python -m benchmarks.assets fetch``).
@@ -23,13 +25,16 @@ import json
 import time
 
 
-def sensitivity_table(model, calib: list, method: str, input_size):
-    """The ``mix`` sensitivity table at ratios 2/3/4: ``proxy`` fitted on every calibration batch, or ``alone``
+RATIOS = (2, 3, 4)
+
+
+def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS):
+    """The ``mix`` sensitivity table at ``ratios``: ``proxy`` fitted on every calibration batch, or ``alone``
     fitted on the first 3/4 of them and judged (KL of the logits) on the last 1/4."""
     import ghostify
 
     cut = len(calib) if method == "proxy" else 3 * len(calib) // 4
-    return ghostify.sensitivity(model, ratios=(2, 3, 4), dw_size=1, cheap="mix", init="calib", calib_data=calib[:cut],
+    return ghostify.sensitivity(model, ratios=ratios, dw_size=1, cheap="mix", init="calib", calib_data=calib[:cut],
                                 eval_data=calib[cut:] or None, method=method, input_size=input_size, progress=False)
 
 
@@ -40,10 +45,13 @@ def main(argv=None):
     p.add_argument("--calib", type=int, default=256, help="calibration crops (photos:calib)")
     p.add_argument("--heldout", type=int, default=376, help="held-out crops (photos:heldout)")
     p.add_argument("--sensitivity", default="proxy", choices=["proxy", "alone"], help="how the convs are ranked")
+    p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS),
+                   help="candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4")
     p.add_argument("--goal", type=float, default=0.9, help="top-1 agreement to keep")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="16 + 16 crops, one target: checks that it runs")
     args = p.parse_args(argv)
+    args.ratios = tuple(int(r) if r == int(r) else r for r in args.ratios)
     if args.quick:
         args.calib, args.heldout, args.targets = 16, 16, args.targets[:1]
 
@@ -58,13 +66,14 @@ def main(argv=None):
     held = [x for x, _ in ghostify.resolve_data("photos:heldout", batch_size=64, limit=args.heldout)]
     size = (1, *calib[0].shape[1:])
     t0 = time.perf_counter()
-    table = sensitivity_table(model, calib, args.sensitivity, size)
-    print(f"{args.model}: sensitivity table ({args.sensitivity}, mix, ratios 2/3/4) on {sum(map(len, calib))} "
-          f"calibration crops: {time.perf_counter() - t0:.0f} s; {sum(map(len, held))} held-out crops", flush=True)
+    table = sensitivity_table(model, calib, args.sensitivity, size, args.ratios)
+    print(f"{args.model}: sensitivity table ({args.sensitivity}, mix, ratios {'/'.join(map(str, args.ratios))}) on "
+          f"{sum(map(len, calib))} calibration crops: {time.perf_counter() - t0:.0f} s; "
+          f"{sum(map(len, held))} held-out crops", flush=True)
     rows = []
     for target in args.targets:
         try:
-            plan = ghostify.allocate(model, target_macs=target, table=table, ratios=(2, 3, 4), dw_size=1,
+            plan = ghostify.allocate(model, target_macs=target, table=table, ratios=args.ratios, dw_size=1,
                                      cheap="mix", input_size=size, progress=False)
         except ghostify.GhostifyError as exc:
             print(f"  target {target}: not reachable ({str(exc).splitlines()[0]})", flush=True)
@@ -87,7 +96,8 @@ def main(argv=None):
           + (f"{1 - best['macs']:.3f} of the MACs (target {best['target']})" if best else "none"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "sensitivity": args.sensitivity, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "sensitivity": args.sensitivity, "ratios": args.ratios, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ Methods (``--methods``, default all):
 
 - ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
   ``ghostify-mix``: the same with ``cheap="mix", dw_size=1`` (what ``init="calib"`` picks by default);
-  ``ghostify-alloc``: ``ghostify.allocate(target_macs=F)`` (ratios 2/3/4 or keep, mix, ``proxy`` sensitivity
-  on the calibration images), then calibrated.
+  ``ghostify-alloc``: ``ghostify.allocate(target_macs=F)`` (per conv a ratio of 2/3/4, or of ``--alloc-ratios``,
+  or keep it; mix; ``proxy`` sensitivity on the calibration images), then calibrated.
   ``ghostify-alloc-kl`` (classifiers): the same with the ``alone`` sensitivity, each conv fitted on the first 3/4
   of the calibration images, put alone into the original and the KL of the logits measured on the last 1/4.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
@@ -62,7 +62,7 @@ from torch import nn
 
 import ghostify
 from benchmarks import peer_methods as P
-from benchmarks.agreement_budget import sensitivity_table
+from benchmarks.agreement_budget import RATIOS, sensitivity_table
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
@@ -200,6 +200,7 @@ class Context:
         self.params0 = ghostify.count(self.model, self.x0).params
         self.calib_x = [x for x, _ in s.data["calib"]]
         self.ref = reference(s, self.model)
+        self.alloc_ratios = tuple(getattr(args, "alloc_ratios", RATIOS))  # the allocations' candidate ratios
         self._tables, self._grads = {}, None
 
     def macs(self, model: nn.Module) -> float:
@@ -210,8 +211,10 @@ class Context:
         on the first 3/4 of them and measured on the last 1/4."""
         if method not in self._tables:
             t0 = time.perf_counter()
-            self._tables[method] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape))
-            log(f"  sensitivity table ({method}, mix, ratios 2/3/4): {time.perf_counter() - t0:.0f} s")
+            ratios = self.alloc_ratios
+            self._tables[method] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape), ratios)
+            log(f"  sensitivity table ({method}, mix, ratios {'/'.join(map(str, ratios))}): "
+                f"{time.perf_counter() - t0:.0f} s")
         return self._tables[method]
 
     def grads(self):
@@ -239,8 +242,8 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         if method == "ghostify-alloc-kl" and ctx.s.kind == "trunk":
             raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none")
         table = ctx.table("alone" if method.endswith("-kl") else "proxy")
-        a = ghostify.allocate(m, target_macs=target, table=table, ratios=(2, 3, 4), dw_size=1, cheap="mix",
-                              input_size=tuple(x0.shape), progress=False)
+        a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios, dw_size=1,
+                              cheap="mix", input_size=tuple(x0.shape), progress=False)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]
         return model, f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}", {}
@@ -602,6 +605,9 @@ def main(argv=None) -> None:
                     help="distil only these methods' students (default: every method run)")
     ap.add_argument("--photo-kd-steps", type=int, default=150, help="photos: distillation steps per student "
                     "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
+    ap.add_argument("--alloc-ratios", nargs="+", type=float, default=list(RATIOS),
+                    help="the allocations' candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4; "
+                         "one set per output folder")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
@@ -616,12 +622,18 @@ def main(argv=None) -> None:
         args.targets = args.targets if "--targets" in (argv or sys.argv) else [0.55]
         args.kd_steps = min(args.kd_steps, 10)
         args.photo_kd_steps = min(args.photo_kd_steps, 5)
+    args.alloc_ratios = [int(r) if r == int(r) else r for r in args.alloc_ratios]
     P.require_peers()
     out = Path(args.out)
     rows: list[dict] = []
     if out.exists() and any(out.iterdir()):
         if args.resume and (out / "results.json").exists():
-            rows = json.loads((out / "results.json").read_text())["rows"]
+            saved = json.loads((out / "results.json").read_text())
+            before = saved["meta"].get("alloc_ratios", list(RATIOS))
+            if before != args.alloc_ratios:
+                raise SystemExit(f"{out}'s allocations used ratios {before}: resume with --alloc-ratios "
+                                 f"{' '.join(map(str, before))}, or write to another folder")
+            rows = saved["rows"]
         elif args.force:
             shutil.rmtree(out)
         else:
@@ -631,7 +643,8 @@ def main(argv=None) -> None:
     how = export_mode(args.export)
     meta = {"versions": P.versions(), "python": platform.python_version(), "argv": sys.argv, "export": how,
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS}
+            "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
+            "alloc_ratios": args.alloc_ratios}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
     for name in args.models:

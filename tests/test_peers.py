@@ -2,6 +2,8 @@
 export, the low-rank refit and the Pareto front (the run itself is a benchmark, not a test)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -151,3 +153,24 @@ def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net)
     trunk.data = s.data
     with pytest.raises(ghostify.GhostifyError, match="needs logits"):
         build(Context(trunk, None), "ghostify-alloc-kl", 0.8)
+
+
+def test_allocation_takes_fractional_candidate_ratios(chain_net):
+    """``--alloc-ratios 1.5 2``: the table is measured at both and a mild budget is met at ratio 1.5, which
+    keeps more filters than 2 (ceil(n / 1.5) intrinsic maps)."""
+    import argparse
+
+    from benchmarks.peers import Context, Setup, build
+
+    torch.manual_seed(0)
+    net = _randomise_bn(chain_net)
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
+    s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
+    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    ctx = Context(s, argparse.Namespace(alloc_ratios=[1.5, 2]))
+    model, setting, _ = build(ctx, "ghostify-alloc", 0.95)
+    assert sorted({r.ratio for r in ctx._tables["proxy"].rows}) == [1.5, 2]
+    assert ctx.macs(model) <= 0.95
+    ghosts = [m for m in model.modules() if isinstance(m, ghostify.GhostConv2d)]
+    assert ghosts and "ratios [1.5]" in setting
+    assert all(g.primary.out_channels == math.ceil(g.out_channels / 1.5) for g in ghosts)
