@@ -28,6 +28,17 @@ import time
 RATIOS = (2, 3, 4)
 
 
+def ratio_arg(text: str) -> int | float:
+    """A candidate ratio from the command line: a number > 1, kept an int where it is one (``2``, not ``2.0``)."""
+    try:
+        r = float(text)
+    except ValueError:
+        r = float("nan")
+    if not r > 1 or r == float("inf"):
+        raise argparse.ArgumentTypeError(f"a ratio is a number > 1 (got {text!r}); e.g. 1.5, 2 or 4")
+    return int(r) if r.is_integer() else r
+
+
 def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS):
     """The ``mix`` sensitivity table at ``ratios``: ``proxy`` fitted on every calibration batch, or ``alone``
     fitted on the first 3/4 of them and judged (KL of the logits) on the last 1/4."""
@@ -45,13 +56,13 @@ def main(argv=None):
     p.add_argument("--calib", type=int, default=256, help="calibration crops (photos:calib)")
     p.add_argument("--heldout", type=int, default=376, help="held-out crops (photos:heldout)")
     p.add_argument("--sensitivity", default="proxy", choices=["proxy", "alone"], help="how the convs are ranked")
-    p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS),
+    p.add_argument("--ratios", nargs="+", type=ratio_arg, default=list(RATIOS),
                    help="candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4")
     p.add_argument("--goal", type=float, default=0.9, help="top-1 agreement to keep")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="16 + 16 crops, one target: checks that it runs")
     args = p.parse_args(argv)
-    args.ratios = tuple(int(r) if r == int(r) else r for r in args.ratios)
+    args.ratios = tuple(args.ratios)
     if args.quick:
         args.calib, args.heldout, args.targets = 16, 16, args.targets[:1]
 

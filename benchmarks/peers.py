@@ -62,7 +62,7 @@ from torch import nn
 
 import ghostify
 from benchmarks import peer_methods as P
-from benchmarks.agreement_budget import RATIOS, sensitivity_table
+from benchmarks.agreement_budget import RATIOS, ratio_arg, sensitivity_table
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
@@ -605,7 +605,7 @@ def main(argv=None) -> None:
                     help="distil only these methods' students (default: every method run)")
     ap.add_argument("--photo-kd-steps", type=int, default=150, help="photos: distillation steps per student "
                     "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
-    ap.add_argument("--alloc-ratios", nargs="+", type=float, default=list(RATIOS),
+    ap.add_argument("--alloc-ratios", nargs="+", type=ratio_arg, default=list(RATIOS),
                     help="the allocations' candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4; "
                          "one set per output folder")
     ap.add_argument("--no-latency", action="store_true")
@@ -622,7 +622,6 @@ def main(argv=None) -> None:
         args.targets = args.targets if "--targets" in (argv or sys.argv) else [0.55]
         args.kd_steps = min(args.kd_steps, 10)
         args.photo_kd_steps = min(args.photo_kd_steps, 5)
-    args.alloc_ratios = [int(r) if r == int(r) else r for r in args.alloc_ratios]
     P.require_peers()
     out = Path(args.out)
     rows: list[dict] = []

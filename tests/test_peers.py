@@ -174,3 +174,23 @@ def test_allocation_takes_fractional_candidate_ratios(chain_net):
     ghosts = [m for m in model.modules() if isinstance(m, ghostify.GhostConv2d)]
     assert ghosts and "ratios [1.5]" in setting
     assert all(g.primary.out_channels == math.ceil(g.out_channels / 1.5) for g in ghosts)
+
+
+def test_ratio_arguments_are_checked_and_kept_whole(tmp_path):
+    import argparse
+
+    from benchmarks.agreement_budget import ratio_arg
+    from benchmarks.peers import main
+
+    assert [ratio_arg(t) for t in ("1.5", "2", "8.0")] == [1.5, 2, 8]
+    assert isinstance(ratio_arg("2"), int)
+    for bad in ("1", "0.5", "-2", "two", "inf", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a ratio is a number > 1"):
+            ratio_arg(bad)
+    with pytest.raises(SystemExit):  # argparse's usage error, before any work
+        main(["-o", "/nonexistent/never-written", "--alloc-ratios", "1"])
+    # a folder's allocations keep one set of ratios: resuming with another is refused, and nothing is written
+    (tmp_path / "results.json").write_text('{"meta": {}, "rows": []}')
+    with pytest.raises(SystemExit, match="resume with --alloc-ratios 2 3 4"):
+        main(["-o", str(tmp_path), "--resume", "--alloc-ratios", "1.5", "2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
