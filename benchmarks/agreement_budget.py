@@ -29,14 +29,17 @@ RATIOS = (2, 3, 4)
 
 
 def ratio_arg(text: str) -> int | float:
-    """A candidate ratio from the command line: a number > 1, kept an int where it is one (``2``, not ``2.0``)."""
+    """A candidate ratio from the command line: ``ghostify.ratio.check_ratio``'s number (an int where whole),
+    and > 1 (keeping a conv is always a candidate of the allocation)."""
+    from ghostify.ratio import check_ratio
+
     try:
-        r = float(text)
+        r = check_ratio(float(text))
     except ValueError:
-        r = float("nan")
-    if not r > 1 or r == float("inf"):
+        r = None
+    if r is None or r <= 1:
         raise argparse.ArgumentTypeError(f"a ratio is a number > 1 (got {text!r}); e.g. 1.5, 2 or 4")
-    return int(r) if r.is_integer() else r
+    return r
 
 
 def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS):
