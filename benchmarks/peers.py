@@ -27,6 +27,7 @@ Methods (``--methods``, default all):
   or keep it; mix; ``proxy`` sensitivity on the calibration images), then calibrated.
   ``ghostify-alloc-kl`` (classifiers): the same with the ``alone`` sensitivity, each conv fitted on the first 3/4
   of the calibration images, put alone into the original and the KL of the logits measured on the last 1/4.
+  ``ghostify-alloc-out`` (trunks): the same, measuring the relative error of the trunk's output instead of a KL.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
   ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
   output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the
@@ -63,10 +64,12 @@ from torch import nn
 import ghostify
 from benchmarks import peer_methods as P
 from benchmarks.agreement_budget import RATIOS, ratio_arg, sensitivity_table
+from ghostify.measure.evaluation import output_error
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
-METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", "ghostify-alloc-kl", *TP_METHODS, "lowrank"]
+METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", "ghostify-alloc-kl", "ghostify-alloc-out", *TP_METHODS,
+           "lowrank"]
 FAMILIES = {"ghostify": "ghostify", "tp": "Torch-Pruning", "lowrank": "low-rank"}
 
 
@@ -164,8 +167,7 @@ def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
     """
     model = model.eval()
     if s.kind == "trunk":
-        err = sum((model(x) - f0).pow(2).sum().item() for x, _, f0 in ref)
-        return {"fidelity": (err / sum(f0.pow(2).sum().item() for _, _, f0 in ref)) ** 0.5}
+        return {"fidelity": output_error([model(x) for x, _, _ in ref], [f0 for _, _, f0 in ref])}
     n = top1 = agree1 = agree5 = 0
     for x, y, out0 in ref:
         out = model(x)
@@ -206,16 +208,18 @@ class Context:
     def macs(self, model: nn.Module) -> float:
         return ghostify.count(model, self.x0).macs / self.macs0
 
-    def table(self, method: str = "proxy"):
-        """The sensitivity table: ``proxy`` on all calibration images, or ``alone`` (the KL of the logits) fitted
-        on the first 3/4 of them and measured on the last 1/4."""
-        if method not in self._tables:
+    def table(self, method: str = "proxy", measure: str | None = None):
+        """The sensitivity table: ``proxy`` on all calibration images, or ``alone`` (``measure``: the KL of the
+        logits by default, ``"output"`` for a trunk) fitted on the first 3/4 of them and measured on the last 1/4."""
+        key = method if measure is None else f"{method}-{measure}"
+        if key not in self._tables:
             t0 = time.perf_counter()
             ratios = self.alloc_ratios
-            self._tables[method] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape), ratios)
-            log(f"  sensitivity table ({method}, mix, ratios {'/'.join(map(str, ratios))}): "
+            self._tables[key] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape), ratios,
+                                                  measure)
+            log(f"  sensitivity table ({key}, mix, ratios {'/'.join(map(str, ratios))}): "
                 f"{time.perf_counter() - t0:.0f} s")
-        return self._tables[method]
+        return self._tables[key]
 
     def grads(self):
         if self._grads is None:
@@ -238,10 +242,13 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         ratio = round(ratio, 4)
         model = ghostify.convert(m, ratio=ratio, init="calib", calib_data=calib, **kw)
         return model, f"ratio {ratio:g}", {}
-    if method in ("ghostify-alloc", "ghostify-alloc-kl"):
+    if method in ("ghostify-alloc", "ghostify-alloc-kl", "ghostify-alloc-out"):
         if method == "ghostify-alloc-kl" and ctx.s.kind == "trunk":
-            raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none")
-        table = ctx.table("alone" if method.endswith("-kl") else "proxy")
+            raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none (ghostify-alloc-out)")
+        if method == "ghostify-alloc-out" and ctx.s.kind != "trunk":
+            raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
+        table = ctx.table(*{"ghostify-alloc": ("proxy",), "ghostify-alloc-kl": ("alone",),
+                            "ghostify-alloc-out": ("alone", "output")}[method])
         a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios, dw_size=1,
                               cheap="mix", input_size=tuple(x0.shape), progress=False)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
@@ -443,7 +450,7 @@ def plot(rows: list[dict], s: Setup, path: Path) -> None:
     mine = [r for r in rows if r["model"] == s.name and r["method"] != "original"]
     orig = next(r for r in rows if r["model"] == s.name and r["method"] == "original")
     colours = {"ghostify": "tab:red", "Torch-Pruning": "tab:blue", "low-rank": "tab:green"}
-    markers = dict(zip(METHODS, "o^s" + "v<>1234" + "D"))
+    markers = dict(zip(METHODS, "o^svP" + "<>1234" + "D", strict=True))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     higher = higher_is_better(s)
     for ax, (xkey, xlabel) in zip(axes, [("lat", "ONNX Runtime latency, batch 1 (ms)"), ("macs", "MACs / original")]):

@@ -104,3 +104,36 @@ def test_context_rows_are_measured_moves_away_from_the_uniform_model(chain_net, 
 def test_context_needs_eval_data(chain_net, data):
     with pytest.raises(ghostify.GhostifyError, match="eval_data"):
         sensitivity(chain_net, method="context", calib_data=data, input_size=SIZE, progress=False)
+
+
+def _trunk(net):
+    """``net`` without its head: the feature map of conv2's block is the output (no logits)."""
+    return torch.nn.Sequential(net.stem, net.bn0, net.relu, net.conv1, net.bn1, net.relu, net.conv2, net.bn2).eval()
+
+
+def test_output_measure_ranks_a_trunk_by_the_relative_error_of_its_output(chain_net, data, bn_randomizer):
+    trunk = _trunk(bn_randomizer(chain_net))
+    ev = [torch.randn(16, *SIZE[1:]), torch.randn(8, *SIZE[1:])]
+    t = sensitivity(trunk, ratios=(2, 4), calib_data=data, eval_data=ev, measure="output", input_size=SIZE,
+                    progress=False)
+    assert t.method == "alone" and t.measure == "output" and t.layers == ["3", "6"] and t.baseline == {
+        "output_error": 0.0}
+    for row in t.rows:
+        alone = ghostify.convert(trunk, ratio=row.ratio, include=[row.name], init="calib", calib_data=data,
+                                 sequential=False)
+        with torch.no_grad():
+            num = sum((alone(x) - trunk(x)).pow(2).sum() for x in ev)
+            den = sum(trunk(x).pow(2).sum() for x in ev)
+        assert row.metrics["output_error"] == pytest.approx((num / den).sqrt().item(), rel=1e-4)
+        assert row.loss == pytest.approx(row.metrics["output_error"] ** 2) and row.loss > 0
+    assert "output_error" in t.table()
+    a = ghostify.allocate(trunk, target_macs=0.9, table=t, ratios=(2, 4), input_size=SIZE, calib_data=data,
+                          progress=False)
+    assert a.predicted_cost_ratio <= 0.9
+
+
+def test_logit_measures_refuse_a_trunk_and_name_the_output_measure(chain_net, data):
+    for measure in ("kl", "agree"):
+        with pytest.raises(ghostify.GhostifyError, match=r"returns \(8, 12, 16, 16\); use measure='output'"):
+            sensitivity(_trunk(chain_net), calib_data=data, eval_data=data[:1], measure=measure, input_size=SIZE,
+                        progress=False)

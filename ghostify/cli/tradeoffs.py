@@ -111,8 +111,9 @@ def sweep(model, out_dir, weights, ratios, dw_sizes, inits, cheaps, scatters, ta
                    "context: each layer moved alone away from the uniform --reference model, all recalibrated.")
 @click.option("--reference", type=RATIO, default=None,
               help="The uniform ratio --method context starts from (default: the smallest of --ratio).")
-@click.option("--measure", type=click.Choice(["kl", "agree", "top1", "error"]), default=None,
-              help="The loss: kl (default for alone), agree (-log agreement), top1 (accuracy drop), error.")
+@click.option("--measure", type=click.Choice(["kl", "agree", "top1", "error", "output"]), default=None,
+              help="The loss: kl (default for alone), agree (-log agreement), top1 (accuracy drop), output (relative "
+                   "error of a trunk's output, squared), error (proxy).")
 @click.option("--exclude", multiple=True, metavar="GLOB")
 @click.option("--input-size", default=None)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the table as JSON.")

@@ -14,7 +14,7 @@ from ..errors import GhostifyError
 from ..conversion.fold import folded_inputs
 from ..layers import GhostConv2d, inverse_permutation
 
-__all__ = ["evaluate", "layer_errors", "compare_outputs", "model_outputs", "Agreement"]
+__all__ = ["evaluate", "layer_errors", "compare_outputs", "output_error", "model_outputs", "Agreement"]
 
 
 class Agreement:
@@ -75,6 +75,21 @@ def compare_outputs(outs: list[torch.Tensor], refs: list[torch.Tensor], labels: 
         acc.update(o, r, labels[i] if labels is not None else None)
     res = acc.result()
     return {"agree_top1": res["agree_top1"], "kl": res["kl"], **({"top1": res["top1"]} if labels is not None else {})}
+
+
+@torch.no_grad()
+def output_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """Relative error ``||out - ref|| / ||ref||`` of whole outputs (feature maps, not logits), over every batch.
+
+    Example:
+        >>> output_error([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 0.0])])
+        1.3333333333333333
+    """
+    num = sum((o - r).float().pow(2).sum().item() for o, r in zip(outs, refs, strict=True))
+    den = sum(r.float().pow(2).sum().item() for r in refs)
+    if den == 0:
+        raise GhostifyError("the original's outputs are all zero on this data: no relative error to measure")
+    return (num / den) ** 0.5
 
 
 @torch.no_grad()

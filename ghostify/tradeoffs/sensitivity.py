@@ -8,8 +8,10 @@ For every convertible conv and every candidate ratio, one row: MACs before/after
   does not depend on which others convert); then each fitted Ghost layer is put alone into
   the original model, which is evaluated on ``eval_data`` against the original's cached
   outputs. ``loss`` is the mean KL(original || converted) in nats (``measure="kl"``),
-  ``-log(top-1 agreement)`` (``"agree"``) or the drop in top-1 accuracy (``"top1"``, needs
-  labels). One calibration pass per ratio plus one evaluation per layer and ratio.
+  ``-log(top-1 agreement)`` (``"agree"``), the drop in top-1 accuracy (``"top1"``, needs
+  labels) or, for a model whose output is not logits (a backbone, a detector's trunk), the
+  squared relative error ``||f - f0||^2 / ||f0||^2`` of its output (``"output"``). One
+  calibration pass per ratio plus one evaluation per layer and ratio.
 * ``method="proxy"``: no evaluation at all: the same single calibration pass records each
   layer's relative output error on the calibration data's held-out batches, and
   ``loss = error**2`` (the relative noise power the layer injects).
@@ -44,7 +46,7 @@ from ..errors import GhostifyError
 from ..init import INITS, Layer
 from ..init.calib import as_input_batches
 from ..measure.counting import count
-from ..measure.evaluation import compare_outputs, model_outputs
+from ..measure.evaluation import compare_outputs, model_outputs, output_error
 from .table import MEASURES, LayerSensitivity, SensitivityTable, loss_of
 
 __all__ = ["LayerSensitivity", "SensitivityTable", "sensitivity", "MEASURES"]
@@ -118,7 +120,7 @@ def _context_rows(model, ratios, config: GhostConfig, inputs, refs, labels, meas
 
     def measured(layer_overrides):
         ghost = convert(model, config=build_config(overrides=layer_overrides, config=config), **options).eval()
-        metrics = compare_outputs(model_outputs(ghost, inputs), refs, labels)
+        metrics = _compare(model_outputs(ghost, inputs), refs, labels, measure)
         return ghost, metrics, loss_of(measure, metrics, baseline)
 
     uniform, uniform_metrics, uniform_loss = measured({})
@@ -162,8 +164,9 @@ def sensitivity(model: nn.Module, *, config: GhostConfig | None = None, ratios: 
             held-out relative error, no evaluation; needs ``init="calib"``) or ``"context"`` (each
             layer moved alone away from the uniform ratio-``reference`` model; see the module doc).
         reference: the uniform ratio ``method="context"`` starts from (default: the smallest ratio).
-        measure: the loss: ``"kl"`` (default for ``alone``), ``"agree"``, ``"top1"`` or ``"error"``
-            (the only one for ``proxy``).
+        measure: the loss: ``"kl"`` (default for ``alone``), ``"agree"``, ``"top1"``, ``"output"`` (the
+            relative error of the whole output, squared: for trunks and other models without logits) or
+            ``"error"`` (the only one for ``proxy``).
 
     Example:
         >>> import torch, torchvision, ghostify
@@ -191,7 +194,12 @@ def sensitivity(model: nn.Module, *, config: GhostConfig | None = None, ratios: 
             if measure == "top1" and labels is None:
                 raise GhostifyError("measure='top1' needs labelled eval data; use measure='kl' or 'agree'")
             refs = model_outputs(model, inputs)
-            baseline = compare_outputs(refs, refs, labels)
+            if measure != "output" and not all(isinstance(r, torch.Tensor) and r.dim() == 2 for r in refs):
+                shape = tuple(refs[0].shape) if isinstance(refs[0], torch.Tensor) else type(refs[0]).__name__
+                raise GhostifyError(f"measure={measure!r} compares logits (batch, classes), but the model returns "
+                                    f"{shape}; use measure='output' (the relative error of the whole output; on the command "
+                                    f"line `ghostify sensitivity --measure output -o FILE`, then `--sensitivity FILE`)")
+            baseline = _compare(refs, refs, labels, measure)
         reference = (reference or min(ratios)) if method == "context" else None
         if method == "context":
             rows = _context_rows(model, ratios, config.with_global(ratio=reference), inputs, refs, labels, measure,
@@ -226,10 +234,19 @@ def _check(method: str, measure: str | None, init: str, calib_data, eval_data) -
         raise GhostifyError(f"method={method!r} evaluates each converted layer: pass eval_data (or use "
                             f"method='proxy')")
     if method == "context" and measure == "error":
-        raise GhostifyError("method='context' measures the model's output: use measure='kl', 'agree' or 'top1'")
+        raise GhostifyError("method='context' measures the model's output: use measure='kl', 'agree', 'top1' or "
+                            "'output'")
     if init == "calib" and calib_data is None:
         raise GhostifyError("init='calib' needs calib_data (or --calib-data)")
     return measure
+
+
+def _compare(outs, refs, labels, measure: str) -> dict:
+    """The metrics of ``outs`` against the original's ``refs``: the relative output error for ``measure="output"``,
+    else agreement and KL of logits (and top-1 with labels)."""
+    if measure == "output":
+        return {"output_error": output_error(outs, refs)}
+    return compare_outputs(outs, refs, labels)
 
 
 def _alone_rows(model, ratios, config: GhostConfig, method, measure, inputs, refs, labels, baseline, x0, macs0,
@@ -265,7 +282,7 @@ def _alone_rows(model, ratios, config: GhostConfig, method, measure, inputs, ref
                 original = work.get_submodule(name)
                 work.set_submodule(name, ghost.get_submodule(name))
                 try:
-                    metrics.update(compare_outputs(model_outputs(work, inputs), refs, labels))
+                    metrics.update(_compare(model_outputs(work, inputs), refs, labels, measure))
                 finally:
                     work.set_submodule(name, original)
             rows.append(LayerSensitivity(name, ratio, int(macs0.macs_by_module.get(name, 0)),

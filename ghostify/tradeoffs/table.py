@@ -13,7 +13,7 @@ from .plotting import pyplot
 
 __all__ = ["LayerSensitivity", "SensitivityTable", "MEASURES", "LOSS_TEXT", "loss_of"]
 
-MEASURES = ("kl", "agree", "top1", "error")
+MEASURES = ("kl", "agree", "top1", "error", "output")
 
 
 @dataclass
@@ -73,7 +73,7 @@ class SensitivityTable:
         return head + "\n" + format_table(rows)
 
     def _metric_keys(self) -> list[str]:
-        return [k for k in ("agree_top1", "kl", "top1", "heldout_error", "calib_error")
+        return [k for k in ("agree_top1", "kl", "top1", "output_error", "heldout_error", "calib_error")
                 if any(k in r.metrics for r in self.rows)]
 
     def to_dict(self) -> dict:
@@ -122,7 +122,8 @@ class SensitivityTable:
 
 
 LOSS_TEXT = {"kl": "mean KL(original || converted), nats", "agree": "-log(top-1 agreement)",
-              "top1": "top-1 accuracy drop", "error": "held-out relative output error squared (calibration data)"}
+              "top1": "top-1 accuracy drop", "error": "held-out relative output error squared (calibration data)",
+             "output": "relative error of the model's output squared"}
 
 
 def _per_gmac(r: LayerSensitivity) -> float:
@@ -141,4 +142,6 @@ def loss_of(measure: str, metrics: dict, baseline: dict) -> float:
         return -math.log(max(metrics["agree_top1"], 1e-6))
     if measure == "top1":
         return baseline["top1"] - metrics["top1"]
+    if measure == "output":
+        return metrics["output_error"] ** 2
     return metrics.get("heldout_error", metrics.get("calib_error", 0.0)) ** 2
