@@ -72,6 +72,15 @@ class ChainNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class ChainTrunk(ChainNet):
+    """ChainNet without its head: returns conv2's block output, a feature map (no logits)."""
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.stem(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(x))
+
+
 class ResidualNet(nn.Module):
     """A stem and one basic residual block: ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``.
 

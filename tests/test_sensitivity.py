@@ -137,3 +137,16 @@ def test_logit_measures_refuse_a_trunk_and_name_the_output_measure(chain_net, da
         with pytest.raises(ghostify.GhostifyError, match=r"returns \(8, 12, 16, 16\); use measure='output'"):
             sensitivity(_trunk(chain_net), calib_data=data, eval_data=data[:1], measure=measure, input_size=SIZE,
                         progress=False)
+
+
+def test_cli_sensitivity_measures_a_trunk_by_its_output(tmp_path):
+    args = ["sensitivity", "conftest:ChainTrunk", "--weights", "none", "--input-size", "3,16,16", "--ratio", "2",
+            "--init", "copy", "--eval", "photos:heldout", "--eval-limit", "6"]
+    r = CliRunner().invoke(cli, [*args, "--measure", "kl"])
+    assert r.exit_code != 0 and "use measure='output'" in r.output and "Traceback" not in r.output
+    out = tmp_path / "t.json"
+    r = CliRunner().invoke(cli, [*args, "--measure", "output", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    t = SensitivityTable.load(out)
+    assert t.measure == "output" and t.layers == ["conv1", "conv2"]
+    assert all(row.loss == pytest.approx(row.metrics["output_error"] ** 2) and row.loss > 0 for row in t.rows)
