@@ -287,7 +287,7 @@ def kd_repair(method: str) -> str:
 def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     """The same KD budget for every student: ``{"kd": fidelity after it, "kd_seconds": ...}``, plus for ghostify's
     students on photos ``"kd_own"``: after ghostify's own repair (``ghostify.distill``, which adds the per-Ghost-layer
-    feature loss), the same steps.
+    feature loss), the same steps (not with ``--no-kd-own``).
 
     MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
     images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
@@ -301,7 +301,7 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     else:
         kd = P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.photo_kd_steps, recipe="photos")
     res = {"kd": fidelity(ctx.s, kd, ctx.ref)["fidelity"], "kd_seconds": time.perf_counter() - t0}
-    if ctx.s.kind == "photos" and family(method) == "ghostify":
+    if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
         own = ghostify.distill(student, ctx.model, ctx.s.data["calib"], steps=ctx.args.photo_kd_steps,
                                progress=False, checkpoint_every=None)
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
@@ -612,6 +612,8 @@ def main(argv=None) -> None:
                     help="distil only these methods' students (default: every method run)")
     ap.add_argument("--photo-kd-steps", type=int, default=150, help="photos: distillation steps per student "
                     "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
+    ap.add_argument("--no-kd-own", action="store_true",
+                    help="photos: skip the second distillation of ghostify's students (ghostify.distill's own loss)")
     ap.add_argument("--alloc-ratios", nargs="+", type=ratio_arg, default=list(RATIOS),
                     help="the allocations' candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4; "
                          "one set per output folder")

@@ -135,6 +135,27 @@ def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
     assert not kd.training
 
 
+def test_photo_distillation_adds_ghostifys_own_repair_unless_told_not_to(chain_net):
+    """A ghostify student on photos gets ``kd`` (the shared recipe) and ``kd_own`` (``ghostify.distill``) after
+    the same steps; ``--no-kd-own`` leaves the second out; a peer's student never has it."""
+    import argparse
+
+    from benchmarks.peers import Context, Setup, distill
+
+    torch.manual_seed(0)
+    net = _randomise_bn(chain_net)
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(2)]
+    s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
+    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    student = ghostify.convert(net, ratio=2, init="calib", calib_data=[x for x, _ in batches])
+    for no_own, method, keys in ((False, "ghostify-mix", {"kd", "kd_seconds", "kd_own"}),
+                                 (True, "ghostify-mix", {"kd", "kd_seconds"}),
+                                 (False, "tp-l1-global", {"kd", "kd_seconds"})):
+        ctx = Context(s, argparse.Namespace(photo_kd_steps=2, no_kd_own=no_own))
+        res = distill(ctx, method, student)
+        assert set(res) == keys and all(0 <= res[k] <= 1 for k in keys - {"kd_seconds"})
+
+
 def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net):
     from benchmarks.peers import Context, Setup, build
 
