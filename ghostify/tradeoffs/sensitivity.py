@@ -197,8 +197,9 @@ def sensitivity(model: nn.Module, *, config: GhostConfig | None = None, ratios: 
             if measure != "output" and not all(isinstance(r, torch.Tensor) and r.dim() == 2 for r in refs):
                 shape = tuple(refs[0].shape) if isinstance(refs[0], torch.Tensor) else type(refs[0]).__name__
                 raise GhostifyError(f"measure={measure!r} compares logits (batch, classes), but the model returns "
-                                    f"{shape}; use measure='output' (the relative error of the whole output; on the command "
-                                    f"line `ghostify sensitivity --measure output -o FILE`, then `--sensitivity FILE`)")
+                                    f"{shape}; use measure='output' (the relative error of the whole output; on the "
+                                    f"command line `ghostify sensitivity --measure output -o FILE`, then "
+                                    f"`--sensitivity FILE`)")
             baseline = _compare(refs, refs, labels, measure)
         reference = (reference or min(ratios)) if method == "context" else None
         if method == "context":
