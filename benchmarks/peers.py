@@ -71,6 +71,9 @@ TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in
 METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", "ghostify-alloc-kl", "ghostify-alloc-out", *TP_METHODS,
            "lowrank"]
 FAMILIES = {"ghostify": "ghostify", "tp": "Torch-Pruning", "lowrank": "low-rank"}
+# each allocation method's sensitivity table: the arguments of Context.table
+ALLOC_TABLES = {"ghostify-alloc": ("proxy",), "ghostify-alloc-kl": ("alone",),
+                "ghostify-alloc-out": ("alone", "output")}
 
 
 def log(msg: str) -> None:
@@ -242,13 +245,12 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         ratio = round(ratio, 4)
         model = ghostify.convert(m, ratio=ratio, init="calib", calib_data=calib, **kw)
         return model, f"ratio {ratio:g}", {}
-    if method in ("ghostify-alloc", "ghostify-alloc-kl", "ghostify-alloc-out"):
+    if method in ALLOC_TABLES:
         if method == "ghostify-alloc-kl" and ctx.s.kind == "trunk":
             raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none (ghostify-alloc-out)")
         if method == "ghostify-alloc-out" and ctx.s.kind != "trunk":
             raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
-        table = ctx.table(*{"ghostify-alloc": ("proxy",), "ghostify-alloc-kl": ("alone",),
-                            "ghostify-alloc-out": ("alone", "output")}[method])
+        table = ctx.table(*ALLOC_TABLES[method])
         a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios, dw_size=1,
                               cheap="mix", input_size=tuple(x0.shape), progress=False)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
