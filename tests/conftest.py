@@ -193,6 +193,11 @@ def chain_net():
 
 
 @pytest.fixture
+def chain_trunk():
+    return ChainTrunk().eval()
+
+
+@pytest.fixture
 def residual_net():
     return ResidualNet().eval()
 

@@ -178,14 +178,13 @@ def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net)
         build(ctx, "ghostify-alloc-out", 0.8)
 
 
-def test_trunk_allocation_ranks_by_the_relative_error_of_the_trunk_output(chain_net):
+def test_trunk_allocation_ranks_by_the_relative_error_of_the_trunk_output(chain_trunk):
     """``ghostify-alloc-out``: the ``alone`` table with ``measure="output"``, fitted on 3/4 of the calibration
     batches and measured on the last 1/4, then the budget met with calibrated Ghost layers."""
     from benchmarks.peers import Context, Setup, build
 
     torch.manual_seed(0)
-    n = _randomise_bn(chain_net)
-    net = torch.nn.Sequential(n.stem, n.bn0, n.relu, n.conv1, n.bn1, n.relu, n.conv2, n.bn2).eval()
+    net = _randomise_bn(chain_trunk)
     batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
     s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}

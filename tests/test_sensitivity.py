@@ -106,17 +106,12 @@ def test_context_needs_eval_data(chain_net, data):
         sensitivity(chain_net, method="context", calib_data=data, input_size=SIZE, progress=False)
 
 
-def _trunk(net):
-    """``net`` without its head: the feature map of conv2's block is the output (no logits)."""
-    return torch.nn.Sequential(net.stem, net.bn0, net.relu, net.conv1, net.bn1, net.relu, net.conv2, net.bn2).eval()
-
-
-def test_output_measure_ranks_a_trunk_by_the_relative_error_of_its_output(chain_net, data, bn_randomizer):
-    trunk = _trunk(bn_randomizer(chain_net))
+def test_output_measure_ranks_a_trunk_by_the_relative_error_of_its_output(chain_trunk, data, bn_randomizer):
+    trunk = bn_randomizer(chain_trunk)
     ev = [torch.randn(16, *SIZE[1:]), torch.randn(8, *SIZE[1:])]
     t = sensitivity(trunk, ratios=(2, 4), calib_data=data, eval_data=ev, measure="output", input_size=SIZE,
                     progress=False)
-    assert t.method == "alone" and t.measure == "output" and t.layers == ["3", "6"] and t.baseline == {
+    assert t.method == "alone" and t.measure == "output" and t.layers == ["conv1", "conv2"] and t.baseline == {
         "output_error": 0.0}
     for row in t.rows:
         alone = ghostify.convert(trunk, ratio=row.ratio, include=[row.name], init="calib", calib_data=data,
@@ -132,10 +127,10 @@ def test_output_measure_ranks_a_trunk_by_the_relative_error_of_its_output(chain_
     assert a.predicted_cost_ratio <= 0.9
 
 
-def test_logit_measures_refuse_a_trunk_and_name_the_output_measure(chain_net, data):
+def test_logit_measures_refuse_a_trunk_and_name_the_output_measure(chain_trunk, data):
     for measure in ("kl", "agree"):
         with pytest.raises(ghostify.GhostifyError, match=r"returns \(8, 12, 16, 16\); use measure='output'"):
-            sensitivity(_trunk(chain_net), calib_data=data, eval_data=data[:1], measure=measure, input_size=SIZE,
+            sensitivity(chain_trunk, calib_data=data, eval_data=data[:1], measure=measure, input_size=SIZE,
                         progress=False)
 
 
