@@ -24,7 +24,7 @@ def _table(losses: dict[str, dict[int, tuple[int, float]]], total: int) -> Sensi
     """A hand-made table: ``{layer: {ratio: (macs_saved, loss)}}``."""
     rows = [LayerSensitivity(n, r, 1000, 1000 - saved, loss) for n, opts in losses.items()
             for r, (saved, loss) in opts.items()]
-    return SensitivityTable("kl", "alone", total, rows)
+    return SensitivityTable("kl", "alone", total, rows, input_size=SIZE)
 
 
 def test_greedy_takes_least_loss_per_mac_first():
@@ -179,7 +179,8 @@ def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
     fake = {"conv1": {"conv": 1.0, 2: 0.4}, "conv2": {"conv": 1.0, 2: 1.5}}
     monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
     monkeypatch.setattr(alloc, "measure_latency", lambda models, x, **kw: {"model": {"median_ms": 4.0}})
-    table = _table({"conv1": {2: (100, 1.0)}, "conv2": {2: (100, 0.0)}}, 1000)
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    table = _table({"conv1": {2: (100, 1.0)}, "conv2": {2: (100, 0.0)}}, total)
     a = allocate(chain_net, target_latency=0.9, table=table, ratios=(2,), init="copy", input_size=SIZE,
                  progress=False)
     assert a.choices == {"conv1": 2, "conv2": None} and a.budget == "latency"
@@ -188,3 +189,34 @@ def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
     with pytest.raises(ghostify.GhostifyError, match="cannot be met"):
         allocate(chain_net, target_latency=0.5, table=table, ratios=(2,), init="copy", input_size=SIZE,
                  progress=False)
+
+
+def test_a_given_table_must_come_from_this_model_and_its_convs(chain_net, capsys):
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    both = {"conv1": {2: (total // 10, 1.0)}, "conv2": {2: (total // 10, 0.01)}}
+    kw = dict(target_macs=0.95, ratios=(2,), init="copy", input_size=SIZE, progress=False)
+    with pytest.raises(ghostify.GhostifyError, match=r"measured on a model of .* MACs at input \(1, 3, 16, 16\)"):
+        allocate(chain_net, table=_table(both, total + 1), **kw)  # another model's table
+    with pytest.raises(ghostify.GhostifyError, match=r"no rows for 1 of the 2 convs .*\(conv1\)"):
+        allocate(chain_net, table=_table({"conv2": both["conv2"]}, total), **kw)
+    with pytest.raises(ghostify.GhostifyError, match=r"ratio\(s\) \[2\], none of the candidate ratios \[3, 4\]"):
+        allocate(chain_net, table=_table(both, total), **{**kw, "ratios": (3, 4)})
+    # ratios the table lacks, or other settings: it is used, and a note says what it cannot predict
+    table = _table(both, total)
+    table.settings = {"init": "copy", "cheap": "mix", "dw_size": 3}
+    a = allocate(chain_net, table=table, **{**kw, "ratios": (2, 4)})
+    assert a.choices == {"conv1": None, "conv2": 2}
+    err = capsys.readouterr().err
+    assert "no rows at ratio(s) [4], so the allocation chooses among [2] only" in err
+    assert "measured with cheap=mix, this conversion uses cheap=dw" in err
+
+
+def test_cli_convert_refuses_another_models_table_and_writes_nothing(tmp_path, chain_net):
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    _table({"conv1": {2: (1, 0.1)}, "conv2": {2: (1, 0.1)}}, total * 2).save(tmp_path / "sens.json")
+    out = tmp_path / "g.safetensors"
+    r = CliRunner().invoke(cli, ["convert", "conftest:ChainNet", "--weights", "none", "--input-size", "3,16,16",
+                                 "--init", "copy", "--target-macs", "0.95", "--ratios", "2",
+                                 "--sensitivity", str(tmp_path / "sens.json"), "-o", str(out)])
+    assert r.exit_code != 0 and "measured on a model of" in r.stderr and "ghostify sensitivity" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -31,7 +31,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .._util import capture, eval_mode
+from .._util import capture, eval_mode, format_size
 from ..config import GhostConfig, build_config, default_cheap
 from ..conversion.plan import Plan, make_plan
 from ..conversion.rewrite import convert
@@ -196,7 +196,9 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
         target_latency: the converted model's latency as a fraction of the original's (batch
             and threads as ``input_size`` and ``threads``); per-layer latencies measured here.
         table: a :class:`~ghostify.layer_sensitivity.SensitivityTable`; measured here when None
-            (``method="alone"`` when ``eval_data`` is given, else ``"proxy"``).
+            (``method="alone"`` when ``eval_data`` is given, else ``"proxy"``). A given table must be this
+            model's (same MACs) and have rows for every conv the plan would convert; a note on stderr says
+            when it lacks some of ``ratios`` or was measured with other settings.
         ratios: the candidate ratios per layer (with "keep as conv").
         only_faster: never choose a ratio whose Ghost layer is not faster than the conv
             (measured in isolation).
@@ -227,15 +229,17 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
     ratios = tuple(sorted(set(ratios)))
     config = build_config(min(ratios), dw_size, init, cheap, include, exclude, overrides, config).with_global(
         ratio=min(ratios))
-    if table is None:
+    base_plan = make_plan(model, config, leaf_modules=leaf_modules)
+    candidates = {e.name: e.spec for e in base_plan.converted}
+    if table is not None:
+        _check_table(table, model, candidates, ratios, config)
+    else:
         method = method or ("alone" if eval_data is not None else "proxy")
         if method == "context" and reference is None:  # the uniform ratio nearest the budget
             reference = _nearest_uniform(model, ratios, target_macs or target, input_size, config, leaf_modules)
         table = sensitivity(model, config=config, ratios=ratios, calib_data=calib_data, eval_data=eval_data,
                             method=method, measure=measure, input_size=input_size, leaf_modules=leaf_modules,
                             progress=progress, reference=reference, **init_options)
-    base_plan = make_plan(model, config, leaf_modules=leaf_modules)
-    candidates = {e.name: e.spec for e in base_plan.converted}
     rows = {n: [r for r in table.options(n) if r.ratio in ratios] for n in table.layers if n in candidates}
 
     need_latency = target_latency is not None or only_faster
@@ -249,14 +253,9 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
 
     options, reasons = {}, {}
     for name, opts in rows.items():
-        keep = []
-        for r in opts:
-            faster = not need_latency or lat[name][r.ratio] < lat[name]["conv"]
-            if only_faster and not faster:
-                continue
-            saved = r.macs_saved if target_macs is not None else lat[name]["conv"] - lat[name][r.ratio]
-            keep.append((r.ratio, float(saved), r.loss))
-        options[name] = keep
+        options[name] = [(r.ratio, float(r.macs_saved if target_macs is not None
+                                         else lat[name]["conv"] - lat[name][r.ratio]), r.loss) for r in opts
+                         if not (only_faster and lat[name][r.ratio] >= lat[name]["conv"])]
         if need_latency and not any(lat[name][r.ratio] < lat[name]["conv"] for r in opts):
             reasons[name] = (f"kept as conv: no Ghost ratio is faster here ({lat[name]['conv']:.3f} ms as conv, "
                              + ", ".join(f"{lat[name][r.ratio]:.3f} ms at ratio {r.ratio}" for r in opts) + ")")
@@ -272,6 +271,40 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
     plan = _budget_plan(model, base_plan, choices, reasons)
     return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
                       1 - saved / total if total else 1.0, loss, table.measure)
+
+
+def _check_table(table, model: nn.Module, candidates: dict, ratios, config: GhostConfig) -> None:
+    """Refuse a given sensitivity table that was measured on another model or on other convs; say on stderr what
+    it cannot predict (ratios it lacks, other conversion settings)."""
+    total = int(count(model, torch.zeros(*table.input_size)).macs)
+    fix = "measure this conversion's table: `ghostify sensitivity MODEL --ratio R,.. -o FILE` or ghostify.sensitivity"
+    if total != table.total_macs:
+        raise GhostifyError(f"the sensitivity table was measured on a model of {format_size(table.total_macs)} MACs "
+                            f"at input {tuple(table.input_size)}; this model has {format_size(total)} there: {fix}")
+    missing = [n for n in candidates if n not in set(table.layers)]
+    if missing:
+        raise GhostifyError(f"the sensitivity table has no rows for {len(missing)} of the {len(candidates)} convs "
+                            f"this conversion would convert ({', '.join(missing[:4])}{', ...' * (len(missing) > 4)}): "
+                            f"{fix} with the same include/exclude settings, or exclude these convs")
+    have = set(table.ratios)
+    if not have & set(ratios):
+        raise GhostifyError(f"the sensitivity table was measured at ratio(s) {sorted(have)}, none of the candidate "
+                            f"ratios {list(ratios)}: choose among its ratios (convert --ratios "
+                            f"{','.join(map(str, sorted(have)))}) or {fix}")
+    notes = []
+    if set(ratios) - have:
+        notes.append(f"it has no rows at ratio(s) {sorted(set(ratios) - have)}, so the allocation chooses among "
+                     f"{sorted(have & set(ratios))} only")
+    spec = config.global_spec
+    cheap, dw_size = default_cheap(spec.init, spec.cheap, spec.dw_size)
+    now = {"init": spec.init, "cheap": cheap, "dw_size": dw_size}
+    other = {k: v for k, v in now.items() if k in table.settings and table.settings[k] != v}
+    if other:
+        notes.append("it was measured with " + ", ".join(f"{k}={table.settings[k]}" for k in other)
+                     + ", this conversion uses " + ", ".join(f"{k}={v}" for k, v in other.items())
+                     + ": its losses are those of the other settings")
+    for note in notes:
+        print(f"note: the sensitivity table: {note}", file=sys.stderr)
 
 
 def _nearest_uniform(model, ratios, target, input_size, config: GhostConfig, leaf_modules) -> int | float:
