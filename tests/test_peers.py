@@ -14,22 +14,13 @@ pytest.importorskip("tensorly", reason="the peers extra is not installed: pip in
 import ghostify  # noqa: E402
 from benchmarks import peer_methods as P  # noqa: E402
 from benchmarks.peers import pareto  # noqa: E402
+from conftest import randomize_bn  # noqa: E402
 
 X = torch.zeros(1, 3, 8, 8)
 
 
 def _convs(model):
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-
-def _randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model.eval()
 
 
 def test_uniform_pruning_keeps_the_fraction_of_every_layer_and_the_classifier(chain_net):
@@ -77,7 +68,7 @@ def test_svd_of_a_low_rank_1x1_conv_is_exact_and_refit_never_hurts():
 @pytest.mark.parametrize("kw", [dict(ratio=2), dict(ratio=1.5), dict(ratio=3, cheap="mix", dw_size=1),
                                 dict(ratio=2, cheap="mix", dw_size=3), dict(ratio=3, dw_size=1)])
 def test_bn_fold_into_ghost_layers_is_exact(chain_net, kw):
-    ghost = ghostify.convert(_randomise_bn(chain_net), init="copy", **kw)
+    ghost = ghostify.convert(randomize_bn(chain_net).eval(), init="copy", **kw)
     folded, n = P.fold_bn(ghost)
     ghosts = [name for name, m in ghost.named_modules() if isinstance(m, ghostify.GhostConv2d)]
     assert n == len(ghosts) >= 1  # each converted conv (conv1, and conv2 when it saves MACs) takes its BN
@@ -97,7 +88,7 @@ def test_bn_recalibration_changes_statistics_only(chain_net):
 
 def test_exported_model_matches_pytorch(chain_net):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -e '.[peers]'")
-    ghost = ghostify.convert(_randomise_bn(chain_net), ratio=2, init="copy")
+    ghost = ghostify.convert(randomize_bn(chain_net).eval(), ratio=2, init="copy")
     folded, _ = P.fold_bn(ghost)
     data = P.onnx_bytes(folded, X)
     assert P.ort_check(data, ghost, torch.randn(3, 3, 8, 8)) < 1e-5  # batch axis dynamic, BN fold exact
@@ -115,8 +106,8 @@ def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
     """Both recipes lower the KL to the teacher on images they did not train on and leave the student as it
     was; the photos recipe (ghostify.distill's gentle AdamW 3e-5: a small step) keeps the BatchNorm statistics
     frozen, the MNIST one updates them."""
-    teacher = _randomise_bn(chain_net)
-    student = _randomise_bn(type(chain_net)().eval())  # a different network: far from the teacher
+    teacher = randomize_bn(chain_net).eval()
+    student = randomize_bn(type(chain_net)()).eval()  # a different network: far from the teacher
     before = {k: v.clone() for k, v in student.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(4)]
@@ -143,7 +134,7 @@ def test_photo_distillation_adds_ghostifys_own_repair_unless_told_not_to(chain_n
     from benchmarks.peers import Context, Setup, distill
 
     torch.manual_seed(0)
-    net = _randomise_bn(chain_net)
+    net = randomize_bn(chain_net).eval()
     batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(2)]
     s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
@@ -160,7 +151,7 @@ def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net)
     from benchmarks.peers import Context, Setup, build
 
     torch.manual_seed(0)
-    net = _randomise_bn(chain_net)
+    net = randomize_bn(chain_net).eval()
     batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
     s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
@@ -184,7 +175,7 @@ def test_trunk_allocation_ranks_by_the_relative_error_of_the_trunk_output(chain_
     from benchmarks.peers import Context, Setup, build
 
     torch.manual_seed(0)
-    net = _randomise_bn(chain_trunk)
+    net = randomize_bn(chain_trunk).eval()
     batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
     s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
@@ -204,7 +195,7 @@ def test_allocation_takes_fractional_candidate_ratios(chain_net):
     from benchmarks.peers import Context, Setup, build
 
     torch.manual_seed(0)
-    net = _randomise_bn(chain_net)
+    net = randomize_bn(chain_net).eval()
     batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
     s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
