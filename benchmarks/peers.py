@@ -497,11 +497,12 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     onnx_dir = out / "onnx" / s.name
     onnx_dir.mkdir(parents=True, exist_ok=True)
     done = {(r["target"], r["method"], r["repair"]) for r in rows if r["model"] == s.name}
+    gone = {(t, m) for name, t, m, _ in meta.get("unreachable", []) if name == s.name}  # resumed folders keep their ratios
 
     def wants_kd(method: str) -> bool:
         return not args.no_kd and s.kind != "trunk" and method in (args.kd_methods or args.methods)
 
-    todo = [(t, m) for t in args.targets for m in args.methods if (t, m, "none") not in done]
+    todo = [(t, m) for t in args.targets for m in args.methods if (t, m, "none") not in done and (t, m) not in gone]
     kd_todo = [r for r in rows if r["model"] == s.name and r["method"] != "original" and "kd" not in r
                and r["repair"] == kd_repair(r["method"]) and r["target"] in args.targets
                and wants_kd(r["method"])]
@@ -533,6 +534,9 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     store_arch("original", ctx.model)
     for target in args.targets:
         for method in args.methods:
+            if (target, method) in gone:
+                log(f"  target {target} {method:18} not reachable (recorded in results.json)")
+                continue
             if (target, method, "none") in done:  # resumed: fill in what is missing
                 kd_row = next((r for r in rows if (r["model"], r["target"], r["method"], r["repair"])
                                == (s.name, target, method, kd_repair(method))), None)
@@ -636,6 +640,7 @@ def main(argv=None) -> None:
     P.require_peers()
     out = Path(args.out)
     rows: list[dict] = []
+    unreachable: list = []
     if out.exists() and any(out.iterdir()):
         if args.resume and (out / "results.json").exists():
             saved = json.loads((out / "results.json").read_text())
@@ -643,7 +648,7 @@ def main(argv=None) -> None:
             if before != args.alloc_ratios:
                 raise SystemExit(f"{out}'s allocations used ratios {before}: resume with --alloc-ratios "
                                  f"{' '.join(map(str, before))}, or write to another folder")
-            rows = saved["rows"]
+            rows, unreachable = saved["rows"], saved["meta"].get("unreachable", [])
         elif args.force:
             shutil.rmtree(out)
         else:
@@ -654,7 +659,7 @@ def main(argv=None) -> None:
     meta = {"versions": P.versions(), "python": platform.python_version(), "argv": sys.argv, "export": how,
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
-            "alloc_ratios": args.alloc_ratios}
+            "alloc_ratios": args.alloc_ratios, "unreachable": unreachable}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
     for name in args.models:

@@ -226,3 +226,24 @@ def test_ratio_arguments_are_checked_and_kept_whole(tmp_path):
     with pytest.raises(SystemExit, match="resume with --alloc-ratios 2 3 4"):
         main(["-o", str(tmp_path), "--resume", "--alloc-ratios", "1.5", "2"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_resume_keeps_the_recorded_unreachable_points_and_does_not_retry_them(tmp_path, chain_net, monkeypatch):
+    import json
+
+    import benchmarks.peers as peers
+
+    s = peers.Setup("tiny", "photos", lambda: chain_net.eval(), (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
+    monkeypatch.setitem(peers.SETUPS, "tiny", s)
+    monkeypatch.setattr(peers, "load_data", lambda s, quick: s.__setattr__("data", {"desc": "no data"}))
+    monkeypatch.setattr(peers, "Context", lambda s, args: None)
+    monkeypatch.setattr(peers, "build", lambda *a: pytest.fail("a recorded unreachable point was built again"))
+    monkeypatch.setattr(peers, "plot", lambda *a: None)
+    gone = ["tiny", 0.5, "ghostify-alloc", "the budget cannot be met"]
+    original = {"model": "tiny", "target": None, "method": "original", "repair": "none", "setting": "-", "macs": 1.0,
+                "params": 1.0, "arch": "original", "fidelity": 1.0, "ort_ms": {"1": 1.0, "8": 2.0}}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"unreachable": [gone]}, "rows": [original]}))
+    peers.main(["-o", str(tmp_path), "--resume", "--models", "tiny", "--targets", "0.5", "--methods",
+                "ghostify-alloc", "--no-kd", "--no-latency"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["meta"]["unreachable"] == [gone] and saved["rows"] == [original]
