@@ -62,7 +62,6 @@ class SensitivityTable:
 
     def table(self) -> str:
         """One line per layer and ratio, most harmful per MAC saved first within each ratio."""
-        
         head = (f"sensitivity ({self.method}, loss = {LOSS_TEXT[self.measure]}), total MACs "
                 f"{format_size(self.total_macs)}")
         rows = [("layer", "ratio", "MACs", "saved", "saved %", "loss", "loss/GMAC", *self._metric_keys())]
