@@ -247,3 +247,20 @@ def test_resume_keeps_the_recorded_unreachable_points_and_does_not_retry_them(tm
                 "ghostify-alloc", "--no-kd", "--no-latency"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["unreachable"] == [gone] and saved["rows"] == [original]
+
+
+def test_calib_gap_closeness_by_hand_and_the_kd_views():
+    from benchmarks.calib_gap import TEMPERATURE, closeness, kd_views
+
+    t = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    s = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    agree, kl, n = closeness(lambda x: t[x], lambda x: s[x], [torch.tensor([0]), torch.tensor([1])])
+    pt, ps = (t / TEMPERATURE).softmax(1), (s / TEMPERATURE).softmax(1)
+    assert (agree, n) == (0.5, 2)  # the first agrees on class 0, the second does not
+    assert kl == pytest.approx((pt * (pt.log() - ps.log())).sum().item() / 2)
+    crops = [torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)]
+    views = kd_views(crops, 20)  # two batches of 16: the second from the next epoch's permutation
+    assert [v.shape for v in views] == [(16, 3, 16, 16), (16, 3, 16, 16)]
+    torch.testing.assert_close(kd_views(crops, 20)[1], views[1])  # seeded: the same views every time
+    assert not torch.equal(views[0], views[1])  # a new epoch augments anew
+    assert not any(torch.equal(v, c) for v in torch.cat(views) for c in torch.cat(crops))  # augmented
