@@ -42,15 +42,16 @@ def ratio_arg(text: str) -> int | float:
     return r
 
 
-def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS, measure=None):
+def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS, measure=None, calib_augment=0):
     """The ``mix`` sensitivity table at ``ratios``: ``proxy`` fitted on every calibration batch, or ``alone``
-    fitted on the first 3/4 of them and judged (``measure``: the KL of the logits by default) on the last 1/4."""
+    fitted on the first 3/4 of them and judged (``measure``: the KL of the logits by default) on the last 1/4;
+    ``calib_augment`` augmented views of the fitted batches are fitted on too."""
     import ghostify
 
     cut = len(calib) if method == "proxy" else 3 * len(calib) // 4
     return ghostify.sensitivity(model, ratios=ratios, dw_size=1, cheap="mix", init="calib", calib_data=calib[:cut],
                                 eval_data=calib[cut:] or None, method=method, measure=measure, input_size=input_size,
-                                progress=False)
+                                progress=False, **({"calib_augment": calib_augment} if calib_augment else {}))
 
 
 def main(argv=None):

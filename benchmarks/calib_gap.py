@@ -40,7 +40,7 @@ def closeness(teacher, student, batches) -> tuple[float, float, int]:
 def kd_views(calib_x: list[torch.Tensor], count: int, seed: int = 0) -> list[torch.Tensor]:
     """The first batches of 16 augmented examples the photos KD recipe draws (``kd_finetune``: a new seeded
     permutation and augmentation epoch whenever fewer than 16 are left), enough for ``count`` examples."""
-    from ghostify.train.augment import AugmentConfig
+    from ghostify.augment import AugmentConfig
     from ghostify.train.distill import distill_dataset
 
     data = distill_dataset(torch.cat(calib_x), augment=AugmentConfig(), seed=seed)

@@ -548,7 +548,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
                 order.extend(torch.randperm(len(batches), generator=gen).tolist())
             return batches[order.pop()]
     elif recipe == "photos":
-        from ghostify.train.augment import AugmentConfig
+        from ghostify.augment import AugmentConfig
         from ghostify.train.distill import distill_dataset
 
         opt = torch.optim.AdamW(work.parameters(), lr=3e-5, weight_decay=0.0)

@@ -19,6 +19,11 @@ Models and data (the same calibration images and the same evaluation data for ev
 - ``craft_trunk``: CRAFT's VGG16-BN trunk (``vgg16_bn().features[:39]``, a text detector's ImageNet-initialised
   backbone, 12 convs each followed by BatchNorm); data and metric as ``vgg16_trunk``.
 
+``--calib-augment N`` adds N augmented views of the calibration images (crops, flips, jitter, mixing:
+``ghostify.convert(calib_augment=N)``'s, interleaved with the images) to every fit and repair alike: ghostify's
+calibration and sensitivity fits, the BN recalibration and the low-rank refit (Taylor gradients and the
+distillation stay on the images themselves). One setting per output folder.
+
 Methods (``--methods``, default all):
 
 - ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
@@ -64,6 +69,7 @@ from torch import nn
 import ghostify
 from benchmarks import peer_methods as P
 from benchmarks.agreement_budget import RATIOS, ratio_arg, sensitivity_table
+from ghostify.init.calib import calibration_batches
 from ghostify.measure.evaluation import output_error
 
 TARGETS = (0.7, 0.55, 0.4)
@@ -203,7 +209,10 @@ class Context:
         self.x0 = torch.zeros(1, *s.size)
         self.macs0 = ghostify.count(self.model, self.x0).macs
         self.params0 = ghostify.count(self.model, self.x0).params
-        self.calib_x = [x for x, _ in s.data["calib"]]
+        self.calib_x = [x for x, _ in s.data["calib"]]  # what the distillation trains on
+        self.augment = getattr(args, "calib_augment", 0)
+        self.fit_x = calibration_batches(self.calib_x, augment=self.augment)  # what every fit and BN recal sees
+        self.fit_pairs = [(x, None) for x in self.fit_x] if self.augment else s.data["calib"]
         self.ref = reference(s, self.model)
         self.alloc_ratios = tuple(getattr(args, "alloc_ratios", RATIOS))  # the allocations' candidate ratios
         self._tables, self._grads = {}, None
@@ -219,7 +228,7 @@ class Context:
             t0 = time.perf_counter()
             ratios = self.alloc_ratios
             self._tables[key] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape), ratios,
-                                                  measure)
+                                                  measure, calib_augment=self.augment)
             log(f"  sensitivity table ({key}, mix, ratios {'/'.join(map(str, ratios))}): "
                 f"{time.perf_counter() - t0:.0f} s")
         return self._tables[key]
@@ -237,7 +246,7 @@ TAYLOR_LOSS = {"mnist": "CE on the labels", "photos": "CE on the original's top-
 
 def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dict[str, nn.Module]]:
     """``(compressed model, hyper-parameter, {repair: model})`` for one method at one MACs target."""
-    m, x0, calib = ctx.model, ctx.x0, ctx.calib_x
+    m, x0, calib = ctx.model, ctx.x0, ctx.fit_x
     if method in ("ghostify-dw", "ghostify-mix"):  # explicit: "none" and "calib" default to different cheap ops
         kw = {"cheap": "dw", "dw_size": 3} if method == "ghostify-dw" else {"cheap": "mix", "dw_size": 1}
         ratio, _ = P.bisect(lambda r: ctx.macs(ghostify.convert(m, ratio=round(r, 4), init="none", **kw)), target,
@@ -265,13 +274,13 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
                                  ignored=ctx.s.ignored, grads=grads)
         p, _ = P.bisect(lambda p: ctx.macs(make(p)), target, 0.0, 0.95, increasing=False)
         model = make(p)
-        repairs = {"bn-recal": P.bn_recalibrate(model, ctx.s.data["calib"])} if P.has_bn(model) else {}
+        repairs = {"bn-recal": P.bn_recalibrate(model, ctx.fit_pairs)} if P.has_bn(model) else {}
         return model, f"pruning_ratio {p:.4f}", repairs
     if method == "lowrank":
         t, _ = P.bisect(lambda t: ctx.macs(P.lowrank(m, x0, t, decompose=False)), target, 0.01, 1.0,
                         increasing=True)
         model = P.lowrank(m, x0, t)
-        repairs = {"bn-recal": P.bn_recalibrate(model, ctx.s.data["calib"])} if P.has_bn(model) else {}
+        repairs = {"bn-recal": P.bn_recalibrate(model, ctx.fit_pairs)} if P.has_bn(model) else {}
         repairs["ls-refit"] = P.refit_last_factors(model, m, calib)
         return model, f"{len(model.lowrank_layers)} convs at {t:.3f} of their MACs", repairs
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -493,6 +502,8 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     log(f"\n== {s.name}")
     load_data(s, args.quick)
     log(f"  {s.data['desc']}")
+    if args.calib_augment:
+        log(f"  every fit and repair also sees {args.calib_augment} augmented views of the calibration images")
     ctx = Context(s, args)
     onnx_dir = out / "onnx" / s.name
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -623,6 +634,9 @@ def main(argv=None) -> None:
     ap.add_argument("--alloc-ratios", nargs="+", type=ratio_arg, default=list(RATIOS),
                     help="the allocations' candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4; "
                          "one set per output folder")
+    ap.add_argument("--calib-augment", type=int, default=0, metavar="N",
+                    help="N augmented views of the calibration images for every fit and repair (see above); "
+                         "one setting per output folder")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
@@ -648,6 +662,9 @@ def main(argv=None) -> None:
             if before != args.alloc_ratios:
                 raise SystemExit(f"{out}'s allocations used ratios {before}: resume with --alloc-ratios "
                                  f"{' '.join(map(str, before))}, or write to another folder")
+            if saved["meta"].get("calib_augment", 0) != args.calib_augment:
+                raise SystemExit(f"{out}'s fits used --calib-augment {saved['meta'].get('calib_augment', 0)}: "
+                                 "resume with that, or write to another folder")
             rows, unreachable = saved["rows"], saved["meta"].get("unreachable", [])
         elif args.force:
             shutil.rmtree(out)
@@ -659,7 +676,7 @@ def main(argv=None) -> None:
     meta = {"versions": P.versions(), "python": platform.python_version(), "argv": sys.argv, "export": how,
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
-            "alloc_ratios": args.alloc_ratios, "unreachable": unreachable}
+            "alloc_ratios": args.alloc_ratios, "calib_augment": args.calib_augment, "unreachable": unreachable}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
     for name in args.models:

@@ -33,7 +33,7 @@ _EXPORTS = {
     "trace": "conversion.tracing", "GhostTracer": "conversion.tracing",
     "GhostifyError": "errors",
     "load_recipe": "train.recipe", "Recipe": "train.recipe", "kd_loss": "train.loss",
-    "distill": "train.distill", "AugmentConfig": "train.augment",
+    "distill": "train.distill", "AugmentConfig": "augment",
     "fuse": "deploy", "export": "deploy", "ExportCheck": "deploy", "runtime_latency": "deploy",
     "torch_threads": "measure.latency",
 }

@@ -480,3 +480,25 @@ def test_mix_from_the_normal_equations_equals_the_fit_on_the_intrinsic_maps(bias
         got = torch.cat([ghost(x).double().permute(0, 2, 3, 1).reshape(-1, 8) for x in xs])[:, slots]
     assert sorted(intrinsic + slots) == list(range(8))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_calib_augment_fits_on_the_images_and_their_augmented_views_interleaved(chain_net):
+    from ghostify.augment import augmented_views
+
+    torch.manual_seed(0)
+    images = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    views = augmented_views(images, 24, batch_size=8)
+    assert [tuple(v.shape) for v in views] == [(8, 3, 16, 16)] * 3  # 24 views of 16 images: a second epoch
+    torch.testing.assert_close(augmented_views(images, 24, batch_size=8)[2], views[2])  # seeded
+    assert not any(torch.equal(v, x) for v in torch.cat(views) for x in torch.cat(images))
+    kw = dict(ratio=2, init="calib")
+    with_views = ghostify.convert(chain_net, calib_data=images, calib_augment=24, **kw)
+    by_hand = ghostify.convert(chain_net, calib_data=[views[0], images[0], views[1], images[1], views[2]], **kw)
+    without = ghostify.convert(chain_net, calib_data=images, **kw)
+    for (name, p), q, r in zip(with_views.named_parameters(), by_hand.parameters(), without.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert any(not torch.equal(p, r) for p, r in zip(with_views.parameters(), without.parameters()))
+    from ghostify.init.calib import calibration_batches
+
+    with pytest.raises(ghostify.GhostifyError, match=r"\(N, C, H, W\) batches; .* \(8, 5\): leave calib_augment"):
+        calibration_batches([torch.randn(8, 5)], augment=4)

@@ -237,3 +237,16 @@ def test_inspect_with_calibration_shows_each_layers_error():
     assert {(e["spec"]["cheap"], e["spec"]["dw_size"]) for e in converted} == {("mix", 1)}  # calib's default
     copied = json.loads(run("inspect", ckpt, "--include", "layer3.*", "--json").stdout)["entries"]
     assert {(e["spec"]["cheap"], e["spec"]["dw_size"]) for e in copied if e["spec"]} == {("dw", 3)}  # copy's
+
+
+def test_convert_calib_augment_fits_on_more_views(tmp_path):
+    ckpt = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "resnet20_mnist.pt")
+    args = ["convert", ckpt, "--init", "calib", "--calib-data", "mnist-sample:calib", "--calib-size", "128",
+            "--include", "layer3.*"]  # two batches of 64, then two of views, interleaved; the last one held out
+    plain, views = tmp_path / "plain.safetensors", tmp_path / "views.safetensors"
+    assert run(*args, "-o", str(plain)).exit_code == 0
+    result = run(*args, "--calib-augment", "128", "-o", str(views))
+    assert result.exit_code == 0, result.output
+    a, b = ghostify.load(plain), ghostify.load(views)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # fitted on other data
+    assert run(*args, "--calib-augment", "-1").exit_code != 0

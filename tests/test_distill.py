@@ -11,7 +11,7 @@ import ghostify
 from ghostify.cli import cli
 from ghostify.errors import GhostifyError
 from ghostify.reference import resnet20
-from ghostify.train.augment import AugmentConfig, augmentation, cutmix, mixup, random_resized_crop
+from ghostify.augment import AugmentConfig, augmentation, cutmix, mixup, random_resized_crop
 from ghostify.train.distill import distill_dataset
 
 from conftest import ChainNet

@@ -264,3 +264,31 @@ def test_calib_gap_closeness_by_hand_and_the_kd_views():
     torch.testing.assert_close(kd_views(crops, 20)[1], views[1])  # seeded: the same views every time
     assert not torch.equal(views[0], views[1])  # a new epoch augments anew
     assert not any(torch.equal(v, c) for v in torch.cat(views) for c in torch.cat(crops))  # augmented
+
+
+def test_calib_augment_gives_every_fit_the_same_views(chain_net):
+    """``--calib-augment N``: ghostify's calibration is the library's ``calib_augment=N`` and the BN recalibration
+    of the pruned model sees the same images and views; the distillation keeps the images alone."""
+    import argparse
+
+    from benchmarks.peers import Context, Setup, build
+    from ghostify.init.calib import calibration_batches
+
+    torch.manual_seed(0)
+    net = randomize_bn(chain_net).eval()
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(2)]
+    s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
+    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    ctx = Context(s, argparse.Namespace(alloc_ratios=[2], calib_augment=16))
+    assert len(ctx.calib_x) == 2 and len(ctx.fit_x) == 4
+    model, setting, _ = build(ctx, "ghostify-mix", 0.9)
+    ratio = float(setting.split()[1])
+    by_hand = ghostify.convert(net, ratio=ratio, cheap="mix", dw_size=1, init="calib", calib_data=ctx.calib_x,
+                               calib_augment=16)
+    for p, q in zip(model.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(p, q)
+    pruned, _, repairs = build(ctx, "tp-l1-uniform", 0.9)
+    views = [(x, None) for x in calibration_batches(ctx.calib_x, augment=16)]
+    for m, n in zip(repairs["bn-recal"].modules(), P.bn_recalibrate(pruned, views).modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_var, n.running_var)

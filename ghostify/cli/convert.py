@@ -33,7 +33,7 @@ def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, ex
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, max_layer_error, trust_code, as_json):
+            calib_size, calib_augment, max_layer_error, trust_code, as_json):
     """Show which convs of MODEL convert and which are kept, and why.
 
     With --init calib and --calib-data the conversion is run too, and each layer's relative
@@ -49,8 +49,8 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
 
         size = parse_input_size(input_size, lambda: default_input(model))
         check_input(original, size)
-        ghost = do_convert(original, config=cfg, plan=plan, leaf_modules=leaf,
-                           **_calibration_options(calib_data, calib_size, max_layer_error, original, size))
+        options = _calibration_options(calib_data, calib_size, calib_augment, max_layer_error, original, size)
+        ghost = do_convert(original, config=cfg, plan=plan, leaf_modules=leaf, **options)
         info = conversion_info(ghost)
         plan, fidelity = info.plan, info.layer_info
     if as_json:
@@ -62,12 +62,12 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
         click.echo(plan.table(fidelity=fidelity))
 
 
-def _calibration_options(calib_data, calib_size, max_layer_error, model, size) -> dict:
+def _calibration_options(calib_data, calib_size, calib_augment, max_layer_error, model, size) -> dict:
     from ..zoo.data import calib_spec, resolve_data
 
     return {"calib_data": resolve_data(calib_spec(calib_data), batch_size=64, limit=calib_size,
                                        shuffle=False, model=model, input_size=size[1:]),
-            "max_layer_error": max_layer_error}
+            "calib_augment": calib_augment, "max_layer_error": max_layer_error}
 
 
 @click.command()
@@ -83,7 +83,8 @@ def _calibration_options(calib_data, calib_size, max_layer_error, model, size) -
 @budget_options
 @user_errors
 def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, max_layer_error, trust_code, output, force, as_json, latency, no_fold, scatter, **budget):
+            calib_size, calib_augment, max_layer_error, trust_code, output, force, as_json, latency, no_fold, scatter,
+            **budget):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
     import time
 
@@ -108,14 +109,14 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     t0 = time.perf_counter()
     options = {}
     if calib_data is not None:
-        options = _calibration_options(calib_data, calib_size, max_layer_error, original, size)
+        options = _calibration_options(calib_data, calib_size, calib_augment, max_layer_error, original, size)
     elif any(e.spec.init == "calib" for e in plan.converted):
         raise GhostifyError("--init calib needs --calib-data (e.g. mnist, imagefolder:PATH)")
     if any(budget[k] for k in ("target_macs", "target_latency", "skip_slower", "plan_file")):
         from ..tradeoffs.budget import budget_plan
 
         plan = budget_plan(original, plan, budget, config=cfg, size=size, leaf=leaf,
-                           calib_data=options.get("calib_data"))
+                           calib_data=options.get("calib_data"), calib_augment=calib_augment)
         t0 = time.perf_counter()
     ghost = do_convert(original, config=cfg, plan=plan, fold=not no_fold, scatter=scatter, leaf_modules=leaf,
                        **options)

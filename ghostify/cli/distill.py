@@ -62,7 +62,7 @@ def distill(ghost, teacher, teacher_weights, data_spec, steps, batch_size, lr, w
 
     from ..outputs import check_output
     from ..serialization import load, save
-    from ..train.augment import AugmentConfig
+    from ..augment import AugmentConfig
     from ..train.distill import distill as run
     from ..zoo.data import calib_spec
     from ..zoo.models import get_model

@@ -160,6 +160,9 @@ def selection_options(fn):
                           "synthetic (made from the model's BN statistics), ..."),
         click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Calibration examples."),
+        click.option("--calib-augment", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                     help="Fit on N augmented views of the calibration images too (crops, flips, jitter, mixing): "
+                          "with few images the fit learns them rather than the model (e.g. 768 for 256 photos)."),
         click.option("--max-layer-error", type=click.FloatRange(min=0), default=None,
                      help="With --init calib: keep a layer as a conv when its held-out relative error exceeds this."),
     ]

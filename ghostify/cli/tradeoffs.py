@@ -103,6 +103,8 @@ def sweep(model, out_dir, weights, ratios, dw_sizes, inits, cheaps, scatters, ta
 @layer_opts(skip=("ratio",), defaults={"init": "calib"})
 @click.option("--calib-data", default=None, metavar="SPEC", help="Calibration data for init calib.")
 @click.option("--calib-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--calib-augment", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Fit on N augmented views of the calibration images too (as convert --calib-augment).")
 @click.option("--eval", "eval_data", default=None, metavar="SPEC",
               help="Evaluate each layer converted alone here (method alone).")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None)
@@ -122,8 +124,8 @@ def sweep(model, out_dir, weights, ratios, dw_sizes, inits, cheaps, scatters, ta
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @trust_code_option
 @user_errors
-def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_size, eval_data, eval_limit,
-                method, reference, measure, exclude, input_size, output, plot, force, as_json, trust_code):
+def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_size, calib_augment, eval_data,
+                eval_limit, method, reference, measure, exclude, input_size, output, plot, force, as_json, trust_code):
     """For each conv of MODEL converted alone: MACs saved and the loss in accuracy/agreement."""
     from ..config import build_config
     from ..outputs import check_output, to_json
@@ -143,7 +145,7 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
     cfg = build_config(min(ratio_list), dw_size, init, cheap, exclude=exclude)
     table = measure_sensitivity(original, config=cfg, ratios=ratio_list, calib_data=calib, eval_data=ev,
                                 method=method or ("alone" if ev else "proxy"), measure=measure, input_size=size,
-                                reference=reference)
+                                reference=reference, **({"calib_augment": calib_augment} if calib_augment else {}))
     table.settings["model"] = model
     if output is not None:
         table.save(output, force=force)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._util import capture
+from ..augment import augmented_views
 from ..errors import GhostifyError
 from ..layers import GhostConv2d, ghost_macs_per_position
 from ..graph import bn_output_scales
@@ -65,6 +66,22 @@ def as_input_batches(data: Iterable, limit: int | None = None) -> list[torch.Ten
     return out
 
 
+def calibration_batches(data: Iterable, limit: int | None = None, augment: int = 0,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """The input tensors of ``data`` (up to ``limit`` examples) and ``augment`` augmented views of them, their
+    batches interleaved evenly (the held-out share of the batches then holds both)."""
+    batches = as_input_batches(data, limit)
+    if not augment:
+        return batches
+    if any(b.dim() != 4 for b in batches):
+        raise GhostifyError(f"calib_augment varies images, (N, C, H, W) batches; this calibration data has "
+                            f"{tuple(batches[0].shape)}: leave calib_augment at 0")
+    views = augmented_views(batches, augment, seed=seed, batch_size=len(batches[0]))
+    order = sorted([((i + 0.5) / len(batches), 0, b) for i, b in enumerate(batches)]
+                   + [((i + 0.5) / len(views), 1, v) for i, v in enumerate(views)], key=lambda t: t[:2])
+    return [b for *_, b in order]
+
+
 def _capture(model: nn.Module, module: nn.Module, batches, what: str) -> list[torch.Tensor]:
     """``module``'s input (``what="input"``) or output on each batch; each forward stops right after."""
     got = [capture(model, {"m": module}, x, what=what, stop=True).get("m") for x in batches]
@@ -77,14 +94,18 @@ def _capture(model: nn.Module, module: nn.Module, batches, what: str) -> list[to
 @register_init("calib")
 @torch.no_grad()
 def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *, calib_data=None,
-               calib_size: int | None = None, sequential: bool = True, refit_intrinsic: bool = True,
-               positions: int = 256, ridge: float = 1e-6, holdout: float = 0.2, max_layer_error: float | None = None,
-               weighting: str = "bn", channel_weights: dict | None = None, seed: int = 0, **_) -> dict:
+               calib_size: int | None = None, calib_augment: int = 0, sequential: bool = True,
+               refit_intrinsic: bool = True, positions: int = 256, ridge: float = 1e-6, holdout: float = 0.2,
+               max_layer_error: float | None = None, weighting: str = "bn", channel_weights: dict | None = None,
+               seed: int = 0, **_) -> dict:
     """Fit every layer in ``layers`` to the original model's outputs on ``calib_data`` (see the module doc).
 
     Args:
         calib_data: an iterable of input batches (tensors or ``(x, y)`` pairs), e.g. a DataLoader.
         calib_size: use at most this many examples.
+        calib_augment: fit on this many augmented views of the examples too (random crops, flips, colour
+            jitter, mixing; :func:`~ghostify.augment.augmented_views`), after them. With few images
+            the fit otherwise matches the original on them far better than on other images.
         sequential: take each layer's input from the partially converted model (default) or,
             if False, from the original model (each layer fitted alone).
         refit_intrinsic: refit the intrinsic filters by least squares (else copy them).
@@ -120,7 +141,7 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         raise GhostifyError("init='calib' needs the unmodified original model; convert with inplace=False")
     if weighting not in ("bn", "none"):
         raise GhostifyError(f"weighting={weighting!r} is not known; use 'bn' or 'none'")
-    batches = as_input_batches(calib_data, calib_size)
+    batches = calibration_batches(calib_data, calib_size, calib_augment, seed)
     dev = next(iter(converted.parameters())).device
     # channels-last activations: the CPU convs run about 1.3x faster on them (the weights are left as they are)
     batches = [b.to(dev).contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b.to(dev)

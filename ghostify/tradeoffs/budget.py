@@ -37,7 +37,8 @@ def load_plan(path: str):
                             f"{describe(exc)}") from None
 
 
-def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf=(), calib_data=None):
+def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf=(), calib_data=None,
+                calib_augment: int = 0):
     """The plan ``convert`` executes once the budget options have had their say (notes on stderr).
 
     ``budget`` holds the options of ``ghostify convert`` (``plan_file``, ``target_macs``,
@@ -71,7 +72,8 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
                          table=table, ratios=parse_ratios(budget.get("budget_ratios")) or [config.global_spec.ratio],
                          calib_data=calib_data, eval_data=eval_data, method=budget.get("sensitivity_method"),
                          input_size=size, only_faster=budget.get("skip_slower", False),
-                         threads=budget.get("threads"), leaf_modules=leaf, runtime=budget.get("runtime", "torch"))
+                         threads=budget.get("threads"), leaf_modules=leaf, runtime=budget.get("runtime", "torch"),
+                         **({"calib_augment": calib_augment} if calib_augment else {}))
         plan = alloc.plan
         _note(alloc.summary())
     elif budget.get("skip_slower"):

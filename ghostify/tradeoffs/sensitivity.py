@@ -44,7 +44,7 @@ from ..conversion.plan import make_plan
 from ..conversion.rewrite import convert
 from ..errors import GhostifyError
 from ..init import INITS, Layer
-from ..init.calib import as_input_batches
+from ..init.calib import as_input_batches, calibration_batches
 from ..measure.counting import count
 from ..measure.evaluation import compare_outputs, model_outputs, output_error
 from .table import MEASURES, LayerSensitivity, SensitivityTable, loss_of
@@ -53,8 +53,8 @@ __all__ = ["LayerSensitivity", "SensitivityTable", "sensitivity", "MEASURES"]
 
 
 def _calibrate_alone(model: nn.Module, ghost: nn.Module, names: list[str], auto: set[str], scatter: bool,
-                     progress: bool, calib_data=None, calib_size: int | None = None, memory_gb: float = 1.5,
-                     max_layer_error=None, sequential=None, **options) -> dict:
+                     progress: bool, calib_data=None, calib_size: int | None = None, calib_augment: int = 0,
+                     memory_gb: float = 1.5, max_layer_error=None, sequential=None, **options) -> dict:
     """Fit each Ghost layer of ``ghost`` on the *original* model's input to that conv (``init="calib"``
     with ``sequential=False``), capturing the inputs of many layers per forward pass.
 
@@ -64,7 +64,7 @@ def _calibrate_alone(model: nn.Module, ghost: nn.Module, names: list[str], auto:
     """
     from tqdm import tqdm
 
-    batches = as_input_batches(calib_data, calib_size)
+    batches = calibration_batches(calib_data, calib_size, calib_augment, options.get("seed", 0))
     modules = {n: model.get_submodule(n) for n in names}
     sizes = {n: x[0].numel() for n, x in capture(model, modules, batches[0][:1]).items()}
     per_layer = {n: sizes[n] * sum(len(b) for b in batches) * 4 / 1e9 for n in names}
@@ -219,6 +219,8 @@ def sensitivity(model: nn.Module, *, config: GhostConfig | None = None, ratios: 
     settings = {"dw_size": dw_size, "init": spec.init, "cheap": cheap, "scatter": scatter, "ratios": list(ratios)}
     if method == "context":
         settings["reference"] = reference
+    if init_options.get("calib_augment"):
+        settings["calib_augment"] = init_options["calib_augment"]
     return SensitivityTable(measure, method, int(macs0.macs), rows, baseline, settings, tuple(input_size))
 
 

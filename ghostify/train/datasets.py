@@ -2,39 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
+from ..augment import Items
 from ..errors import GhostifyError
 from ..zoo.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, resolve_data
 from ..zoo.sources import imagefolder_dataset, read_cifar10, spread
 
-__all__ = ["Items", "crop_flip", "build_dataset", "SkipSampler"]
-
-
-class Items(Dataset):
-    """``(x, y)`` examples with an optional augmentation seeded by (seed, epoch, index), for exact resumes."""
-
-    def __init__(self, get: Callable[[int], tuple], n: int, input_size: tuple[int, ...], augment=None, seed=0):
-        self.get, self.n, self.input_size = get, n, tuple(input_size)
-        self.augment, self.seed, self.epoch = augment, seed, 0
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        x, y = self.get(i)
-        if self.augment is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, int(i))) & 0x7FFF_FFFF_FFFF)
-                x = self.augment(x)
-        return x, y
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+__all__ = ["crop_flip", "build_dataset", "SkipSampler"]
 
 
 def crop_flip(pad: int):

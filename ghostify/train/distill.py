@@ -5,7 +5,7 @@ The loss is the fine-tuning loop's, label-free: ``T^2 * KL(teacher_T || student_
 plus ``feature_weight`` times the mean over Ghost layers of ``||s - t||^2 / ||t||^2`` between each
 Ghost layer's output and the original conv's. The images are augmented per example (random
 resized crops, flips, colour jitter) and a share of them mixed with another image (mixup,
-cutmix): see :class:`~ghostify.train.augment.AugmentConfig`.
+cutmix): see :class:`~ghostify.augment.AugmentConfig`.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from torch import nn
 from ..conversion.rewrite import conversion_info
 from ..errors import GhostifyError
 from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD, resolve_data
-from .augment import AugmentConfig, Mixed, augmentation
-from .datasets import Items
+from ..augment import AugmentConfig, Items, Mixed, augmentation
 from .distributed import setup_dist
 from .recipe import Recipe, diff, to_dict
 from .rundir import check_run_dir

@@ -1,17 +1,19 @@
 """Augmentation that makes a few images go far: random resized crops, flips, colour jitter, and mixing
-between examples (mixup, cutmix), on tensors, on the CPU, seeded per example so that resumes are exact."""
+between examples (mixup, cutmix), on tensors, on the CPU, seeded per example so that resumes are exact.
+The few-shot distillation trains on it (``ghostify.distill``) and the calibrated init fits on it
+(``convert(..., calib_augment=N)``: :func:`augmented_views`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .datasets import Items
-
-__all__ = ["AugmentConfig", "random_resized_crop", "colour_jitter", "mixup", "cutmix", "augmentation", "Mixed"]
+__all__ = ["AugmentConfig", "random_resized_crop", "colour_jitter", "mixup", "cutmix", "augmentation", "Items", "Mixed",
+           "augmented_views"]
 
 
 @dataclass
@@ -111,6 +113,28 @@ def augmentation(cfg: AugmentConfig, size: int | None = None):
     return augment
 
 
+class Items(Dataset):
+    """``(x, y)`` examples with an optional augmentation seeded by (seed, epoch, index), for exact resumes."""
+
+    def __init__(self, get: Callable[[int], tuple], n: int, input_size: tuple[int, ...], augment=None, seed=0):
+        self.get, self.n, self.input_size = get, n, tuple(input_size)
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x, y = self.get(i)
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, int(i))) & 0x7FFF_FFFF_FFFF)
+                x = self.augment(x)
+        return x, y
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+
 class Mixed(Dataset):
     """``base``'s examples, a share ``cfg.mix`` of them mixed with another example of the same epoch.
 
@@ -138,3 +162,28 @@ class Mixed(Dataset):
             lam = float(torch.distributions.Beta(cfg.mix_alpha, cfg.mix_alpha).sample())
             mix = cutmix if torch.rand(()) < cfg.cutmix else mixup
             return mix(x, self.base[j][0], lam), y
+
+
+def augmented_views(batches: list[torch.Tensor], count: int, *, augment: AugmentConfig | None = None, seed: int = 0,
+                    batch_size: int = 32) -> list[torch.Tensor]:
+    """``count`` augmented views of the images in ``batches`` (``(N, C, H, W)`` tensors), varied as
+    ``ghostify.distill`` varies its images (``augment``, default :class:`AugmentConfig`: crops, flips, jitter,
+    mixing): epoch after epoch, each epoch's examples in a seeded order, in batches of ``batch_size``.
+    ``convert(..., calib_augment=N)`` calibrates on these beside the images themselves.
+
+    Example:
+        >>> views = augmented_views([torch.randn(8, 3, 32, 32)], 20, batch_size=16)
+        >>> [tuple(v.shape) for v in views]
+        [(16, 3, 32, 32), (4, 3, 32, 32)]
+    """
+    cfg = augment or AugmentConfig()
+    x = torch.cat(list(batches))
+    label = torch.zeros((), dtype=torch.long)
+    items = Items(lambda i: (x[i], label), len(x), tuple(x.shape[1:]), augmentation(cfg), seed)
+    data = Mixed(items, cfg) if cfg.mix > 0 else items
+    gen, views, epoch = torch.Generator().manual_seed(seed), [], 0
+    while len(views) < count:
+        data.set_epoch(epoch)
+        views += [data[i][0] for i in torch.randperm(len(data), generator=gen).tolist()[:count - len(views)]]
+        epoch += 1
+    return [torch.stack(views[i:i + batch_size]) for i in range(0, count, batch_size)]
