@@ -162,7 +162,8 @@ def selection_options(fn):
                      help="Calibration examples."),
         click.option("--calib-augment", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                      help="Fit on N augmented views of the calibration images too (crops, flips, jitter, mixing): "
-                          "with few images the fit learns them rather than the model (e.g. 768 for 256 photos)."),
+                          "with few images the fit learns them rather than the model. Memory grows with the "
+                          "examples (MobileNetV2, 224 px: 256 crops + 256 views fit in 24 GiB, + 768 do not)."),
         click.option("--max-layer-error", type=click.FloatRange(min=0), default=None,
                      help="With --init calib: keep a layer as a conv when its held-out relative error exceeds this."),
     ]
