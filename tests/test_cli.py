@@ -250,3 +250,4 @@ def test_convert_calib_augment_fits_on_more_views(tmp_path):
     a, b = ghostify.load(plain), ghostify.load(views)
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # fitted on other data
     assert run(*args, "--calib-augment", "-1").exit_code != 0
+    assert_one_line_error(run("convert", ckpt, "--init", "calib", "--calib-augment", "8"), "--calib-data SPEC")

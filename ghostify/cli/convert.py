@@ -108,6 +108,8 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     check_input(original, size)
     t0 = time.perf_counter()
     options = {}
+    if calib_augment and calib_data is None:
+        raise GhostifyError("--calib-augment N adds views of the calibration images: give --calib-data SPEC too")
     if calib_data is not None:
         options = _calibration_options(calib_data, calib_size, calib_augment, max_layer_error, original, size)
     elif any(e.spec.init == "calib" for e in plan.converted):

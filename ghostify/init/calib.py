@@ -104,7 +104,7 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         calib_data: an iterable of input batches (tensors or ``(x, y)`` pairs), e.g. a DataLoader.
         calib_size: use at most this many examples.
         calib_augment: fit on this many augmented views of the examples too (random crops, flips, colour
-            jitter, mixing; :func:`~ghostify.augment.augmented_views`), after them. With few images
+            jitter, mixing; :func:`~ghostify.augment.augmented_views`), interleaved with them. With few images
             the fit otherwise matches the original on them far better than on other images.
         sequential: take each layer's input from the partially converted model (default) or,
             if False, from the original model (each layer fitted alone).
