@@ -139,6 +139,8 @@ def test_cli_sensitivity_measures_a_trunk_by_its_output(tmp_path):
             "--init", "copy", "--eval", "photos:heldout", "--eval-limit", "6"]
     r = CliRunner().invoke(cli, [*args, "--measure", "kl"])
     assert r.exit_code != 0 and "use measure='output'" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, [*args, "--measure", "output", "--calib-augment", "8"])  # no --calib-data
+    assert r.exit_code != 0 and "give --calib-data SPEC too" in r.output and "Traceback" not in r.output
     out = tmp_path / "t.json"
     r = CliRunner().invoke(cli, [*args, "--measure", "output", "-o", str(out)])
     assert r.exit_code == 0, r.output

@@ -133,6 +133,8 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
     from ..zoo.data import calib_spec, resolve_data
     from ..zoo.models import get_model
 
+    if calib_augment and not calib_data:
+        raise GhostifyError("--calib-augment N adds views of the calibration images: give --calib-data SPEC too")
     if output is not None:
         check_output(output, force=force)
     if plot is not None:
