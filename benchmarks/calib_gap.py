@@ -14,12 +14,15 @@ crops of other photos. Nothing is trained::
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import peers
+from benchmarks.peer_methods import photo_kd_batches
 
 TEMPERATURE = 2.0  # the photos KD recipe's (benchmarks.peer_methods.kd_finetune)
 
@@ -38,20 +41,9 @@ def closeness(teacher, student, batches) -> tuple[float, float, int]:
 
 
 def kd_views(calib_x: list[torch.Tensor], count: int, seed: int = 0) -> list[torch.Tensor]:
-    """The first batches of 16 augmented examples the photos KD recipe draws (``kd_finetune``: a new seeded
-    permutation and augmentation epoch whenever fewer than 16 are left), enough for ``count`` examples."""
-    from ghostify.augment import AugmentConfig
-    from ghostify.train.distill import distill_dataset
-
-    data = distill_dataset(torch.cat(calib_x), augment=AugmentConfig(), seed=seed)
-    gen, idx, epoch, batches = torch.Generator().manual_seed(seed), [], 0, []
-    while 16 * len(batches) < count:
-        if len(idx) < 16:
-            idx = torch.randperm(len(data), generator=gen).tolist()
-            data.set_epoch(epoch)
-            epoch += 1
-        batches.append(torch.stack([data[idx.pop()][0] for _ in range(16)]))
-    return batches
+    """The first batches of 16 augmented examples the photos KD recipe draws (``peer_methods.photo_kd_batches``),
+    enough for ``count`` examples."""
+    return list(itertools.islice(photo_kd_batches(calib_x, seed), math.ceil(count / 16)))
 
 
 def main(argv=None) -> None:

@@ -23,12 +23,13 @@ onnxruntime. Uses only ghostify's public API, so it keeps working when the packa
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import statistics
 import time
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -519,6 +520,23 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 # -- short distillation ----------------------------------------------------------------------------
 
 
+def photo_kd_batches(batches: list[torch.Tensor], seed: int = 0) -> Iterator[torch.Tensor]:
+    """The photos KD recipe's batches, without end: 16 augmented examples of the current epoch at a time
+    (``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``; a new seeded permutation and
+    augmentation epoch whenever fewer than 16 are left)."""
+    from ghostify.augment import AugmentConfig
+    from ghostify.train.distill import distill_dataset
+
+    data = distill_dataset(torch.cat(batches), augment=AugmentConfig(), seed=seed)
+    gen, idx, epoch = torch.Generator().manual_seed(seed), [], 0
+    while True:
+        if len(idx) < 16:
+            idx = torch.randperm(len(data), generator=gen).tolist()
+            data.set_epoch(epoch)
+            epoch += 1
+        yield torch.stack([data[idx.pop()][0] for _ in range(16)])
+
+
 def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], *, steps: int = 150,
                 recipe: str = "mnist", seed: int = 0) -> nn.Module:
     """A copy of ``student`` after ``steps`` steps of label-free KD toward ``teacher`` on ``batches``.
@@ -548,24 +566,12 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
                 order.extend(torch.randperm(len(batches), generator=gen).tolist())
             return batches[order.pop()]
     elif recipe == "photos":
-        from ghostify.augment import AugmentConfig
-        from ghostify.train.distill import distill_dataset
-
         opt = torch.optim.AdamW(work.parameters(), lr=3e-5, weight_decay=0.0)
         warmup, temperature, clip = 10, 2.0, None
         for m in work.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        data = distill_dataset(torch.cat(batches), augment=AugmentConfig(), seed=seed)
-        idx: list[int] = []
-        epoch = [0]
-
-        def draw() -> torch.Tensor:  # 16 examples of the current epoch; each epoch's augmentations are its own
-            if len(idx) < 16:
-                idx[:] = torch.randperm(len(data), generator=gen).tolist()
-                data.set_epoch(epoch[0])
-                epoch[0] += 1
-            return torch.stack([data[idx.pop()][0] for _ in range(16)])
+        draw = functools.partial(next, photo_kd_batches(batches, seed))
     else:
         raise ValueError(f"recipe {recipe!r}: 'mnist' or 'photos'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else

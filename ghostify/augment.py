@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = ["AugmentConfig", "random_resized_crop", "colour_jitter", "mixup", "cutmix", "augmentation", "Items", "Mixed",
-           "augmented_views"]
+           "unlabelled", "augmented_views"]
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Mixed(Dataset):
     """``base``'s examples, a share ``cfg.mix`` of them mixed with another example of the same epoch.
 
     Which partner, the weight and mixup or cutmix are seeded by (seed, epoch, index), as
-    :class:`~ghostify.train.datasets.Items` seeds its augmentation, so a resumed run sees the same inputs.
+    :class:`Items` seeds its augmentation, so a resumed run sees the same inputs.
     """
 
     def __init__(self, base: Items, cfg: AugmentConfig):
@@ -164,6 +164,21 @@ class Mixed(Dataset):
             return mix(x, self.base[j][0], lam), y
 
 
+def unlabelled(x: torch.Tensor, augment: AugmentConfig | None, size: int | None = None, seed: int = 0) -> Items | Mixed:
+    """The images ``x`` (``(N, C, H, W)``) as label-free ``(image, 0)`` examples, each augmented as ``augment`` says
+    (None: as they are) and cropped to ``size`` (default: their own size), seeded by (seed, epoch, index).
+
+    Example:
+        >>> ds = unlabelled(torch.randn(8, 3, 32, 32), AugmentConfig(), size=24)
+        >>> len(ds), tuple(ds[0][0].shape)
+        (8, (3, 24, 24))
+    """
+    label = torch.zeros((), dtype=torch.long)
+    items = Items(lambda i: (x[i], label), len(x), (x.shape[1], size or x.shape[2], size or x.shape[3]),
+                  augmentation(augment, size) if augment is not None else None, seed)
+    return Mixed(items, augment) if augment is not None and augment.mix > 0 else items
+
+
 def augmented_views(batches: list[torch.Tensor], count: int, *, augment: AugmentConfig | None = None, seed: int = 0,
                     batch_size: int = 32) -> list[torch.Tensor]:
     """``count`` augmented views of the images in ``batches`` (``(N, C, H, W)`` tensors), varied as
@@ -176,11 +191,7 @@ def augmented_views(batches: list[torch.Tensor], count: int, *, augment: Augment
         >>> [tuple(v.shape) for v in views]
         [(16, 3, 32, 32), (4, 3, 32, 32)]
     """
-    cfg = augment or AugmentConfig()
-    x = torch.cat(list(batches))
-    label = torch.zeros((), dtype=torch.long)
-    items = Items(lambda i: (x[i], label), len(x), tuple(x.shape[1:]), augmentation(cfg), seed)
-    data = Mixed(items, cfg) if cfg.mix > 0 else items
+    data = unlabelled(torch.cat(list(batches)), augment or AugmentConfig(), seed=seed)
     gen, views, epoch = torch.Generator().manual_seed(seed), [], 0
     while len(views) < count:
         data.set_epoch(epoch)

@@ -281,7 +281,8 @@ def _check_table(table, model: nn.Module, candidates: dict, ratios, config: Ghos
     if total != table.total_macs:
         raise GhostifyError(f"the sensitivity table was measured on a model of {format_size(table.total_macs)} MACs "
                             f"at input {tuple(table.input_size)}; this model has {format_size(total)} there: {fix}")
-    missing = [n for n in candidates if n not in set(table.layers)]
+    measured = set(table.layers)
+    missing = [n for n in candidates if n not in measured]
     if missing:
         raise GhostifyError(f"the sensitivity table has no rows for {len(missing)} of the {len(candidates)} convs "
                             f"this conversion would convert ({', '.join(missing[:4])}{', ...' * (len(missing) > 4)}): "

@@ -24,7 +24,7 @@ from torch import nn
 from ..conversion.rewrite import conversion_info
 from ..errors import GhostifyError
 from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD, resolve_data
-from ..augment import AugmentConfig, Items, Mixed, augmentation
+from ..augment import AugmentConfig, Items, Mixed, unlabelled
 from .distributed import setup_dist
 from .recipe import Recipe, diff, to_dict
 from .rundir import check_run_dir
@@ -91,10 +91,7 @@ def distill_dataset(data: Any, *, augment: AugmentConfig | None, image_size: int
     size = image_size or x.shape[-1]
     if augment is None and size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    label = torch.zeros((), dtype=torch.long)  # label-free: the loop's CE term is off (alpha = 0)
-    items = Items(lambda i: (x[i], label), len(x), (x.shape[1], size, size),
-                  augmentation(augment, size) if augment is not None else None, seed)
-    return Mixed(items, augment) if augment is not None and augment.mix > 0 else items
+    return unlabelled(x, augment, size, seed)  # label-free: the loop's CE term is off (alpha = 0)
 
 
 class DistillSession(Session):
