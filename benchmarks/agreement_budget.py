@@ -51,7 +51,7 @@ def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS
     cut = len(calib) if method == "proxy" else 3 * len(calib) // 4
     return ghostify.sensitivity(model, ratios=ratios, dw_size=1, cheap="mix", init="calib", calib_data=calib[:cut],
                                 eval_data=calib[cut:] or None, method=method, measure=measure, input_size=input_size,
-                                progress=False, **({"calib_augment": calib_augment} if calib_augment else {}))
+                                progress=False, calib_augment=calib_augment)
 
 
 def main(argv=None):

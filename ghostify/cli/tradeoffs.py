@@ -147,7 +147,7 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
     cfg = build_config(min(ratio_list), dw_size, init, cheap, exclude=exclude)
     table = measure_sensitivity(original, config=cfg, ratios=ratio_list, calib_data=calib, eval_data=ev,
                                 method=method or ("alone" if ev else "proxy"), measure=measure, input_size=size,
-                                reference=reference, **({"calib_augment": calib_augment} if calib_augment else {}))
+                                reference=reference, calib_augment=calib_augment)
     table.settings["model"] = model
     if output is not None:
         table.save(output, force=force)

@@ -73,7 +73,7 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
                          calib_data=calib_data, eval_data=eval_data, method=budget.get("sensitivity_method"),
                          input_size=size, only_faster=budget.get("skip_slower", False),
                          threads=budget.get("threads"), leaf_modules=leaf, runtime=budget.get("runtime", "torch"),
-                         **({"calib_augment": calib_augment} if calib_augment else {}))
+                         calib_augment=calib_augment)
         plan = alloc.plan
         _note(alloc.summary())
     elif budget.get("skip_slower"):
