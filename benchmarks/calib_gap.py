@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import peers
-from benchmarks.peer_methods import photo_kd_batches
-
-TEMPERATURE = 2.0  # the photos KD recipe's (benchmarks.peer_methods.kd_finetune)
+from benchmarks.peer_methods import PHOTO_KD_T as TEMPERATURE, photo_kd_batches
 
 
 @torch.no_grad()

@@ -520,6 +520,9 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 # -- short distillation ----------------------------------------------------------------------------
 
 
+PHOTO_KD_T = 2.0  # the photos KD recipe's temperature
+
+
 def photo_kd_batches(batches: list[torch.Tensor], seed: int = 0) -> Iterator[torch.Tensor]:
     """The photos KD recipe's batches, without end: 16 augmented examples of the current epoch at a time
     (``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``; a new seeded permutation and
@@ -567,7 +570,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
             return batches[order.pop()]
     elif recipe == "photos":
         opt = torch.optim.AdamW(work.parameters(), lr=3e-5, weight_decay=0.0)
-        warmup, temperature, clip = 10, 2.0, None
+        warmup, temperature, clip = 10, PHOTO_KD_T, None
         for m in work.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()

@@ -24,6 +24,10 @@ Models and data (the same calibration images and the same evaluation data for ev
 calibration and sensitivity fits, the BN recalibration and the low-rank refit (Taylor gradients and the
 distillation stay on the images themselves). One setting per output folder.
 
+``--kd-crops N`` (photos): every student's distillation trains on N other crops of the calibration photos
+(``photos:calib`` cut with seed 1, none of them a crop any fit saw) instead of the calibration crops. One
+setting per output folder.
+
 Methods (``--methods``, default all):
 
 - ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
@@ -64,6 +68,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ghostify
@@ -137,8 +142,9 @@ SETUPS = {
 }
 
 
-def load_data(s: Setup, quick: bool) -> None:
-    """Fill ``s.data``: ``calib`` ((x, y) batches), ``eval`` (a data source), ``desc``."""
+def load_data(s: Setup, quick: bool, kd_crops: int = 0) -> None:
+    """Fill ``s.data``: ``calib`` ((x, y) batches), ``eval`` (a data source), ``desc``, and for photos with
+    ``kd_crops`` ``kd``: that many other crops of the calibration photos (seed 1) for the distillation."""
     if s.kind == "mnist":
         n_cal, n_eval = (128, 1000) if quick else (s.calib, s.eval)
         try:
@@ -159,6 +165,10 @@ def load_data(s: Setup, quick: bool) -> None:
         desc = (f"calibration: photos:calib, {n_cal} crops of {len(calib.photos)} photos (seed 0); evaluation: "
                 f"photos:heldout, {test.num_examples} crops of {len(test.photos)} other photos")
     s.data = {"calib": [(x, y) for x, y in calib], "eval": test, "desc": desc}
+    if kd_crops and s.kind == "photos":
+        kd = ghostify.resolve_data("photos:calib", batch_size=32, limit=kd_crops, seed=1)
+        s.data["kd"] = [(x, y) for x, y in kd]
+        s.data["desc"] += f"; distillation: photos:calib, {kd.num_examples} other crops (seed 1)"
 
 
 @torch.no_grad()
@@ -172,15 +182,18 @@ def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
     """The model's fidelity on the evaluation data: ``{"fidelity": value, ...}`` (see ``Setup.metric``).
 
     mnist: top-1 accuracy on the labels (and top-1 agreement with the original); photos: top-1 and top-5
-    agreement with the original's top-1; trunk: ``||f - f0|| / ||f0||`` over all held-out crops.
+    agreement with the original's top-1, and ``kl``: the mean KL(original || model) at the photos KD
+    temperature; trunk: ``||f - f0|| / ||f0||`` over all held-out crops.
     """
     model = model.eval()
     if s.kind == "trunk":
         return {"fidelity": output_error([model(x) for x, _, _ in ref], [f0 for _, _, f0 in ref])}
-    n = top1 = agree1 = agree5 = 0
+    n = top1 = agree1 = agree5 = kl = 0
     for x, y, out0 in ref:
         out = model(x)
         t0 = out0.argmax(1)
+        kl += F.kl_div(F.log_softmax(out / P.PHOTO_KD_T, 1), F.log_softmax(out0 / P.PHOTO_KD_T, 1),
+                       log_target=True, reduction="sum").item()
         agree1 += (out.argmax(1) == t0).sum().item()
         agree5 += (out.topk(5, 1).indices == t0[:, None]).any(1).sum().item()
         if y is not None and s.kind == "mnist":
@@ -189,6 +202,8 @@ def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
     res = {"agree_top1": agree1 / n, "agree_top5": agree5 / n}
     if s.kind == "mnist":
         res["top1"] = top1 / n
+    else:
+        res["kl"] = kl / n
     res["fidelity"] = res["top1"] if s.kind == "mnist" else res["agree_top1"]
     return res
 
@@ -209,7 +224,8 @@ class Context:
         self.x0 = torch.zeros(1, *s.size)
         self.macs0 = ghostify.count(self.model, self.x0).macs
         self.params0 = ghostify.count(self.model, self.x0).params
-        self.calib_x = [x for x, _ in s.data["calib"]]  # what the distillation trains on
+        self.calib_x = [x for x, _ in s.data["calib"]]
+        self.kd_x = [x for x, _ in s.data.get("kd", s.data["calib"])]  # what the distillation trains on
         self.augment = getattr(args, "calib_augment", 0)
         self.fit_x = calibration_batches(self.calib_x, augment=self.augment)  # what every fit and BN recal sees
         self.fit_pairs = [(x, None) for x in self.fit_x] if self.augment else s.data["calib"]
@@ -302,18 +318,22 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
 
     MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
     images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
-    schedule and augmentation, logits only) on the calibration crops. The trunk has no logits: no row.
+    schedule and augmentation, logits only) on the calibration crops, or with ``--kd-crops`` on other crops of
+    the calibration photos (``"kd_kl"``: the held-out KL after it). The trunk has no logits: no row.
     """
     if ctx.s.kind == "trunk":
         return {}
     t0 = time.perf_counter()
     if ctx.s.kind == "mnist":
-        kd = P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.kd_steps)
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.kd_steps)
     else:
-        kd = P.kd_finetune(student, ctx.model, ctx.calib_x, steps=ctx.args.photo_kd_steps, recipe="photos")
-    res = {"kd": fidelity(ctx.s, kd, ctx.ref)["fidelity"], "kd_seconds": time.perf_counter() - t0}
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.photo_kd_steps, recipe="photos")
+    fid = fidelity(ctx.s, kd, ctx.ref)
+    res = {"kd": fid["fidelity"], "kd_seconds": time.perf_counter() - t0}
+    if "kl" in fid:
+        res["kd_kl"] = fid["kl"]
     if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
-        own = ghostify.distill(student, ctx.model, ctx.s.data["calib"], steps=ctx.args.photo_kd_steps,
+        own = ghostify.distill(student, ctx.model, ctx.s.data.get("kd", ctx.s.data["calib"]), steps=ctx.args.photo_kd_steps,
                                progress=False, checkpoint_every=None)
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
     return res
@@ -500,7 +520,7 @@ def save(out: Path, rows: list[dict], meta: dict) -> None:
 def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str) -> None:
     t_model = time.perf_counter()
     log(f"\n== {s.name}")
-    load_data(s, args.quick)
+    load_data(s, args.quick, kd_crops=args.kd_crops)
     log(f"  {s.data['desc']}")
     if args.calib_augment:
         log(f"  every fit and repair also sees {args.calib_augment} augmented views of the calibration images")
@@ -582,7 +602,9 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                 if repair == kd_from and wants_kd(method):
                     row.update(distill(ctx, method, mdl))
                 log(f"    {repair:9} {s.metric} {fmt_fid(s, fid['fidelity'])}"
+                    + (f" (KL {fid['kl']:.3f})" if "kl" in fid else "")
                     + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else "")
+                    + (f" (KL {row['kd_kl']:.3f})" if "kd_kl" in row else "")
                     + (f" (ghostify.distill {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
                 add(row)
             store_arch(arch, model)
@@ -637,6 +659,9 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-augment", type=int, default=0, metavar="N",
                     help="N augmented views of the calibration images for every fit and repair (see above); "
                          "one setting per output folder")
+    ap.add_argument("--kd-crops", type=int, default=0, metavar="N",
+                    help="photos: distil every student on N other crops of the calibration photos (seed 1) instead "
+                         "of the calibration crops; one setting per output folder")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
@@ -662,9 +687,10 @@ def main(argv=None) -> None:
             if before != args.alloc_ratios:
                 raise SystemExit(f"{out}'s allocations used ratios {before}: resume with --alloc-ratios "
                                  f"{' '.join(map(str, before))}, or write to another folder")
-            if saved["meta"].get("calib_augment", 0) != args.calib_augment:
-                raise SystemExit(f"{out}'s fits used --calib-augment {saved['meta'].get('calib_augment', 0)}: "
-                                 "resume with that, or write to another folder")
+            for opt in ("calib_augment", "kd_crops"):
+                if saved["meta"].get(opt, 0) != getattr(args, opt):
+                    raise SystemExit(f"{out} was run with --{opt.replace('_', '-')} {saved['meta'].get(opt, 0)}: "
+                                     "resume with that, or write to another folder")
             rows, unreachable = saved["rows"], saved["meta"].get("unreachable", [])
         elif args.force:
             shutil.rmtree(out)
@@ -676,7 +702,8 @@ def main(argv=None) -> None:
     meta = {"versions": P.versions(), "python": platform.python_version(), "argv": sys.argv, "export": how,
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
-            "alloc_ratios": args.alloc_ratios, "calib_augment": args.calib_augment, "unreachable": unreachable}
+            "alloc_ratios": args.alloc_ratios, "calib_augment": args.calib_augment,
+            "kd_crops": args.kd_crops, "unreachable": unreachable}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
     for name in args.models:

@@ -139,12 +139,55 @@ def test_photo_distillation_adds_ghostifys_own_repair_unless_told_not_to(chain_n
     s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
     student = ghostify.convert(net, ratio=2, init="calib", calib_data=[x for x, _ in batches])
-    for no_own, method, keys in ((False, "ghostify-mix", {"kd", "kd_seconds", "kd_own"}),
-                                 (True, "ghostify-mix", {"kd", "kd_seconds"}),
-                                 (False, "tp-l1-global", {"kd", "kd_seconds"})):
+    for no_own, method, keys in ((False, "ghostify-mix", {"kd", "kd_seconds", "kd_kl", "kd_own"}),
+                                 (True, "ghostify-mix", {"kd", "kd_seconds", "kd_kl"}),
+                                 (False, "tp-l1-global", {"kd", "kd_seconds", "kd_kl"})):
         ctx = Context(s, argparse.Namespace(photo_kd_steps=2, no_kd_own=no_own))
         res = distill(ctx, method, student)
-        assert set(res) == keys and all(0 <= res[k] <= 1 for k in keys - {"kd_seconds"})
+        assert set(res) == keys and all(0 <= res[k] <= 1 for k in keys - {"kd_seconds", "kd_kl"})
+        assert res["kd_kl"] > 0
+
+
+def test_kd_crops_are_other_crops_of_the_calibration_photos_and_every_distillation_uses_them(chain_net, monkeypatch):
+    """``--kd-crops N``: ``load_data`` adds N crops of the calibration photos cut with another seed (none equal to
+    a calibration crop), and both distillations (the shared recipe and ghostify.distill) train on them; the
+    held-out KL in ``fidelity`` is KL(original || model) at the KD temperature, worked out by hand."""
+    import argparse
+
+    from benchmarks.peers import Context, Setup, distill, fidelity, load_data
+
+    s = Setup("tiny", "photos", lambda: None, (3, 224, 224), lambda m: [], 2, 2, 1, "agreement")
+    load_data(s, quick=False, kd_crops=3)
+    calib, kd = torch.cat([x for x, _ in s.data["calib"]]), torch.cat([x for x, _ in s.data["kd"]])
+    assert calib.shape[0] == 2 and kd.shape == (3, 3, 224, 224)
+    assert not any(torch.equal(a, b) for a in kd for b in calib)
+    load_data(s, quick=False)
+    assert "kd" not in s.data
+
+    torch.manual_seed(0)
+    net = randomize_bn(chain_net).eval()
+    other = [(torch.randn(4, 3, 8, 8), None)]
+    s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
+    s.data = {"calib": [(torch.randn(8, 3, 8, 8), None)], "kd": other, "eval": [(torch.randn(2, 3, 8, 8), None)],
+              "desc": ""}
+    seen = []
+    monkeypatch.setattr(P, "kd_finetune", lambda st, t, batches, **kw: seen.append(batches) or st)
+    monkeypatch.setattr(ghostify, "distill", lambda st, t, data, **kw: seen.append(data) or st)
+    ctx = Context(s, argparse.Namespace(photo_kd_steps=2, no_kd_own=False))
+    distill(ctx, "ghostify-mix", net)
+    assert len(seen) == 2 and torch.equal(seen[0][0], other[0][0]) and seen[1] is other
+
+    class Half(nn.Module):
+        def forward(self, x):
+            return 0.5 * net(x)
+
+    with torch.no_grad():
+        ref = [(x, None, net(x)) for x, _ in s.data["eval"]]
+        pt, ps = (ref[0][2] / P.PHOTO_KD_T).softmax(1), (0.5 * ref[0][2] / P.PHOTO_KD_T).softmax(1)
+        by_hand = (pt * (pt.log() - ps.log())).sum(1).mean().item()
+        assert by_hand > 1e-4
+        assert fidelity(s, Half(), ref)["kl"] == pytest.approx(by_hand, rel=1e-4)
+        assert fidelity(s, net, ref)["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net):
@@ -235,7 +278,7 @@ def test_resume_keeps_the_recorded_unreachable_points_and_does_not_retry_them(tm
 
     s = peers.Setup("tiny", "photos", lambda: chain_net.eval(), (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
     monkeypatch.setitem(peers.SETUPS, "tiny", s)
-    monkeypatch.setattr(peers, "load_data", lambda s, quick: s.__setattr__("data", {"desc": "no data"}))
+    monkeypatch.setattr(peers, "load_data", lambda s, quick, **kw: s.__setattr__("data", {"desc": "no data"}))
     monkeypatch.setattr(peers, "Context", lambda s, args: None)
     monkeypatch.setattr(peers, "build", lambda *a: pytest.fail("a recorded unreachable point was built again"))
     monkeypatch.setattr(peers, "plot", lambda *a: None)
