@@ -553,6 +553,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
     - ``"photos"``: ``ghostify.distill``'s defaults (AdamW lr 3e-5, no weight decay, 10 warm-up steps then cosine,
       ``T = 2``, BatchNorm statistics frozen, batches of 16 augmented images drawn from ``batches`` by
       ``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``: crops, flips, jitter, mixing).
+
+    Seeded throughout (dropout too), whatever ran before: one student and one ``seed`` give one result.
     """
     from ghostify import kd_loss  # the fine-tune recipes' loss
 
@@ -579,15 +581,17 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
         raise ValueError(f"recipe {recipe!r}: 'mnist' or 'photos'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    for _ in range(steps):
-        x = draw()
-        with torch.no_grad():
-            t = teacher(x)
-        loss, _ = kd_loss(work(x), t, None, temperature=temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(work.parameters(), clip)
-        opt.step()
-        sched.step()
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seeded, then restored
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            x = draw()
+            with torch.no_grad():
+                t = teacher(x)
+            loss, _ = kd_loss(work(x), t, None, temperature=temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(work.parameters(), clip)
+            opt.step()
+            sched.step()
     return work.eval()

@@ -333,8 +333,8 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     if "kl" in fid:
         res["kd_kl"] = fid["kl"]
     if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
-        own = ghostify.distill(student, ctx.model, ctx.s.data.get("kd", ctx.s.data["calib"]), steps=ctx.args.photo_kd_steps,
-                               progress=False, checkpoint_every=None)
+        own = ghostify.distill(student, ctx.model, ctx.s.data.get("kd", ctx.s.data["calib"]),
+                               steps=ctx.args.photo_kd_steps, progress=False, checkpoint_every=None)
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
     return res
 

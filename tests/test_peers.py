@@ -126,6 +126,26 @@ def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
     assert not kd.training
 
 
+def test_kd_is_seeded_whatever_ran_before_and_leaves_the_global_generator_alone():
+    """Dropout draws from the global generator: the KD seeds it, so a student's result does not depend on what
+    ran before (the order of the methods), and restores it afterwards."""
+    torch.manual_seed(0)
+    net = lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 4))  # noqa: E731
+    student, teacher = net(), net().eval()
+    batches = [torch.randn(8, 3, 2, 2) for _ in range(3)]
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        before = torch.random.get_rng_state()
+        results.append(P.kd_finetune(student, teacher, batches, steps=5))
+        assert torch.equal(torch.random.get_rng_state(), before)
+    for p, q in zip(*(r.parameters() for r in results)):
+        torch.testing.assert_close(p, q)
+    assert not torch.equal(results[0][2].weight, student[2].weight)  # it did train
+    other = P.kd_finetune(student, teacher, batches, steps=5, seed=1)
+    assert not torch.equal(other[2].weight, results[0][2].weight)
+
+
 def test_photo_distillation_adds_ghostifys_own_repair_unless_told_not_to(chain_net):
     """A ghostify student on photos gets ``kd`` (the shared recipe) and ``kd_own`` (``ghostify.distill``) after
     the same steps; ``--no-kd-own`` leaves the second out; a peer's student never has it."""
