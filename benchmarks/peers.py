@@ -192,8 +192,9 @@ def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
     for x, y, out0 in ref:
         out = model(x)
         t0 = out0.argmax(1)
-        kl += F.kl_div(F.log_softmax(out / P.PHOTO_KD_T, 1), F.log_softmax(out0 / P.PHOTO_KD_T, 1),
-                       log_target=True, reduction="sum").item()
+        if s.kind == "photos":
+            kl += F.kl_div(F.log_softmax(out / P.PHOTO_KD_T, 1), F.log_softmax(out0 / P.PHOTO_KD_T, 1),
+                           log_target=True, reduction="sum").item()
         agree1 += (out.argmax(1) == t0).sum().item()
         agree5 += (out.topk(5, 1).indices == t0[:, None]).any(1).sum().item()
         if y is not None and s.kind == "mnist":
@@ -202,7 +203,7 @@ def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
     res = {"agree_top1": agree1 / n, "agree_top5": agree5 / n}
     if s.kind == "mnist":
         res["top1"] = top1 / n
-    else:
+    if s.kind == "photos":
         res["kl"] = kl / n
     res["fidelity"] = res["top1"] if s.kind == "mnist" else res["agree_top1"]
     return res
