@@ -10,8 +10,8 @@ import click
 
 from ..errors import GhostifyError
 from ..outputs import atomic_write
-from .options import (budget_options, check_input, default_input, parse_input_size, parse_override, require_runtime,
-                      selection_options, trust_code_option, user_errors)
+from .options import (budget_options, check_calib_augment, check_input, default_input, parse_input_size, parse_override,
+                      require_runtime, selection_options, trust_code_option, user_errors)
 
 __all__ = ["inspect", "convert", "eval_", "models", "env", "COMMANDS"]
 
@@ -108,8 +108,7 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     check_input(original, size)
     t0 = time.perf_counter()
     options = {}
-    if calib_augment and calib_data is None:
-        raise GhostifyError("--calib-augment N adds views of the calibration images: give --calib-data SPEC too")
+    check_calib_augment(calib_augment, calib_data)
     if calib_data is not None:
         options = _calibration_options(calib_data, calib_size, calib_augment, max_layer_error, original, size)
     elif any(e.spec.init == "calib" for e in plan.converted):

@@ -119,6 +119,12 @@ def parse_input_size(text: str | None, default=(1, 3, 224, 224)) -> tuple[int, .
     raise GhostifyError(f"--input-size '{text}': give 224, C,H,W or N,C,H,W")
 
 
+def check_calib_augment(calib_augment: int, calib_data) -> None:
+    """``--calib-augment N`` varies the calibration images: refused (naming the fix) without ``--calib-data``."""
+    if calib_augment and not calib_data:
+        raise GhostifyError("--calib-augment N adds views of the calibration images: give --calib-data SPEC too")
+
+
 def odd(ctx, param, value):
     if value is not None and (value < 1 or value % 2 == 0):
         raise click.BadParameter(f"{value} is not an odd integer >= 1 (the cheap op keeps the map size); try 3")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import click
 
 from ..errors import GhostifyError
-from .options import (RATIO, RUNTIME_CHOICES, default_input, layer_options, parse_batch_sizes, parse_floats,
-                      parse_input_size, parse_ints, parse_ratios, parse_words, runtime_timer, trust_code_option,
-                      user_errors)
+from .options import (RATIO, RUNTIME_CHOICES, check_calib_augment, default_input, layer_options, parse_batch_sizes,
+                      parse_floats, parse_input_size, parse_ints, parse_ratios, parse_words, runtime_timer,
+                      trust_code_option, user_errors)
 
 __all__ = ["sweep", "sensitivity", "report", "COMMANDS"]
 
@@ -133,8 +133,7 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
     from ..zoo.data import calib_spec, resolve_data
     from ..zoo.models import get_model
 
-    if calib_augment and not calib_data:
-        raise GhostifyError("--calib-augment N adds views of the calibration images: give --calib-data SPEC too")
+    check_calib_augment(calib_augment, calib_data)
     if output is not None:
         check_output(output, force=force)
     if plot is not None:
