@@ -19,10 +19,9 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import peers
-from benchmarks.peer_methods import PHOTO_KD_T as TEMPERATURE, photo_kd_batches
+from benchmarks.peer_methods import PHOTO_KD_T as TEMPERATURE, kl_sum, photo_kd_batches
 
 
 @torch.no_grad()
@@ -32,8 +31,7 @@ def closeness(teacher, student, batches) -> tuple[float, float, int]:
     for x in batches:
         t, s = teacher(x), student(x)
         agree += (t.argmax(1) == s.argmax(1)).sum().item()
-        kl += F.kl_div(F.log_softmax(s / TEMPERATURE, 1), F.log_softmax(t / TEMPERATURE, 1), log_target=True,
-                       reduction="sum").item()
+        kl += kl_sum(s, t, TEMPERATURE)
         n += len(x)
     return agree / n, kl / n, n
 

@@ -523,6 +523,12 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 PHOTO_KD_T = 2.0  # the photos KD recipe's temperature
 
 
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = PHOTO_KD_T) -> float:
+    """``sum`` over the batch of KL(teacher || student) of the softmaxes at ``temperature``."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    log_target=True, reduction="sum").item()
+
+
 def photo_kd_batches(batches: list[torch.Tensor], seed: int = 0) -> Iterator[torch.Tensor]:
     """The photos KD recipe's batches, without end: 16 augmented examples of the current epoch at a time
     (``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``; a new seeded permutation and

@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ghostify
@@ -193,8 +192,7 @@ def fidelity(s: Setup, model: nn.Module, ref: list) -> dict:
         out = model(x)
         t0 = out0.argmax(1)
         if s.kind == "photos":
-            kl += F.kl_div(F.log_softmax(out / P.PHOTO_KD_T, 1), F.log_softmax(out0 / P.PHOTO_KD_T, 1),
-                           log_target=True, reduction="sum").item()
+            kl += P.kl_sum(out, out0)
         agree1 += (out.argmax(1) == t0).sum().item()
         agree5 += (out.topk(5, 1).indices == t0[:, None]).any(1).sum().item()
         if y is not None and s.kind == "mnist":
@@ -226,7 +224,8 @@ class Context:
         self.macs0 = ghostify.count(self.model, self.x0).macs
         self.params0 = ghostify.count(self.model, self.x0).params
         self.calib_x = [x for x, _ in s.data["calib"]]
-        self.kd_x = [x for x, _ in s.data.get("kd", s.data["calib"])]  # what the distillation trains on
+        self.kd_pairs = s.data.get("kd", s.data["calib"])  # what the distillation trains on
+        self.kd_x = [x for x, _ in self.kd_pairs]
         self.augment = getattr(args, "calib_augment", 0)
         self.fit_x = calibration_batches(self.calib_x, augment=self.augment)  # what every fit and BN recal sees
         self.fit_pairs = [(x, None) for x in self.fit_x] if self.augment else s.data["calib"]
@@ -334,8 +333,8 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     if "kl" in fid:
         res["kd_kl"] = fid["kl"]
     if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
-        own = ghostify.distill(student, ctx.model, ctx.s.data.get("kd", ctx.s.data["calib"]),
-                               steps=ctx.args.photo_kd_steps, progress=False, checkpoint_every=None)
+        own = ghostify.distill(student, ctx.model, ctx.kd_pairs, steps=ctx.args.photo_kd_steps, progress=False,
+                               checkpoint_every=None)
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
     return res
 
