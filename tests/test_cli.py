@@ -250,4 +250,5 @@ def test_convert_calib_augment_fits_on_more_views(tmp_path):
     a, b = ghostify.load(plain), ghostify.load(views)
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # fitted on other data
     assert run(*args, "--calib-augment", "-1").exit_code != 0
-    assert_one_line_error(run("convert", ckpt, "--init", "calib", "--calib-augment", "8"), "--calib-data SPEC")
+    for command in ("convert", "inspect"):  # views of no data: refused, not silently ignored
+        assert_one_line_error(run(command, ckpt, "--init", "calib", "--calib-augment", "8"), "--calib-data SPEC")

@@ -43,6 +43,7 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
 
     original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf,
                                          trust_code)
+    check_calib_augment(calib_augment, calib_data)
     fidelity = None
     if calib_data is not None and any(e.spec.init == "calib" for e in plan.converted):
         from ..conversion.rewrite import convert as do_convert, conversion_info
