@@ -28,6 +28,9 @@ distillation stay on the images themselves). One setting per output folder.
 (``photos:calib`` cut with seed 1, none of them a crop any fit saw) instead of the calibration crops. One
 setting per output folder.
 
+``--kd-seed N`` seeds every student's distillation (its batch order, augmentation and dropout; default 0), to
+measure how far one student's result moves between seeds. One setting per output folder.
+
 Methods (``--methods``, default all):
 
 - ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
@@ -325,16 +328,17 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
         return {}
     t0 = time.perf_counter()
     if ctx.s.kind == "mnist":
-        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.kd_steps)
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.kd_steps, seed=getattr(ctx.args, "kd_seed", 0))
     else:
-        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.photo_kd_steps, recipe="photos")
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.photo_kd_steps, recipe="photos",
+                           seed=getattr(ctx.args, "kd_seed", 0))
     fid = fidelity(ctx.s, kd, ctx.ref)
     res = {"kd": fid["fidelity"], "kd_seconds": time.perf_counter() - t0}
     if "kl" in fid:
         res["kd_kl"] = fid["kl"]
     if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
         own = ghostify.distill(student, ctx.model, ctx.kd_pairs, steps=ctx.args.photo_kd_steps, progress=False,
-                               checkpoint_every=None)
+                               checkpoint_every=None, seed=getattr(ctx.args, "kd_seed", 0))
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
     return res
 
@@ -662,6 +666,9 @@ def main(argv=None) -> None:
     ap.add_argument("--kd-crops", type=int, default=0, metavar="N",
                     help="photos: distil every student on N other crops of the calibration photos (seed 1) instead "
                          "of the calibration crops; one setting per output folder")
+    ap.add_argument("--kd-seed", type=int, default=0, metavar="N",
+                    help="seed of every student's distillation (batch order, augmentation, dropout); one setting "
+                         "per output folder")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
@@ -687,7 +694,7 @@ def main(argv=None) -> None:
             if before != args.alloc_ratios:
                 raise SystemExit(f"{out}'s allocations used ratios {before}: resume with --alloc-ratios "
                                  f"{' '.join(map(str, before))}, or write to another folder")
-            for opt in ("calib_augment", "kd_crops"):
+            for opt in ("calib_augment", "kd_crops", "kd_seed"):
                 if saved["meta"].get(opt, 0) != getattr(args, opt):
                     raise SystemExit(f"{out} was run with --{opt.replace('_', '-')} {saved['meta'].get(opt, 0)}: "
                                      "resume with that, or write to another folder")
@@ -703,7 +710,7 @@ def main(argv=None) -> None:
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
             "alloc_ratios": args.alloc_ratios, "calib_augment": args.calib_augment,
-            "kd_crops": args.kd_crops, "unreachable": unreachable}
+            "kd_crops": args.kd_crops, "kd_seed": args.kd_seed, "unreachable": unreachable}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
     for name in args.models:

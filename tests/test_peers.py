@@ -168,10 +168,10 @@ def test_photo_distillation_adds_ghostifys_own_repair_unless_told_not_to(chain_n
         assert res["kd_kl"] > 0
 
 
-def test_kd_crops_are_other_crops_of_the_calibration_photos_and_every_distillation_uses_them(chain_net, monkeypatch):
+def test_kd_crops_and_kd_seed_reach_every_distillation(chain_net, monkeypatch):
     """``--kd-crops N``: ``load_data`` adds N crops of the calibration photos cut with another seed (none equal to
-    a calibration crop), and both distillations (the shared recipe and ghostify.distill) train on them; the
-    held-out KL in ``fidelity`` is KL(original || model) at the KD temperature, worked out by hand."""
+    a calibration crop), and both distillations (the shared recipe and ghostify.distill) train on them, seeded with
+    ``--kd-seed``; the held-out KL in ``fidelity`` is KL(original || model) at the KD temperature, worked out by hand."""
     import argparse
 
     from benchmarks.peers import Context, Setup, distill, fidelity, load_data
@@ -191,11 +191,13 @@ def test_kd_crops_are_other_crops_of_the_calibration_photos_and_every_distillati
     s.data = {"calib": [(torch.randn(8, 3, 8, 8), None)], "kd": other, "eval": [(torch.randn(2, 3, 8, 8), None)],
               "desc": ""}
     seen = []
-    monkeypatch.setattr(P, "kd_finetune", lambda st, t, batches, **kw: seen.append(batches) or st)
-    monkeypatch.setattr(ghostify, "distill", lambda st, t, data, **kw: seen.append(data) or st)
-    ctx = Context(s, argparse.Namespace(photo_kd_steps=2, no_kd_own=False))
+    seeds = []
+    monkeypatch.setattr(P, "kd_finetune", lambda st, t, batches, **kw: seen.append(batches) or seeds.append(kw) or st)
+    monkeypatch.setattr(ghostify, "distill", lambda st, t, data, **kw: seen.append(data) or seeds.append(kw) or st)
+    ctx = Context(s, argparse.Namespace(photo_kd_steps=2, no_kd_own=False, kd_seed=7))
     distill(ctx, "ghostify-mix", net)
     assert len(seen) == 2 and torch.equal(seen[0][0], other[0][0]) and seen[1] is other
+    assert [kw["seed"] for kw in seeds] == [7, 7]  # --kd-seed reaches both distillations
 
     class Half(nn.Module):
         def forward(self, x):
@@ -288,6 +290,10 @@ def test_ratio_arguments_are_checked_and_kept_whole(tmp_path):
     (tmp_path / "results.json").write_text('{"meta": {}, "rows": []}')
     with pytest.raises(SystemExit, match="resume with --alloc-ratios 2 3 4"):
         main(["-o", str(tmp_path), "--resume", "--alloc-ratios", "1.5", "2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    # so does resuming with another distillation seed (a folder old enough to have none recorded ran seed 0)
+    with pytest.raises(SystemExit, match="was run with --kd-seed 0"):
+        main(["-o", str(tmp_path), "--resume", "--kd-seed", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
