@@ -245,13 +245,32 @@ def test_cheap_auto_needs_a_strategy_that_chooses():
         ghostify.LayerSpec(cheap="auto", init="copy")
 
 
+class InPlaceNet(nn.Module):
+    """In-place ops where the two models part: ``t`` is the same in both until ``add_`` adds each model's own
+    ``conv_a`` output to it, and ``conv_b`` reads ``t`` (the relu node) after that mutation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv_a, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+            nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        s = self.act(self.stem(x))
+        t = s.relu()
+        t.add_(self.conv_a(s))
+        return self.conv_b(t).mean((2, 3))
+
+
 @pytest.mark.parametrize("sequential", [True, False])
-def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, residual_net):
-    """Traced models are calibrated in one lockstep pass; it must fit exactly what per-layer capture fits."""
-    model = residual_net.eval()
+@pytest.mark.parametrize("net, exclude", [("residual", ()), ("residual", ("stem",)), ("inplace", ("stem",))])
+def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, net, exclude, monkeypatch, residual_net):
+    """Traced models are calibrated in one lockstep pass; it must fit exactly what per-layer capture fits,
+    also where the two models share their first nodes (``stem`` kept) and where in-place ops follow the parting."""
+    model = residual_net.eval() if net == "residual" else InPlaceNet().eval()
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]
-    options = dict(ratio=2, init="calib", cheap="auto", calib_data=data, sequential=sequential)
+    options = dict(ratio=2, init="calib", cheap="auto", calib_data=data, sequential=sequential, exclude=exclude)
     fast = ghostify.convert(model, **options)
     import ghostify.init.calib as calibrate
 
@@ -264,6 +283,22 @@ def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, monkeypatch, r
     assert a.keys() == b.keys() and len(a) >= 2
     for name in a:
         assert a[name]["heldout_error"] == pytest.approx(b[name]["heldout_error"], rel=1e-5)
+
+
+def test_lockstep_computes_what_both_models_share_once(residual_net):
+    """Before the first fitted layer both models compute the same values: the lockstep pass runs the original's
+    module once per batch for both and never the converted model's copy; after it, each runs its own."""
+    model = residual_net.eval()
+    seen = []
+    for name in ("stem", "bn0", "bn2"):
+        model.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: seen.append((name, m)))
+    data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    ghost = ghostify.convert(model, ratio=2, init="calib", calib_data=data, exclude=("stem",))
+    counts = {}
+    for name, m in seen:  # the hooks came along with the copy: tell the two models' modules apart
+        side = "original" if m is model.get_submodule(name) else "converted" if m is ghost.get_submodule(name) else "?"
+        counts[f"{side}.{name}"] = counts.get(f"{side}.{name}", 0) + 1
+    assert counts == {"original.stem": 3, "original.bn0": 3, "original.bn2": 3, "converted.bn2": 3}
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),

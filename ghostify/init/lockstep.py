@@ -2,6 +2,7 @@
 converted model side by side and fits each layer as soon as its input exists."""
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from .registry import Layer
@@ -16,7 +17,11 @@ class Lockstep(fx.Interpreter):
     until its last user has run (``fx.Interpreter``'s garbage collection), so every layer is
     fitted as soon as its input exists: the cost is one forward of each model, not one partial
     forward per layer. Values of modules that were not converted are computed with the
-    original's module for the original and the converted model's own for the other. A failure
+    original's module for the original and the converted model's own for the other. Where both
+    models compute the same thing (every input shared, the same module weights: the nodes before
+    the first fitted layer and the branches no fitted layer feeds) the value is computed once and
+    held once, the same list on both sides; where the sides part, the converted side gets its own
+    copy of the inputs held once, so an in-place op changes one side only, as before. A failure
     says which node was executing (``fx.Interpreter``'s "While executing ...").
 
     ``fit(layer, inputs, targets) -> (record, outputs)`` fits one layer; :meth:`fit_all` runs the
@@ -29,6 +34,7 @@ class Lockstep(fx.Interpreter):
         self.original, self.batches, self.sequential, self.fit = original, batches, sequential, fit
         self.by_name = {layer.name: layer for layer in layers}
         self.info: dict[str, dict] = {}
+        self._same: dict[str, bool] = {}
 
     def fit_all(self) -> dict:
         self.run(enable_io_processing=False)
@@ -43,22 +49,65 @@ class Lockstep(fx.Interpreter):
             return node.target(*args, **kwargs)
         return getattr(args[0], node.target)(*args[1:], **kwargs)  # call_method
 
+    def _shared(self, node: fx.Node) -> bool:
+        """Whether both models compute ``node`` alike: every input the same object, the same module."""
+        if not all(self.env[a][0] is self.env[a][1] for a in node.all_input_nodes):
+            return False
+        if node.op != "call_module":
+            return True
+        if node.target not in self._same:
+            self._same[node.target] = _same_module(self.original.get_submodule(node.target),
+                                                   self.module.get_submodule(node.target))
+        return self._same[node.target]
+
+    def _part(self, node: fx.Node) -> None:
+        """Give the converted side its own copy of each input of ``node`` held once for both, before the sides
+        part at ``node``: an in-place op then changes one side's copy, as it would in two separate passes."""
+        for a in node.all_input_nodes:
+            o, c = self.env[a]
+            if o is c:
+                self.env[a] = o, [v.clone() if isinstance(v, torch.Tensor) else v for v in o]
+
     def run_node(self, node: fx.Node):
         n = range(len(self.batches))
         if node.op == "output":
             return None
         if node.op == "placeholder":
-            return list(self.batches), [b.clone() for b in self.batches]
+            return (batches := list(self.batches)), batches
         if node.op == "get_attr":
-            return ([_fetch(self.original, node.target)] * len(n), [_fetch(self.module, node.target)] * len(n))
-        outs_o = [self._apply(node, self.original, 0, b) for b in n]
+            o, c = _fetch(self.original, node.target), _fetch(self.module, node.target)
+            return ((same := [o] * len(n)), same) if _same_value(o, c) else ([o] * len(n), [c] * len(n))
         layer = self.by_name.get(node.target) if node.op == "call_module" else None
         if layer is None:
-            return outs_o, [self._apply(node, self.module, 1, b) for b in n]
+            if self._shared(node):
+                return (outs := [self._apply(node, self.original, 0, b) for b in n]), outs
+            self._part(node)
+            outs_c = [self._apply(node, self.module, 1, b) for b in n]
+            return [self._apply(node, self.original, 0, b) for b in n], outs_c
+        outs_o = [self._apply(node, self.original, 0, b) for b in n]
         side = 1 if self.sequential else 0
         xs = [fx.node.map_arg(node.args, lambda a: self.env[a][side][b])[0] for b in n]
         self.info[layer.name], outs_c = self.fit(layer, xs, outs_o)
         return outs_o, outs_c
+
+
+def _same_value(a, b) -> bool:
+    """The same object, or tensors of one shape, dtype, device and value."""
+    if a is b:
+        return True
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    """``a`` and ``b`` compute alike: the same object, or of one class, in one mode (each submodule), with
+    equal parameters and buffers (a copy of a module; not one whose weights the conversion changed)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or [m.training for m in a.modules()] != [m.training for m in b.modules()]:
+        return False
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    return sa.keys() == sb.keys() and all(_same_value(sa[k], sb[k]) for k in sa)
 
 
 def _fetch(root: nn.Module, target: str):
