@@ -21,7 +21,9 @@ class Lockstep(fx.Interpreter):
     models compute the same thing (every input shared, the same module weights: the nodes before
     the first fitted layer and the branches no fitted layer feeds) the value is computed once and
     held once, the same list on both sides; where the sides part, the converted side gets its own
-    copy of the inputs held once, so an in-place op changes one side only, as before. A failure
+    copy of the inputs held once, so an in-place op changes one side only, as before. With
+    ``sequential=False`` every layer is fitted on the original's inputs, so the converted side is
+    never computed: the pass is one forward of the original. A failure
     says which node was executing (``fx.Interpreter``'s "While executing ...").
 
     ``fit(layer, inputs, targets) -> (record, outputs)`` fits one layer; :meth:`fit_all` runs the
@@ -88,7 +90,7 @@ class Lockstep(fx.Interpreter):
         side = 1 if self.sequential else 0
         xs = [fx.node.map_arg(node.args, lambda a: self.env[a][side][b])[0] for b in n]
         self.info[layer.name], outs_c = self.fit(layer, xs, outs_o)
-        return outs_o, outs_c
+        return (outs_o, outs_c) if self.sequential else (outs_o, outs_o)  # not sequential: no fit reads side 1
 
 
 def _same_value(a, b) -> bool:
