@@ -262,12 +262,18 @@ class InPlaceNet(nn.Module):
         return self.conv_b(t).mean((2, 3))
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-@pytest.mark.parametrize("net, exclude", [("residual", ()), ("residual", ("stem",)), ("inplace", ("stem",))])
+@pytest.mark.parametrize("sequential, net, exclude", [
+    (seq, net, exclude) for net, exclude in (("residual", ()), ("residual", ("stem",)), ("inplace", ("stem",)))
+    for seq in (True, False)] + [(True, "resnet18", ("conv1", "layer[124].*", "layer3.0.*"))])  # 15 s: one mode
 def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, net, exclude, monkeypatch, residual_net):
     """Traced models are calibrated in one lockstep pass; it must fit exactly what per-layer capture fits,
-    also where the two models share their first nodes (``stem`` kept) and where in-place ops follow the parting."""
-    model = residual_net.eval() if net == "residual" else InPlaceNet().eval()
+    also where the two models share their first nodes (``stem`` kept) and where in-place ops follow the parting
+    (torchvision's ResNet: in-place ReLUs and ``out += identity``, the models parting at ``layer3.1``)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = {"residual": lambda: residual_net, "inplace": InPlaceNet,
+             "resnet18": lambda: torchvision.models.resnet18(num_classes=10)}[net]().eval()
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]
     options = dict(ratio=2, init="calib", cheap="auto", calib_data=data, sequential=sequential, exclude=exclude)
