@@ -322,23 +322,23 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
     images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
     schedule and augmentation, logits only) on the calibration crops, or with ``--kd-crops`` on other crops of
-    the calibration photos (``"kd_kl"``: the held-out KL after it). The trunk has no logits: no row.
+    the calibration photos (``"kd_kl"``: the held-out KL after it). Both seeded with ``--kd-seed`` (default 0).
+    The trunk has no logits: no row.
     """
     if ctx.s.kind == "trunk":
         return {}
-    t0 = time.perf_counter()
+    t0, seed = time.perf_counter(), getattr(ctx.args, "kd_seed", 0)
     if ctx.s.kind == "mnist":
-        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.kd_steps, seed=getattr(ctx.args, "kd_seed", 0))
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.kd_steps, seed=seed)
     else:
-        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.photo_kd_steps, recipe="photos",
-                           seed=getattr(ctx.args, "kd_seed", 0))
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.photo_kd_steps, recipe="photos", seed=seed)
     fid = fidelity(ctx.s, kd, ctx.ref)
     res = {"kd": fid["fidelity"], "kd_seconds": time.perf_counter() - t0}
     if "kl" in fid:
         res["kd_kl"] = fid["kl"]
     if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
         own = ghostify.distill(student, ctx.model, ctx.kd_pairs, steps=ctx.args.photo_kd_steps, progress=False,
-                               checkpoint_every=None, seed=getattr(ctx.args, "kd_seed", 0))
+                               checkpoint_every=None, seed=seed)
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
     return res
 
