@@ -299,7 +299,8 @@ def test_lockstep_computes_what_both_models_share_once(sequential, residual_net)
     model = residual_net.eval()
     seen = []
     for name in ("stem", "bn0", "bn2"):
-        model.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: seen.append((name, m)))
+        model.get_submodule(name).register_forward_hook(  # the memory check's forward of one image is not the pass
+            lambda m, args, out, name=name: seen.append((name, m)) if len(args[0]) > 1 else None)
     data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
     ghost = ghostify.convert(model, ratio=2, init="calib", calib_data=data, exclude=("stem",), sequential=sequential)
     counts = {}
@@ -308,6 +309,40 @@ def test_lockstep_computes_what_both_models_share_once(sequential, residual_net)
         counts[f"{side}.{name}"] = counts.get(f"{side}.{name}", 0) + 1
     assert counts == {"original.stem": 3, "original.bn0": 3, "original.bn2": 3} | ({"converted.bn2": 3} if sequential
                                                                                   else {})
+
+
+def test_a_calibration_too_big_for_the_memory_is_warned_about_with_the_fix(chain_net, monkeypatch):
+    """The lockstep pass holds a layer's outputs for every image, for both models once they part: about 4 x the
+    largest layer output of one image x images when every conv converts (ChainNet parts at its first layer).
+    Over 80 % of the available memory a warning names the figures and the fix; under it, none."""
+    import warnings
+
+    import ghostify.init.lockstep as L
+
+    data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        largest = max(o.numel() * 4 for o in leaf_outputs(chain_net, data[0][:1]))
+    monkeypatch.setattr(L, "available_bytes", lambda device: int(4 * largest * 12 / 0.8) - 1)  # short of the 20 % margin
+    with pytest.warns(UserWarning, match=r"all 12 calibration images.*--calib-size.*--calib-augment") as got:
+        ghostify.convert(chain_net, init="calib", calib_data=data)
+    from ghostify._util import format_size
+
+    assert f"({format_size(largest)}B per image at its largest layer)" in str(got[0].message)
+    monkeypatch.setattr(L, "available_bytes", lambda device: int(4 * largest * 12 / 0.8) + 1)  # enough: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ghostify.convert(chain_net, init="calib", calib_data=data)
+
+
+def leaf_outputs(model, x):
+    """Every leaf module's output on ``x`` (by hooks), to work the largest one out independently."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o)) for m in model.modules()
+             if not list(m.children())]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return outs
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),

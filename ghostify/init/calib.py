@@ -37,7 +37,7 @@ from ..augment import augmented_views
 from ..errors import GhostifyError
 from ..layers import GhostConv2d, ghost_macs_per_position
 from ..graph import bn_output_scales
-from .lockstep import Lockstep
+from .lockstep import Lockstep, check_memory
 from .fitting import (CV_ROWS, choose_ridge, pair_ghosts, pivoted_cholesky, reduced_rank, ridge_solve,
                       select_intrinsic, windows)
 from .registry import Layer, register_init
@@ -167,6 +167,7 @@ def init_calib(original: nn.Module, converted: nn.Module, layers: list[Layer], *
         return rec, outs
 
     if isinstance(converted, fx.GraphModule) and _single_input(converted.graph):
+        check_memory(original, batches, [layer.name for layer in layers])
         return Lockstep(original, converted, layers, batches, sequential, fit).fit_all()
     info = {}
     for layer in layers:  # untraced models: two partial forward passes per layer (hooks)
