@@ -262,17 +262,30 @@ class InPlaceNet(nn.Module):
         return self.conv_b(t).mean((2, 3))
 
 
+class AliasNet(InPlaceNet):
+    """``v`` is a view of ``s`` (held once for both models) and is read after ``add_`` changed ``s`` in place
+    with each model's own ``conv_a`` output: each model's ``v`` must show its own change."""
+
+    def forward(self, x):
+        s = self.act(self.stem(x))
+        v = s[:, :4]
+        s.add_(self.conv_a(s))
+        return self.conv_b(torch.cat([v, v], 1)).mean((2, 3))
+
+
 @pytest.mark.parametrize("sequential, net, exclude", [
-    (seq, net, exclude) for net, exclude in (("residual", ()), ("residual", ("stem",)), ("inplace", ("stem",)))
+    (seq, net, exclude) for net, exclude in (("residual", ()), ("residual", ("stem",)), ("inplace", ("stem",)),
+                                             ("alias", ("stem",)))
     for seq in (True, False)] + [(True, "resnet18", ("conv1", "layer[124].*", "layer3.0.*"))])  # 15 s: one mode
 def test_lockstep_pass_equals_the_per_layer_hook_pass(sequential, net, exclude, monkeypatch, residual_net):
     """Traced models are calibrated in one lockstep pass; it must fit exactly what per-layer capture fits,
-    also where the two models share their first nodes (``stem`` kept) and where in-place ops follow the parting
+    also where the two models share their first nodes (``stem`` kept) and where in-place ops follow the parting,
+    one of them on a tensor a later node reads through a view (the pass starts again, holding nothing once)
     (torchvision's ResNet: in-place ReLUs and ``out += identity``, the models parting at ``layer3.1``)."""
     import torchvision
 
     torch.manual_seed(0)
-    model = {"residual": lambda: residual_net, "inplace": InPlaceNet,
+    model = {"residual": lambda: residual_net, "inplace": InPlaceNet, "alias": AliasNet,
              "resnet18": lambda: torchvision.models.resnet18(num_classes=10)}[net]().eval()
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]

@@ -24,7 +24,9 @@ class Lockstep(fx.Interpreter):
     models compute the same thing (every input shared, the same module weights: the nodes before
     the first fitted layer and the branches no fitted layer feeds) the value is computed once and
     held once, the same list on both sides; where the sides part, the converted side gets its own
-    copy of the inputs held once, so an in-place op changes one side only, as before. With
+    copy of the inputs held once, so an in-place op changes one side only, as before (should the op
+    change a tensor that another value held once is a view of, the pass starts again holding every
+    value per model). With
     ``sequential=False`` every layer is fitted on the original's inputs, so the converted side is
     never computed: the pass is one forward of the original. A failure
     says which node was executing (``fx.Interpreter``'s "While executing ...").
@@ -40,9 +42,14 @@ class Lockstep(fx.Interpreter):
         self.by_name = {layer.name: layer for layer in layers}
         self.info: dict[str, dict] = {}
         self._same: dict[str, bool] = {}
+        self.share = True
 
     def fit_all(self) -> dict:
-        self.run(enable_io_processing=False)
+        try:
+            self.run(enable_io_processing=False)
+        except _SharedAliasMutated:  # rare: start again, every value held per model from the input on
+            self.share, self.info = False, {}
+            self.run(enable_io_processing=False)
         return self.info
 
     def _apply(self, node: fx.Node, root: nn.Module, side: int, b: int):
@@ -56,6 +63,8 @@ class Lockstep(fx.Interpreter):
 
     def _shared(self, node: fx.Node) -> bool:
         """Whether both models compute ``node`` alike: every input the same object, the same module."""
+        if not self.share:
+            return False
         if not all(self.env[a][0] is self.env[a][1] for a in node.all_input_nodes):
             return False
         if node.op != "call_module":
@@ -65,13 +74,31 @@ class Lockstep(fx.Interpreter):
                                                    self.module.get_submodule(node.target))
         return self._same[node.target]
 
-    def _part(self, node: fx.Node) -> None:
+    def _part(self, node: fx.Node) -> list[tuple[fx.Node, list]]:
         """Give the converted side its own copy of each input of ``node`` held once for both, before the sides
-        part at ``node``: an in-place op then changes one side's copy, as it would in two separate passes."""
+        part at ``node``: an in-place op then changes one side's copy, as it would in two separate passes.
+        Returns the inputs copied, with the original's values."""
+        copied = []
         for a in node.all_input_nodes:
             o, c = self.env[a]
             if o is c:
                 self.env[a] = o, [v.clone() if isinstance(v, torch.Tensor) else v for v in o]
+                copied.append((a, o))
+        return copied
+
+    def _check_aliases(self, copied: list[tuple[fx.Node, list]]) -> None:
+        """After the original's side ran a parting node: if it changed an input held for both in place and another
+        value held for both shares that input's memory (a view), the converted side would see the original's
+        change there; start again without holding anything once (:meth:`fit_all`)."""
+        split = {a for a, _ in copied}  # held once until this node: their copies do not share memory either
+        for a, values in copied:
+            changed = [o for o, c in zip(values, self.env[a][1])
+                       if isinstance(o, torch.Tensor) and not torch.equal(o, c)]
+            ptrs = {t.untyped_storage().data_ptr() for t in changed}
+            for k, (o, c) in self.env.items() if ptrs else ():
+                if k is not a and (o is c or k in split) and any(
+                        isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in ptrs for v in o):
+                    raise _SharedAliasMutated(k.name)
 
     def run_node(self, node: fx.Node):
         n = range(len(self.batches))
@@ -86,14 +113,19 @@ class Lockstep(fx.Interpreter):
         if layer is None:
             if self._shared(node):
                 return (outs := [self._apply(node, self.original, 0, b) for b in n]), outs
-            self._part(node)
-            outs_c = [self._apply(node, self.module, 1, b) for b in n]
-            return [self._apply(node, self.original, 0, b) for b in n], outs_c
+            copied = self._part(node)
+            outs_o = [self._apply(node, self.original, 0, b) for b in n]
+            self._check_aliases(copied)
+            return outs_o, [self._apply(node, self.module, 1, b) for b in n]
         outs_o = [self._apply(node, self.original, 0, b) for b in n]
         side = 1 if self.sequential else 0
         xs = [fx.node.map_arg(node.args, lambda a: self.env[a][side][b])[0] for b in n]
         self.info[layer.name], outs_c = self.fit(layer, xs, outs_o)
         return (outs_o, outs_c) if self.sequential else (outs_o, outs_o)  # not sequential: no fit reads side 1
+
+
+class _SharedAliasMutated(Exception):
+    """An in-place op of the original's side reached a value held once for both models."""
 
 
 def check_memory(original: nn.Module, batches: list[torch.Tensor], layers: list[str]) -> None:
