@@ -72,7 +72,8 @@ class _Stop(Exception):
 
 def capture(model, modules: dict, x, *, what: str = "input", stop: bool = False) -> dict:
     """One forward of ``model`` on ``x`` that records the first input (``what="input"``) or output
-    (``"output"``) of each module in ``modules`` (``{key: module}``), by key, detached.
+    (``"output"``) of each module in ``modules`` (``{key: module}``), by key in the order the modules
+    first ran, tensors detached (a module's non-tensor output, e.g. a tuple, as it is).
 
     ``stop=True`` ends the forward once every module has been seen (the rest of the model does not
     run). Hooks are removed afterwards; no gradients are recorded.
@@ -83,7 +84,8 @@ def capture(model, modules: dict, x, *, what: str = "input", stop: bool = False)
 
     def keep(key):
         def hook(mod, args, output=None):
-            got.setdefault(key, (args[0] if what == "input" else output).detach())
+            value = args[0] if what == "input" else output
+            got.setdefault(key, value.detach() if isinstance(value, torch.Tensor) else value)
             if stop and len(got) == len(modules):
                 raise _Stop
 

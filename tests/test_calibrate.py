@@ -332,14 +332,14 @@ def test_a_calibration_too_big_for_the_memory_is_warned_about_with_the_fix(chain
 
     import ghostify.init.lockstep as L
 
+    from ghostify._util import capture, format_size
+
     data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
-    with torch.no_grad():
-        largest = max(o.numel() * 4 for o in leaf_outputs(chain_net, data[0][:1]))
+    leaves = {n: m for n, m in chain_net.named_modules() if not list(m.children())}
+    largest = max(o.numel() * 4 for o in capture(chain_net, leaves, data[0][:1], what="output").values())
     monkeypatch.setattr(L, "available_bytes", lambda device: int(4 * largest * 12 / 0.8) - 1)  # short of the 20 % margin
     with pytest.warns(UserWarning, match=r"all 12 calibration images.*--calib-size.*--calib-augment") as got:
         ghostify.convert(chain_net, init="calib", calib_data=data)
-    from ghostify._util import format_size
-
     assert f"({format_size(largest)}B per image at its largest layer)" in str(got[0].message)
     monkeypatch.setattr(L, "available_bytes", lambda device: int(4 * largest * 12 / 0.8) + 1)  # enough: silent
     with warnings.catch_warnings():
@@ -347,15 +347,26 @@ def test_a_calibration_too_big_for_the_memory_is_warned_about_with_the_fix(chain
         ghostify.convert(chain_net, init="calib", calib_data=data)
 
 
-def leaf_outputs(model, x):
-    """Every leaf module's output on ``x`` (by hooks), to work the largest one out independently."""
-    outs = []
-    hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o)) for m in model.modules()
-             if not list(m.children())]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return outs
+def test_the_memory_check_reads_past_a_layer_whose_output_is_not_a_tensor(monkeypatch):
+    """A leaf module returning a tuple is skipped, not fatal: the estimate comes from the tensor outputs."""
+    import ghostify.init.lockstep as L
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, 2 * x
+
+    class TwoOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pair = nn.Conv2d(3, 8, 3, padding=1), Pair()
+
+        def forward(self, x):
+            a, b = self.pair(self.conv(x))
+            return a + b
+
+    monkeypatch.setattr(L, "available_bytes", lambda device: 1)
+    with pytest.warns(UserWarning, match=r"all 2 calibration images at once: about 16.4KB here \(2.05KB per image"):
+        L.check_memory(TwoOut().eval(), [torch.randn(2, 3, 8, 8)], ["conv"])  # 8x8x8 floats, x4 after the parting
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import fx, nn
 
-from .._util import eval_mode, format_size
+from .._util import capture, eval_mode, format_size
 from .registry import Layer
 
 __all__ = ["Lockstep", "check_memory"]
@@ -26,10 +26,9 @@ class Lockstep(fx.Interpreter):
     held once, the same list on both sides; where the sides part, the converted side gets its own
     copy of the inputs held once, so an in-place op changes one side only, as before (should the op
     change a tensor that another value held once is a view of, the pass starts again holding every
-    value per model). With
-    ``sequential=False`` every layer is fitted on the original's inputs, so the converted side is
-    never computed: the pass is one forward of the original. A failure
-    says which node was executing (``fx.Interpreter``'s "While executing ...").
+    value per model). With ``sequential=False`` every layer is fitted on the original's inputs, so
+    the converted side is never computed: the pass is one forward of the original. A failure says
+    which node was executing (``fx.Interpreter``'s "While executing ...").
 
     ``fit(layer, inputs, targets) -> (record, outputs)`` fits one layer; :meth:`fit_all` runs the
     pass and returns the records by layer name.
@@ -137,22 +136,11 @@ def check_memory(original: nn.Module, batches: list[torch.Tensor], layers: list[
     after it (measured: 2.0x and 3.8-4.3x on MobileNetV2, besides the batches themselves); the warning is given
     when that exceeds 80 % of what is available (the fits need some too).
     """
-    sizes: list[tuple[str, int]] = []  # (leaf module, bytes of its output for one image), in call order
-
-    def record(name: str):
-        def hook(module, args, out):
-            if isinstance(out, torch.Tensor):
-                sizes.append((name, out.numel() * out.element_size()))
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in original.named_modules()
-               if next(m.children(), None) is None]
-    try:
-        with torch.no_grad(), eval_mode(original):
-            original(batches[0][:1])
-    finally:
-        for h in handles:
-            h.remove()
+    leaves = {name: m for name, m in original.named_modules() if next(m.children(), None) is None}
+    with eval_mode(original):
+        outs = capture(original, leaves, batches[0][:1], what="output")
+    # (leaf module, bytes of its output for one image), in the order they ran
+    sizes = [(name, t.numel() * t.element_size()) for name, t in outs.items() if isinstance(t, torch.Tensor)]
     converted = set(layers)
     parted = next((i for i, (name, _) in enumerate(sizes) if name in converted), len(sizes))
     per_image = max(((size * (4 if i >= parted else 2), size) for i, (_, size) in enumerate(sizes)), default=(0, 0))
