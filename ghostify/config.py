@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable
 
 from .errors import GhostifyError
-from .ratio import check_ratio
+from .ratio import check_ratio, rounded_ratio
 from .trust import TRUST_HINT, import_object
 
 __all__ = ["LayerSpec", "GhostConfig", "build_config", "default_cheap"]
@@ -62,6 +62,8 @@ class LayerSpec:
             the init strategy fits the families it can and keeps, per layer, the one with the
             lower held-out error per MAC (``init="calib"`` does; the plan then records the choice).
             None: ``mix`` for ``init="calib"``, ``dw`` otherwise (:func:`default_cheap`).
+        round_to: keep the intrinsic count a multiple of this, the nearest to ``ceil(n / ratio)``
+            (:func:`ghostify.ratio.rounded_ratio`); the plan records each layer's ratio that gives it.
 
     A plan's entries hold concrete values (:meth:`resolved`), so a saved model records them.
     """
@@ -79,6 +81,9 @@ class LayerSpec:
     cheap: str | None = field(default=None, metadata={"help": (
         "Cheap-op family: dw (depthwise, as the paper), mix (1x1 from the intrinsic maps), or auto "
         "(per layer, the better fit per MAC; needs --init calib). Default: mix with --init calib, else dw.")})
+    round_to: int = field(default=1, metadata={"min": 1, "help": (
+        "Keep each converted conv's intrinsic count a multiple of this (the nearest; 8 or 4 for ONNX Runtime "
+        "on CPU, which runs convs with other channel counts up to 2x slower). 1: ceil(n/s) as it is.")})
 
     def __post_init__(self):
         # torch-free at import (the CLI reads these fields for --help): the registries are read here
@@ -92,6 +97,9 @@ class LayerSpec:
         d = self.dw_size
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1 or d % 2 == 0):
             raise GhostifyError(f"dw_size must be an odd integer >= 1 (got {d!r}); try --dw-size 3")
+        r = self.round_to
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise GhostifyError(f"round_to must be an integer >= 1 (got {r!r}); try --round-to 8")
         if self.init not in INITS:
             raise GhostifyError(f"unknown init {self.init!r}; choose one of {sorted(INITS)}")
         if self.cheap is not None and self.cheap not in CHEAP_OPS and self.cheap != "auto":
@@ -103,8 +111,20 @@ class LayerSpec:
     def merged(self, override: dict[str, Any]) -> "LayerSpec":
         unknown = set(override) - {f.name for f in fields(self)}
         if unknown:
-            raise GhostifyError(f"unknown layer setting(s) {sorted(unknown)}; valid: ratio, dw_size, init, cheap")
+            raise GhostifyError(f"unknown layer setting(s) {sorted(unknown)}; valid: "
+                                + ", ".join(f.name for f in fields(self)))
         return replace(self, **override)
+
+    def ratio_for(self, out_channels: int, ratio=None) -> int | float:
+        """The ratio a conv with ``out_channels`` outputs gets from ``ratio`` (default: this spec's), rounded to
+        keep a multiple of ``round_to`` intrinsic maps (:func:`ghostify.ratio.rounded_ratio`).
+
+        Example:
+            >>> LayerSpec(ratio=3, round_to=8).ratio_for(16), LayerSpec(ratio=3).ratio_for(16)
+            (2, 3)
+        """
+        ratio = self.ratio if ratio is None else ratio
+        return rounded_ratio(out_channels, ratio, self.round_to) if self.round_to > 1 else ratio
 
     def resolved(self) -> "LayerSpec":
         """This spec with ``cheap`` and ``dw_size`` made concrete (:func:`default_cheap`).
@@ -255,13 +275,14 @@ class GhostConfig:
 
 def build_config(ratio: int = 2, dw_size: int | None = None, init: str = "copy", cheap: str | None = None,
                  include: Iterable[str] = (), exclude: Iterable[str] = (),
-                 overrides: dict[Any, Any] | None = None, config: GhostConfig | None = None) -> GhostConfig:
+                 overrides: dict[Any, Any] | None = None, config: GhostConfig | None = None, *,
+                 round_to: int = 1) -> GhostConfig:
     """A :class:`GhostConfig` from the flat keyword form that ``convert`` and the CLI take.
 
     ``overrides`` maps a module type, a glob pattern or an exact name to a partial spec
     dict or ``None`` (skip).
     """
-    cfg = copy.deepcopy(config) if config is not None else GhostConfig(LayerSpec(ratio, dw_size, init, cheap))
+    cfg = copy.deepcopy(config) if config is not None else GhostConfig(LayerSpec(ratio, dw_size, init, cheap, round_to))
     cfg.include(*include).exclude(*exclude)
     for key, value in (overrides or {}).items():
         if isinstance(key, type):

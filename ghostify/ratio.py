@@ -5,7 +5,7 @@ import math
 
 from .errors import GhostifyError
 
-__all__ = ["check_ratio", "per_parent", "parse_ratios"]
+__all__ = ["check_ratio", "per_parent", "parse_ratios", "rounded_ratio"]
 
 
 def check_ratio(ratio) -> int | float:
@@ -23,6 +23,32 @@ def check_ratio(ratio) -> int | float:
 def per_parent(ratio: float) -> int:
     """Ghost slots per intrinsic map for the depthwise cheap op: ``ceil(ratio - 1)`` (1 for ``1 < ratio < 2``)."""
     return math.ceil(ratio - 1)
+
+
+def rounded_ratio(out_channels: int, ratio, round_to: int) -> int | float:
+    """The ratio that keeps a multiple of ``round_to`` intrinsic maps, the nearest to ``ceil(n / ratio)``.
+
+    Rounded as timm's ``make_divisible``: to the nearest multiple, at least ``round_to``, and up a step
+    where the nearest is more than 10 % below. ``ratio`` itself where it already gives such a count or
+    where the rounded count would keep every map (no ghost left). ONNX Runtime on CPU runs a conv whose
+    channel count is not a multiple of 4 up to twice as slow (docs/peers.md, "Rounded channel counts").
+
+    Example:
+        >>> math.ceil(160 / 1.4742), rounded_ratio(160, 1.4742, 8), math.ceil(160 / rounded_ratio(160, 1.4742, 8))
+        (109, 1.4285714285714286, 112)
+        >>> rounded_ratio(64, 2, 8), rounded_ratio(24, 1.26, 8)  # 32 already; 20 -> 24 would keep every map
+        (2, 1.26)
+    """
+    m = math.ceil(out_channels / ratio)
+    r = max(round_to, int(m + round_to / 2) // round_to * round_to)
+    if r < 0.9 * m:
+        r += round_to
+    if r == m or r >= out_channels:
+        return ratio
+    s = out_channels / r
+    while math.ceil(out_channels / s) != r:  # n / (n / r) may round above r
+        s = math.nextafter(s, math.inf)
+    return s
 
 
 def parse_ratios(text: str | None) -> list[int | float]:

@@ -88,7 +88,7 @@ def test_inspect_json_with_selection_options():
     assert e["conv1"]["action"] == "convert" and e["conv1"]["spec"]["ratio"] == 2  # exact name converts the stem
     assert e["conv1"]["spec"]["dw_size"] == 5
     assert e["layer1.0.conv1"]["action"] == "skip" and "--exclude layer1.*" in e["layer1.0.conv1"]["reason"]
-    assert e["layer2.0.conv1"]["spec"] == {"ratio": 4, "dw_size": 5, "init": "copy", "cheap": "dw"}
+    assert e["layer2.0.conv1"]["spec"] == {"ratio": 4, "dw_size": 5, "init": "copy", "cheap": "dw", "round_to": 1}
     assert (e["layer4.0.conv1"]["spec"]["ratio"], e["layer4.0.conv1"]["spec"]["dw_size"]) == (8, 1)
     assert e["layer4.1.conv2"]["action"] == "skip"
 

@@ -16,13 +16,14 @@ from .options import (budget_options, check_calib_augment, check_input, default_
 __all__ = ["inspect", "convert", "eval_", "models", "env", "COMMANDS"]
 
 
-def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, trust_code):
+def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf,
+                   trust_code):
     from ..config import build_config
     from ..conversion.plan import make_plan
     from ..zoo.models import get_model
 
     overrides = dict(parse_override(o) for o in override)
-    cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides)
+    cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, round_to=round_to)
     model = get_model(model_spec, weights=weights, trust_code=trust_code)
     return model, cfg, make_plan(model, cfg, leaf_modules=leaf)
 
@@ -32,7 +33,7 @@ def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, include, ex
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
+def inspect(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf, input_size, calib_data,
             calib_size, calib_augment, max_layer_error, trust_code, as_json):
     """Show which convs of MODEL convert and which are kept, and why.
 
@@ -41,7 +42,7 @@ def inspect(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
     """
     from ..outputs import to_json
 
-    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf,
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf,
                                          trust_code)
     check_calib_augment(calib_augment, calib_data)
     fidelity = None
@@ -83,7 +84,7 @@ def _calibration_options(calib_data, calib_size, calib_augment, max_layer_error,
               help="Let layers whose order cannot fold choose intrinsic channels freely (reordered at run time).")
 @budget_options
 @user_errors
-def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf, input_size, calib_data,
+def convert(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf, input_size, calib_data,
             calib_size, calib_augment, max_layer_error, trust_code, output, force, as_json, latency, no_fold, scatter,
             **budget):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
@@ -104,7 +105,7 @@ def convert(model, weights, ratio, dw_size, init, cheap, include, exclude, overr
                                 "the layers; add one of them")
         require_runtime(budget["runtime"])
     size = parse_input_size(input_size, lambda: default_input(model))
-    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, include, exclude, override, leaf,
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf,
                                          trust_code)
     check_input(original, size)
     t0 = time.perf_counter()

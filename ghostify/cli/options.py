@@ -12,7 +12,7 @@ from ..config import LayerSpec
 from ..errors import GhostifyError
 from ..ratio import check_ratio, parse_ratios  # noqa: F401  (parse_ratios: for the commands)
 
-LAYER_FIELDS = tuple(f.name for f in fields(LayerSpec))  # ratio, dw_size, init, cheap: what --override may set
+LAYER_FIELDS = tuple(f.name for f in fields(LayerSpec))  # ratio, dw_size, init, cheap, round_to: what --override may set
 
 
 def user_errors(fn):
@@ -93,7 +93,7 @@ def parse_override(text: str) -> tuple[str, dict | None]:
         key = key.strip().replace("-", "_")
         if not eq or key not in LAYER_FIELDS:
             raise GhostifyError(f"--override '{text}': '{item}' is not KEY=VALUE with KEY in {', '.join(LAYER_FIELDS)}")
-        if key in ("ratio", "dw_size"):
+        if key in ("ratio", "dw_size", "round_to"):
             try:
                 value = check_ratio(float(value)) if key == "ratio" else int(value)
             except ValueError:
@@ -132,7 +132,7 @@ def odd(ctx, param, value):
 
 
 def layer_options(*, skip=(), defaults: dict | None = None) -> list:
-    """``--ratio``, ``--dw-size``, ``--init``, ``--cheap``: generated from :class:`ghostify.LayerSpec`'s fields (name,
+    """``--ratio``, ``--dw-size``, ``--init``, ``--cheap``, ``--round-to``: generated from :class:`ghostify.LayerSpec`'s fields (name,
     default, help; the ``ratio`` and ``odd`` checks) so that the CLI and the Python API cannot drift.
     ``skip`` leaves fields out; ``defaults`` replaces defaults (e.g. ``{"init": "calib"}``)."""
     out = []
@@ -145,6 +145,8 @@ def layer_options(*, skip=(), defaults: dict | None = None) -> list:
             kw["type"] = RATIO
         elif f.metadata.get("odd"):
             kw.update(type=int, callback=odd)
+        elif f.metadata.get("min") is not None:
+            kw["type"] = click.IntRange(min=f.metadata["min"])
         out.append(click.option("--" + f.name.replace("_", "-"), f.name, **kw))
     return out
 

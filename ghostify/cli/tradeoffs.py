@@ -124,7 +124,7 @@ def sweep(model, out_dir, weights, ratios, dw_sizes, inits, cheaps, scatters, ta
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @trust_code_option
 @user_errors
-def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_size, calib_augment, eval_data,
+def sensitivity(model, weights, ratios, dw_size, init, cheap, round_to, calib_data, calib_size, calib_augment, eval_data,
                 eval_limit, method, reference, measure, exclude, input_size, output, plot, force, as_json, trust_code):
     """For each conv of MODEL converted alone: MACs saved and the loss in accuracy/agreement."""
     from ..config import build_config
@@ -143,7 +143,7 @@ def sensitivity(model, weights, ratios, dw_size, init, cheap, calib_data, calib_
     calib = resolve_data(calib_spec(calib_data), batch_size=32, limit=calib_size) if calib_data else None
     ev = resolve_data(eval_data, batch_size=50, limit=eval_limit) if eval_data else None
     ratio_list = parse_ratios(ratios)
-    cfg = build_config(min(ratio_list), dw_size, init, cheap, exclude=exclude)
+    cfg = build_config(min(ratio_list), dw_size, init, cheap, exclude=exclude, round_to=round_to)
     table = measure_sensitivity(original, config=cfg, ratios=ratio_list, calib_data=calib, eval_data=ev,
                                 method=method or ("alone" if ev else "proxy"), measure=measure, input_size=size,
                                 reference=reference, calib_augment=calib_augment)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -94,7 +94,7 @@ class Plan:
             rec = (fidelity or {}).get(e.name, {})
             errs = [f"{rec[f]:.3f}" if f in rec else "" for f in fields_]
             rows.append((e.name, f"{e.in_channels}->{e.out_channels} {k}/{e.stride[0]}", e.action,
-                         *(map(str, (s.ratio, s.dw_size, s.init, s.cheap)) if s else ("",) * 4), *errs, e.reason))
+                         *(map(str, (f"{s.ratio:.6g}", s.dw_size, s.init, s.cheap)) if s else ("",) * 4), *errs, e.reason))
         head = f"{len(self.converted)} of {len(self.entries)} convs convert"
         if not self.traced:
             head += f" (model not traceable, submodules swapped instead: {self.trace_error})"
@@ -141,6 +141,7 @@ def _decide(name: str, conv: nn.Conv2d, stem: bool, shared: bool, cfg: GhostConf
     spec = cfg.resolve(name, [type(conv)] + _parent_types(model, name)[::-1])
     if spec is None:
         return skip("set to None by an override")
+    spec = replace(spec, ratio=spec.ratio_for(conv.out_channels))
     if stem and not cfg.explicit_name(name):
         return skip(f"stem (first conv on the input); an override on '{name}' converts it")
     if shared:

@@ -47,12 +47,12 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int | None = None, *, ini
             cheap: str | None = None, include: Iterable[str] = (), exclude: Iterable[str] = (),
             overrides: dict | None = None, config: GhostConfig | None = None, plan: Plan | None = None,
             inplace: bool = False, fold: bool = True, scatter: bool = False, leaf_modules: Iterable[type | str] = (),
-            initialize: bool = True, **init_options) -> nn.Module:
+            initialize: bool = True, round_to: int = 1, **init_options) -> nn.Module:
     """Replace the selected ``nn.Conv2d`` layers of ``model`` with :class:`GhostConv2d` and carry the weights over.
 
     Args:
         model: any ``nn.Module``; it is not modified unless ``inplace=True``.
-        ratio, dw_size, init, cheap: the global layer settings (see :class:`LayerSpec`). Without
+        ratio, dw_size, init, cheap, round_to: the global layer settings (see :class:`LayerSpec`). Without
             ``cheap``/``dw_size``: ``init="calib"`` fits a 1x1 ``mix``, other inits the paper's
             depthwise 3x3 ``dw`` (:func:`ghostify.config.default_cheap`).
         include, exclude: glob patterns on module names.
@@ -87,7 +87,7 @@ def convert(model: nn.Module, ratio: int = 2, dw_size: int | None = None, *, ini
                             "convert the original model instead (with overrides for the layers you want)")
     was_training = model.training
     source = (type(model), [(k, tuple(v.shape)) for k, v in model.state_dict().items()])
-    cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, config)
+    cfg = build_config(ratio, dw_size, init, cheap, include, exclude, overrides, config, round_to=round_to)
     if initialize:  # before the copy, so that a model with broken weights fails at once
         _check_weights(model, plan, cfg, leaf_modules)
     work = model if inplace else copy.deepcopy(model)

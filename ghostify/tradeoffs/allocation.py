@@ -178,7 +178,8 @@ def _budget_plan(model: nn.Module, base_plan: Plan, choices: dict[str, int | Non
         if ratio is None:
             e.action, e.spec, e.reason = "skip", None, reasons.get(e.name, "kept as conv by the budget allocation")
         else:
-            e.action, e.spec, e.reason = "convert", replace(e.spec, ratio=ratio), reasons.get(e.name, "")
+            e.action, e.spec, e.reason = ("convert", replace(e.spec, ratio=e.spec.ratio_for(e.out_channels, ratio)),
+                                          reasons.get(e.name, ""))
     return plan
 
 
@@ -246,8 +247,11 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
     lat, total_ms = {}, None
     if need_latency:
         x = torch.randn(*input_size)
-        specs = {n: [(r.ratio, candidates[n].dw_size, candidates[n].cheap) for r in opts] for n, opts in rows.items()}
+        outs = {e.name: e.out_channels for e in base_plan.converted}
+        timed = {n: {r.ratio: candidates[n].ratio_for(outs[n], r.ratio) for r in opts} for n, opts in rows.items()}
+        specs = {n: [(t, candidates[n].dw_size, candidates[n].cheap) for t in ts.values()] for n, ts in timed.items()}
         lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+        lat = {n: {"conv": v["conv"], **{r: v[t] for r, t in timed[n].items()}} for n, v in lat.items()}
         timer = measure_latency if runtime == "torch" else functools.partial(runtime_latency, runtime=runtime)
         total_ms = timer({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
 

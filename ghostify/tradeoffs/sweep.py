@@ -286,7 +286,7 @@ class Sweep:
         return paths
 
 
-LAYER_KEYS = tuple(f.name for f in fields(LayerSpec))  # ratio, dw_size, init, cheap
+LAYER_KEYS = tuple(f.name for f in fields(LayerSpec))  # ratio, dw_size, init, cheap, round_to
 _SPEC_KEYS = (*LAYER_KEYS, "include", "exclude", "overrides")
 
 

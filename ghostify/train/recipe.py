@@ -81,7 +81,7 @@ ConversionConfig = dataclasses.make_dataclass("ConversionConfig", _conversion_fi
 
 def ghost_config(c) -> GhostConfig:
     """The :class:`~ghostify.GhostConfig` a recipe's ``conversion`` section describes."""
-    return build_config(c.ratio, c.dw_size, c.init, c.cheap, c.include, c.exclude, c.overrides)
+    return build_config(c.ratio, c.dw_size, c.init, c.cheap, c.include, c.exclude, c.overrides, round_to=c.round_to)
 
 
 @dataclass
