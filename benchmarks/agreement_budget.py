@@ -42,14 +42,16 @@ def ratio_arg(text: str) -> int | float:
     return r
 
 
-def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS, measure=None, calib_augment=0):
+def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS, measure=None, calib_augment=0,
+                      round_to=1):
     """The ``mix`` sensitivity table at ``ratios``: ``proxy`` fitted on every calibration batch, or ``alone``
     fitted on the first 3/4 of them and judged (``measure``: the KL of the logits by default) on the last 1/4;
-    ``calib_augment`` augmented views of the fitted batches are fitted on too."""
+    ``calib_augment`` augmented views of the fitted batches are fitted on too; ``round_to``: as ``LayerSpec``'s."""
     import ghostify
 
     cut = len(calib) if method == "proxy" else 3 * len(calib) // 4
-    return ghostify.sensitivity(model, ratios=ratios, dw_size=1, cheap="mix", init="calib", calib_data=calib[:cut],
+    config = ghostify.GhostConfig(ghostify.LayerSpec(min(ratios), 1, "calib", "mix", round_to))
+    return ghostify.sensitivity(model, ratios=ratios, config=config, calib_data=calib[:cut],
                                 eval_data=calib[cut:] or None, method=method, measure=measure, input_size=input_size,
                                 progress=False, calib_augment=calib_augment)
 

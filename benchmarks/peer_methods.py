@@ -100,13 +100,15 @@ def bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, *,
 
 
 def prune(model: nn.Module, example: torch.Tensor, *, importance: str, global_pruning: bool, ratio: float,
-          ignored: Callable[[nn.Module], list[nn.Module]], grads: dict[str, torch.Tensor] | None = None) -> nn.Module:
+          ignored: Callable[[nn.Module], list[nn.Module]], grads: dict[str, torch.Tensor] | None = None,
+          round_to: int | None = None) -> nn.Module:
     """A copy of ``model`` with Torch-Pruning's ``BasePruner`` applied once at ``pruning_ratio=ratio``.
 
     ``importance``: ``"l1"`` (``MagnitudeImportance(p=1)``), ``"taylor"`` (``TaylorImportance()``, reads
     ``grads``: parameter name -> gradient) or ``"bn"`` (``BNScaleImportance()``). ``ignored(copy)`` lists the
-    layers to leave whole (the classifier, as Torch-Pruning's README does). Everything else is the
-    library's default (one step, ``max_pruning_ratio=1``, no channel rounding).
+    layers to leave whole (the classifier, as Torch-Pruning's README does). ``round_to``: keep every pruned
+    layer's channels a multiple of it (the README's recommendation "for acceleration"; default: none).
+    Everything else is the library's default (one step, ``max_pruning_ratio=1``).
     """
     tp, _ = require_peers()
     imp = {"l1": lambda: tp.importance.MagnitudeImportance(p=1), "taylor": tp.importance.TaylorImportance,
@@ -118,7 +120,7 @@ def prune(model: nn.Module, example: torch.Tensor, *, importance: str, global_pr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(work, example, importance=imp, global_pruning=global_pruning,
-                                      pruning_ratio=ratio, ignored_layers=ignored(work))
+                                      pruning_ratio=ratio, ignored_layers=ignored(work), round_to=round_to)
         pruner.step()
     for p in work.parameters():
         p.grad = None

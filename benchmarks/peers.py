@@ -31,6 +31,12 @@ setting per output folder.
 ``--kd-seed N`` seeds every student's distillation (its batch order, augmentation and dropout; default 0), to
 measure how far one student's result moves between seeds. One setting per output folder.
 
+``--round-to N`` keeps channel counts at multiples of N where a method has the setting: ghostify's intrinsic
+counts (``LayerSpec.round_to``; the allocations' sensitivity tables are measured rounded too) and the channels
+Torch-Pruning keeps (``BasePruner(round_to=N)``, which its README recommends for acceleration). ONNX Runtime on
+CPU runs a conv whose channel count is not a multiple of 4 up to twice as slow. Low-rank ranks are not rounded.
+One setting per output folder.
+
 Methods (``--methods``, default all):
 
 - ``ghostify-dw``: ``init="calib"`` with the paper's depthwise 3x3 cheap op, one fractional ratio for every conv;
@@ -234,6 +240,7 @@ class Context:
         self.fit_pairs = [(x, None) for x in self.fit_x] if self.augment else s.data["calib"]
         self.ref = reference(s, self.model)
         self.alloc_ratios = tuple(getattr(args, "alloc_ratios", RATIOS))  # the allocations' candidate ratios
+        self.round_to = getattr(args, "round_to", 1)  # channel counts kept at multiples of this (1: not rounded)
         self._tables, self._grads = {}, None
 
     def macs(self, model: nn.Module) -> float:
@@ -247,7 +254,7 @@ class Context:
             t0 = time.perf_counter()
             ratios = self.alloc_ratios
             self._tables[key] = sensitivity_table(self.model, self.calib_x, method, tuple(self.x0.shape), ratios,
-                                                  measure, calib_augment=self.augment)
+                                                  measure, calib_augment=self.augment, round_to=self.round_to)
             log(f"  sensitivity table ({key}, mix, ratios {'/'.join(map(str, ratios))}): "
                 f"{time.perf_counter() - t0:.0f} s")
         return self._tables[key]
@@ -268,6 +275,7 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
     m, x0, calib = ctx.model, ctx.x0, ctx.fit_x
     if method in ("ghostify-dw", "ghostify-mix"):  # explicit: "none" and "calib" default to different cheap ops
         kw = {"cheap": "dw", "dw_size": 3} if method == "ghostify-dw" else {"cheap": "mix", "dw_size": 1}
+        kw["round_to"] = ctx.round_to
         ratio, _ = P.bisect(lambda r: ctx.macs(ghostify.convert(m, ratio=round(r, 4), init="none", **kw)), target,
                             1.01, 8.0, increasing=False)
         ratio = round(ratio, 4)
@@ -279,8 +287,9 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         if method == "ghostify-alloc-out" and ctx.s.kind != "trunk":
             raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
         table = ctx.table(*ALLOC_TABLES[method])
-        a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios, dw_size=1,
-                              cheap="mix", input_size=tuple(x0.shape), progress=False)
+        config = ghostify.GhostConfig(ghostify.LayerSpec(min(ctx.alloc_ratios), 1, "calib", "mix", ctx.round_to))
+        a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios, config=config,
+                              input_size=tuple(x0.shape), progress=False)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]
         return model, f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}", {}
@@ -290,7 +299,7 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
             raise ghostify.GhostifyError("BN-scale importance needs BatchNorm layers; this model has none")
         grads = ctx.grads() if imp == "taylor" else None
         make = lambda p: P.prune(m, x0, importance=imp, global_pruning=scope == "global", ratio=p,
-                                 ignored=ctx.s.ignored, grads=grads)
+                                 ignored=ctx.s.ignored, grads=grads, round_to=ctx.round_to if ctx.round_to > 1 else None)
         p, _ = P.bisect(lambda p: ctx.macs(make(p)), target, 0.0, 0.95, increasing=False)
         model = make(p)
         repairs = {"bn-recal": P.bn_recalibrate(model, ctx.fit_pairs)} if P.has_bn(model) else {}
@@ -669,6 +678,10 @@ def main(argv=None) -> None:
     ap.add_argument("--kd-seed", type=int, default=0, metavar="N",
                     help="seed of every student's distillation (batch order, augmentation, dropout); one setting "
                          "per output folder")
+    ap.add_argument("--round-to", type=int, default=1, metavar="N",
+                    help="keep channel counts at multiples of N: ghostify's intrinsic counts (LayerSpec.round_to) and "
+                         "Torch-Pruning's kept channels (BasePruner's round_to, which its README recommends for "
+                         "acceleration); low-rank ranks are not rounded. Default 1: none; one setting per folder")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
@@ -694,9 +707,9 @@ def main(argv=None) -> None:
             if before != args.alloc_ratios:
                 raise SystemExit(f"{out}'s allocations used ratios {before}: resume with --alloc-ratios "
                                  f"{' '.join(map(str, before))}, or write to another folder")
-            for opt in ("calib_augment", "kd_crops", "kd_seed"):
-                if saved["meta"].get(opt, 0) != getattr(args, opt):
-                    raise SystemExit(f"{out} was run with --{opt.replace('_', '-')} {saved['meta'].get(opt, 0)}: "
+            for opt, none in (("calib_augment", 0), ("kd_crops", 0), ("kd_seed", 0), ("round_to", 1)):
+                if saved["meta"].get(opt, none) != getattr(args, opt):
+                    raise SystemExit(f"{out} was run with --{opt.replace('_', '-')} {saved['meta'].get(opt, none)}: "
                                      "resume with that, or write to another folder")
             rows, unreachable = saved["rows"], saved["meta"].get("unreachable", [])
         elif args.force:
@@ -710,7 +723,7 @@ def main(argv=None) -> None:
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
             "alloc_ratios": args.alloc_ratios, "calib_augment": args.calib_augment,
-            "kd_crops": args.kd_crops, "kd_seed": args.kd_seed, "unreachable": unreachable}
+            "kd_crops": args.kd_crops, "kd_seed": args.kd_seed, "round_to": args.round_to, "unreachable": unreachable}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
     for name in args.models:

@@ -361,3 +361,28 @@ def test_calib_augment_gives_every_fit_the_same_views(chain_net):
     for m, n in zip(repairs["bn-recal"].modules(), P.bn_recalibrate(pruned, views).modules()):
         if isinstance(m, nn.BatchNorm2d):
             torch.testing.assert_close(m.running_var, n.running_var)
+
+
+def test_round_to_reaches_the_pruned_channels_and_every_ghostify_method(chain_net):
+    """``--round-to 4``: Torch-Pruning keeps multiples of 4 (unrounded, 0.3 of ChainNet's 8/16/12 channels leaves
+    counts that are not), and each ghostify method's intrinsic counts are multiples of 4."""
+    import argparse
+
+    from benchmarks.peers import Context, Setup, build
+
+    plain = P.prune(chain_net, X, importance="l1", global_pruning=False, ratio=0.3, ignored=lambda m: [m.fc])
+    assert any(c.out_channels % 4 for c in _convs(plain))
+    rounded = P.prune(chain_net, X, importance="l1", global_pruning=False, ratio=0.3, ignored=lambda m: [m.fc],
+                      round_to=4)
+    assert all(c.out_channels % 4 == 0 for c in _convs(rounded))
+    torch.manual_seed(0)
+    net = randomize_bn(chain_net).eval()
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
+    s = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
+    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    ctx = Context(s, argparse.Namespace(round_to=4, alloc_ratios=[3]))
+    for method, target in (("ghostify-mix", 0.8), ("ghostify-alloc-kl", 0.9)):
+        model, _, _ = build(ctx, method, target)
+        ghosts = [m for m in model.modules() if isinstance(m, ghostify.GhostConv2d)]
+        assert ghosts and all(g.primary.out_channels % 4 == 0 for g in ghosts), method
+    assert ctx._tables["alone"].rows and all(r.ratio == 3 for r in ctx._tables["alone"].rows)
