@@ -83,7 +83,7 @@ class LayerSpec:
         "(per layer, the better fit per MAC; needs --init calib). Default: mix with --init calib, else dw.")})
     round_to: int = field(default=1, metadata={"min": 1, "help": (
         "Keep each converted conv's intrinsic count a multiple of this (the nearest; 8 or 4 for ONNX Runtime "
-        "on CPU, which runs convs with other channel counts up to 2x slower). 1: ceil(n/s) as it is.")})
+        "on CPU, which runs convs with other channel counts markedly slower). 1: ceil(n/s) as it is.")})
 
     def __post_init__(self):
         # torch-free at import (the CLI reads these fields for --help): the registries are read here

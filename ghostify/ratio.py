@@ -31,7 +31,7 @@ def rounded_ratio(out_channels: int, ratio, round_to: int) -> int | float:
     Rounded as timm's ``make_divisible``: to the nearest multiple, at least ``round_to``, and up a step
     where the nearest is more than 10 % below. ``ratio`` itself where it already gives such a count or
     where the rounded count would keep every map (no ghost left). ONNX Runtime on CPU runs a conv whose
-    channel count is not a multiple of 4 up to twice as slow (docs/peers.md, "Rounded channel counts").
+    channel count is not a multiple of 4 markedly slower (docs/deployment.md, "Channel counts").
 
     Example:
         >>> math.ceil(160 / 1.4742), rounded_ratio(160, 1.4742, 8), math.ceil(160 / rounded_ratio(160, 1.4742, 8))

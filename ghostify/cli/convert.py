@@ -33,8 +33,8 @@ def _load_and_plan(model_spec, weights, ratio, dw_size, init, cheap, round_to, i
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def inspect(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, calib_augment, max_layer_error, trust_code, as_json):
+def inspect(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf, input_size,
+            calib_data, calib_size, calib_augment, max_layer_error, trust_code, as_json):
     """Show which convs of MODEL convert and which are kept, and why.
 
     With --init calib and --calib-data the conversion is run too, and each layer's relative
@@ -42,8 +42,8 @@ def inspect(model, weights, ratio, dw_size, init, cheap, round_to, include, excl
     """
     from ..outputs import to_json
 
-    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf,
-                                         trust_code)
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude,
+                                         override, leaf, trust_code)
     check_calib_augment(calib_augment, calib_data)
     fidelity = None
     if calib_data is not None and any(e.spec.init == "calib" for e in plan.converted):
@@ -84,9 +84,9 @@ def _calibration_options(calib_data, calib_size, calib_augment, max_layer_error,
               help="Let layers whose order cannot fold choose intrinsic channels freely (reordered at run time).")
 @budget_options
 @user_errors
-def convert(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf, input_size, calib_data,
-            calib_size, calib_augment, max_layer_error, trust_code, output, force, as_json, latency, no_fold, scatter,
-            **budget):
+def convert(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf, input_size,
+            calib_data, calib_size, calib_augment, max_layer_error, trust_code, output, force, as_json, latency,
+            no_fold, scatter, **budget):
     """Convert MODEL (torchvision name, package.module:callable or checkpoint) and report the trade-off."""
     import time
 
@@ -105,8 +105,8 @@ def convert(model, weights, ratio, dw_size, init, cheap, round_to, include, excl
                                 "the layers; add one of them")
         require_runtime(budget["runtime"])
     size = parse_input_size(input_size, lambda: default_input(model))
-    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude, override, leaf,
-                                         trust_code)
+    original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude,
+                                         override, leaf, trust_code)
     check_input(original, size)
     t0 = time.perf_counter()
     options = {}

@@ -12,7 +12,7 @@ from ..config import LayerSpec
 from ..errors import GhostifyError
 from ..ratio import check_ratio, parse_ratios  # noqa: F401  (parse_ratios: for the commands)
 
-LAYER_FIELDS = tuple(f.name for f in fields(LayerSpec))  # ratio, dw_size, init, cheap, round_to: what --override may set
+LAYER_FIELDS = tuple(f.name for f in fields(LayerSpec))  # ratio, dw_size, init, cheap, round_to: --override's keys
 
 
 def user_errors(fn):
@@ -132,8 +132,9 @@ def odd(ctx, param, value):
 
 
 def layer_options(*, skip=(), defaults: dict | None = None) -> list:
-    """``--ratio``, ``--dw-size``, ``--init``, ``--cheap``, ``--round-to``: generated from :class:`ghostify.LayerSpec`'s fields (name,
-    default, help; the ``ratio`` and ``odd`` checks) so that the CLI and the Python API cannot drift.
+    """``--ratio``, ``--dw-size``, ``--init``, ``--cheap``, ``--round-to``: generated from :class:`ghostify.LayerSpec`'s
+    fields (name, default, help; the ``ratio``, ``odd`` and ``min`` checks) so that the CLI and the Python API cannot
+    drift.
     ``skip`` leaves fields out; ``defaults`` replaces defaults (e.g. ``{"init": "calib"}``)."""
     out = []
     for f in fields(LayerSpec):

@@ -124,8 +124,9 @@ def sweep(model, out_dir, weights, ratios, dw_sizes, inits, cheaps, scatters, ta
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @trust_code_option
 @user_errors
-def sensitivity(model, weights, ratios, dw_size, init, cheap, round_to, calib_data, calib_size, calib_augment, eval_data,
-                eval_limit, method, reference, measure, exclude, input_size, output, plot, force, as_json, trust_code):
+def sensitivity(model, weights, ratios, dw_size, init, cheap, round_to, calib_data, calib_size, calib_augment,
+                eval_data, eval_limit, method, reference, measure, exclude, input_size, output, plot, force, as_json,
+                trust_code):
     """For each conv of MODEL converted alone: MACs saved and the loss in accuracy/agreement."""
     from ..config import build_config
     from ..outputs import check_output, to_json

@@ -94,7 +94,8 @@ class Plan:
             rec = (fidelity or {}).get(e.name, {})
             errs = [f"{rec[f]:.3f}" if f in rec else "" for f in fields_]
             rows.append((e.name, f"{e.in_channels}->{e.out_channels} {k}/{e.stride[0]}", e.action,
-                         *(map(str, (f"{s.ratio:.6g}", s.dw_size, s.init, s.cheap)) if s else ("",) * 4), *errs, e.reason))
+                         *(map(str, (f"{s.ratio:.6g}", s.dw_size, s.init, s.cheap)) if s else ("",) * 4), *errs,
+                         e.reason))
         head = f"{len(self.converted)} of {len(self.entries)} convs convert"
         if not self.traced:
             head += f" (model not traceable, submodules swapped instead: {self.trace_error})"
