@@ -34,7 +34,8 @@ measure how far one student's result moves between seeds. One setting per output
 ``--round-to N`` keeps channel counts at multiples of N where a method has the setting: ghostify's intrinsic
 counts (``LayerSpec.round_to``; the allocations' sensitivity tables are measured rounded too) and the channels
 Torch-Pruning keeps (``BasePruner(round_to=N)``, which its README recommends for acceleration). ONNX Runtime on
-CPU runs a conv whose channel count is not a multiple of 4 up to twice as slow. Low-rank ranks are not rounded.
+CPU runs a conv whose channel count is not a multiple of 4 markedly slower (``benchmarks/channel_rounding.py``).
+Low-rank ranks are not rounded.
 One setting per output folder.
 
 Methods (``--methods``, default all):
@@ -691,6 +692,8 @@ def main(argv=None) -> None:
     ap.add_argument("--force", action="store_true", help="start again in a non-empty output folder")
     ap.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     args = ap.parse_args(argv)
+    if args.round_to < 1:
+        ap.error(f"--round-to {args.round_to}: a multiple is >= 1 (1: no rounding; 8 as Torch-Pruning recommends)")
     if args.quick:
         args.models = args.models if "--models" in (argv or sys.argv) else ["resnet20"]
         args.targets = args.targets if "--targets" in (argv or sys.argv) else [0.55]

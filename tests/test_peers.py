@@ -295,6 +295,12 @@ def test_ratio_arguments_are_checked_and_kept_whole(tmp_path):
     with pytest.raises(SystemExit, match="was run with --kd-seed 0"):
         main(["-o", str(tmp_path), "--resume", "--kd-seed", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    # and with other channel rounding (none recorded: 1), and a rounding below 1 is a usage error
+    with pytest.raises(SystemExit, match="was run with --round-to 1"):
+        main(["-o", str(tmp_path), "--resume", "--round-to", "8"])
+    with pytest.raises(SystemExit):
+        main(["-o", str(tmp_path / "new"), "--round-to", "0", "--quick", "--methods", "ghostify-mix"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_resume_keeps_the_recorded_unreachable_points_and_does_not_retry_them(tmp_path, chain_net, monkeypatch):
