@@ -42,6 +42,13 @@ def ratio_arg(text: str) -> int | float:
     return r
 
 
+def mix_config(ratios, round_to: int = 1):
+    """The calibrated ``mix`` 1x1 configuration the tables and the allocations share, at the smallest ratio."""
+    import ghostify
+
+    return ghostify.GhostConfig(ghostify.LayerSpec(min(ratios), 1, "calib", "mix", round_to))
+
+
 def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS, measure=None, calib_augment=0,
                       round_to=1):
     """The ``mix`` sensitivity table at ``ratios``: ``proxy`` fitted on every calibration batch, or ``alone``
@@ -50,8 +57,7 @@ def sensitivity_table(model, calib: list, method: str, input_size, ratios=RATIOS
     import ghostify
 
     cut = len(calib) if method == "proxy" else 3 * len(calib) // 4
-    config = ghostify.GhostConfig(ghostify.LayerSpec(min(ratios), 1, "calib", "mix", round_to))
-    return ghostify.sensitivity(model, ratios=ratios, config=config, calib_data=calib[:cut],
+    return ghostify.sensitivity(model, ratios=ratios, config=mix_config(ratios, round_to), calib_data=calib[:cut],
                                 eval_data=calib[cut:] or None, method=method, measure=measure, input_size=input_size,
                                 progress=False, calib_augment=calib_augment)
 
@@ -91,8 +97,8 @@ def main(argv=None):
     rows = []
     for target in args.targets:
         try:
-            plan = ghostify.allocate(model, target_macs=target, table=table, ratios=args.ratios, dw_size=1,
-                                     cheap="mix", input_size=size, progress=False)
+            plan = ghostify.allocate(model, target_macs=target, table=table, ratios=args.ratios,
+                                     config=mix_config(args.ratios), input_size=size, progress=False)
         except ghostify.GhostifyError as exc:
             print(f"  target {target}: not reachable ({str(exc).splitlines()[0]})", flush=True)
             continue

@@ -82,7 +82,7 @@ from torch import nn
 
 import ghostify
 from benchmarks import peer_methods as P
-from benchmarks.agreement_budget import RATIOS, ratio_arg, sensitivity_table
+from benchmarks.agreement_budget import RATIOS, mix_config, ratio_arg, sensitivity_table
 from ghostify.init.calib import calibration_batches
 from ghostify.measure.evaluation import output_error
 
@@ -288,8 +288,8 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         if method == "ghostify-alloc-out" and ctx.s.kind != "trunk":
             raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
         table = ctx.table(*ALLOC_TABLES[method])
-        config = ghostify.GhostConfig(ghostify.LayerSpec(min(ctx.alloc_ratios), 1, "calib", "mix", ctx.round_to))
-        a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios, config=config,
+        a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios,
+                              config=mix_config(ctx.alloc_ratios, ctx.round_to),
                               input_size=tuple(x0.shape), progress=False)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]
