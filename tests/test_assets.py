@@ -374,3 +374,23 @@ def test_efficientnet_lite0_recognises_a_cat():
     assert logits.shape == (4, 1000)
     cats = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
     assert all(int(i) in cats for i in logits.argmax(1))
+
+
+def test_safetensors_bytes_loads_back_and_does_not_depend_on_safetensors():
+    """The file the VGG16 asset is checked by: loads with safetensors, and its bytes are the fixed layout."""
+    from safetensors.torch import load
+
+    state = {"b.weight": torch.randn(4, 3, 3, 3), "a.bias": torch.arange(5.0)}
+    data = A.safetensors_bytes(state, {"source": "s", "input": "i"})
+    back = load(data)
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        torch.testing.assert_close(back[name], tensor, rtol=0, atol=0)
+    n = int.from_bytes(data[:8], "little")
+    assert n % 8 == 0 and len(data) == 8 + n + (5 + 4 * 27) * 4
+    assert data[8:8 + n].rstrip(b" ") == (b'{"__metadata__":{"source":"s","input":"i"},'
+                                          b'"a.bias":{"dtype":"F32","shape":[5],"data_offsets":[0,20]},'
+                                          b'"b.weight":{"dtype":"F32","shape":[4,3,3,3],"data_offsets":[20,452]}}')
+    assert data == A.safetensors_bytes(dict(reversed(list(state.items()))), {"source": "s", "input": "i"})
+    with pytest.raises(TypeError, match="b: torch.float16"):
+        A.safetensors_bytes({"b": torch.ones(2, dtype=torch.float16)}, {})
