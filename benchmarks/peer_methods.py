@@ -549,7 +549,7 @@ def photo_kd_batches(batches: list[torch.Tensor], seed: int = 0) -> Iterator[tor
 
 
 def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], *, steps: int = 150,
-                recipe: str = "mnist", seed: int = 0) -> nn.Module:
+                recipe: str = "mnist", seed: int = 0, lr: float | None = None) -> nn.Module:
     """A copy of ``student`` after ``steps`` steps of label-free KD toward ``teacher`` on ``batches``.
 
     The same recipe for every student, whatever made it, with ghostify's KD loss (``kd_loss(student,
@@ -562,7 +562,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
       ``T = 2``, BatchNorm statistics frozen, batches of 16 augmented images drawn from ``batches`` by
       ``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``: crops, flips, jitter, mixing).
 
-    Seeded throughout (dropout too), whatever ran before: one student and one ``seed`` give one result.
+    ``lr`` replaces the recipe's peak learning rate (``benchmarks/kd_lr.py`` sweeps it). Seeded throughout
+    (dropout too), whatever ran before: one student and one ``seed`` give one result.
     """
     from ghostify import kd_loss  # the fine-tune recipes' loss
 
@@ -570,7 +571,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
     teacher = teacher.eval()
     gen = torch.Generator().manual_seed(seed)
     if recipe == "mnist":
-        opt = torch.optim.SGD(work.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(work.parameters(), lr=0.005 if lr is None else lr, momentum=0.9, weight_decay=5e-4)
         warmup, temperature, clip = 20, 4.0, 2.0
         order: list[int] = []
 
@@ -579,7 +580,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
                 order.extend(torch.randperm(len(batches), generator=gen).tolist())
             return batches[order.pop()]
     elif recipe == "photos":
-        opt = torch.optim.AdamW(work.parameters(), lr=3e-5, weight_decay=0.0)
+        opt = torch.optim.AdamW(work.parameters(), lr=3e-5 if lr is None else lr, weight_decay=0.0)
         warmup, temperature, clip = 10, PHOTO_KD_T, None
         for m in work.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):

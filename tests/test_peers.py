@@ -126,6 +126,19 @@ def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
     assert not kd.training
 
 
+@pytest.mark.parametrize("recipe", ["mnist", "photos"])
+def test_kd_learning_rate_is_the_one_given(recipe):
+    """``lr`` replaces the recipe's: 0 leaves every weight where it was; a larger one moves them further."""
+    torch.manual_seed(0)
+    student, teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    batches = [torch.randn(8, 3, 2, 2) for _ in range(3)]
+    frozen = P.kd_finetune(student, teacher, batches, steps=5, recipe=recipe, lr=0.0)
+    torch.testing.assert_close(frozen[1].weight, student[1].weight)
+    moved = [(P.kd_finetune(student, teacher, batches, steps=5, recipe=recipe, lr=lr)[1].weight
+              - student[1].weight).abs().sum() for lr in (None, 1e-2)]
+    assert 0 < moved[0] < moved[1]
+
+
 def test_kd_is_seeded_whatever_ran_before_and_leaves_the_global_generator_alone():
     """Dropout draws from the global generator: the KD seeds it, so a student's result does not depend on what
     ran before (the order of the methods), and restores it afterwards."""
@@ -392,3 +405,31 @@ def test_round_to_reaches_the_pruned_channels_and_every_ghostify_method(chain_ne
         ghosts = [m for m in model.modules() if isinstance(m, ghostify.GhostConv2d)]
         assert ghosts and all(g.primary.out_channels % 4 == 0 for g in ghosts), method
     assert ctx._tables["alone"].rows and all(r.ratio == 3 for r in ctx._tables["alone"].rows)
+
+
+def test_kd_lr_sweep_distils_one_student_per_rate(chain_net, monkeypatch, tmp_path):
+    """``benchmarks.kd_lr`` builds each student once and distils a copy per learning rate: at rate 0 the KD
+    changes nothing (the start's KL), at the recipe's rate it moves; the rows are written to ``-o``."""
+    import json
+
+    from benchmarks import kd_lr, peers
+    from benchmarks.peers import Setup
+
+    torch.manual_seed(0)
+    net = randomize_bn(chain_net).eval()
+    tiny = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
+
+    def fake_data(s, quick, kd_crops=0):
+        gen = torch.Generator().manual_seed(1)
+        s.data = {"calib": [(torch.randn(8, 3, 8, 8, generator=gen), None) for _ in range(2)],
+                  "eval": [(torch.randn(8, 3, 8, 8, generator=gen), None)], "desc": "random images"}
+
+    monkeypatch.setitem(peers.SETUPS, "mobilenet_v2", tiny)
+    monkeypatch.setattr(peers, "load_data", fake_data)
+    rows = kd_lr.main(["--methods", "tp-l1-global", "--target", "0.7", "--lrs", "0", "1e-2", "--steps", "3",
+                       "-o", str(tmp_path / "rows.json")])
+    assert [r["lr"] for r in rows] == [0.0, 1e-2] and all(r["steps"] == 3 for r in rows)
+    assert rows[0]["kd_kl"] == pytest.approx(rows[0]["start_kl"], rel=1e-6)
+    assert rows[1]["kd_kl"] != pytest.approx(rows[1]["start_kl"], rel=1e-3)
+    assert 0.6 < rows[0]["macs"] < 0.8
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
