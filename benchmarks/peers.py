@@ -556,10 +556,6 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
         return
     onnx_err: dict[str, float] = {}
 
-    def add(row: dict) -> None:
-        rows.append(row)
-        save(out, rows, meta)
-
     def store_arch(arch: str, model: nn.Module) -> None:
         path = onnx_dir / f"{arch}.onnx"
         if not path.exists():
@@ -573,9 +569,10 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
             onnx_err[arch] = err
 
     if (None, "original", "none") not in done:
-        add({"model": s.name, "target": None, "method": "original", "repair": "none", "setting": "-", "macs": 1.0,
-             "params": 1.0, "arch": "original", "seconds": 0.0, "data": s.data["desc"],
-             **fidelity(s, ctx.model, ctx.ref)})
+        rows.append({"model": s.name, "target": None, "method": "original", "repair": "none", "setting": "-",
+                     "macs": 1.0, "params": 1.0, "arch": "original", "seconds": 0.0, "data": s.data["desc"],
+                     **fidelity(s, ctx.model, ctx.ref)})
+        save(out, rows, meta)
     store_arch("original", ctx.model)
     for target in args.targets:
         for method in args.methods:
@@ -608,7 +605,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
             arch = f"{target}-{method}"
             macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
             log(f"  target {target} {method:18} {setting:40} MACs {macs:.3f} ({sec:.0f} s)")
-            kd_from = kd_repair(method)
+            kd_from, point = kd_repair(method), []  # a point's rows are saved together: a resume never sees half
             for repair, mdl in {"none": model, **repairs}.items():
                 fid = fidelity(s, mdl, ctx.ref)
                 row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
@@ -620,7 +617,9 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                     + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else "")
                     + (f" (KL {row['kd_kl']:.3f})" if "kd_kl" in row else "")
                     + (f" (ghostify.distill {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
-                add(row)
+                point.append(row)
+            rows.extend(point)
+            save(out, rows, meta)
             store_arch(arch, model)
 
     if args.no_latency:

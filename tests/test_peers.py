@@ -433,3 +433,37 @@ def test_kd_lr_sweep_distils_one_student_per_rate(chain_net, monkeypatch, tmp_pa
     assert rows[1]["kd_kl"] != pytest.approx(rows[1]["start_kl"], rel=1e-3)
     assert 0.6 < rows[0]["macs"] < 0.8
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
+
+
+def test_a_point_interrupted_before_its_repairs_leaves_no_row(tmp_path, chain_net, monkeypatch):
+    """A run stopped while a point's repaired model distils (Ctrl-C, a killed job) saves none of that point's rows,
+    so ``--resume`` builds the whole point again instead of keeping its unrepaired row alone."""
+    import json
+
+    import benchmarks.peers as peers
+
+    torch.manual_seed(0)
+    net = randomize_bn(chain_net).eval()
+    s = peers.Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
+
+    def fake_data(s, quick, kd_crops=0):
+        s.data = {"calib": [(torch.randn(8, 3, 8, 8), None)], "eval": [(torch.randn(8, 3, 8, 8), None)],
+                  "desc": "random images"}
+
+    def interrupted(ctx, method, student):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(peers.SETUPS, "tiny", s)
+    monkeypatch.setattr(peers, "load_data", fake_data)
+    monkeypatch.setattr(peers, "distill", interrupted)
+    args = ["-o", str(tmp_path), "--models", "tiny", "--targets", "0.7", "--methods", "tp-l1-global", "--no-latency"]
+    with pytest.raises(KeyboardInterrupt):
+        peers.main(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["original"]
+    monkeypatch.setattr(peers, "distill", lambda ctx, method, student: {"kd": 0.5, "kd_seconds": 0.0})
+    monkeypatch.setattr(peers, "plot", lambda *a: None)
+    peers.main(args + ["--resume"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["repair"], r.get("kd")) for r in saved["rows"]] == [
+        ("original", "none", None), ("tp-l1-global", "none", None), ("tp-l1-global", "bn-recal", 0.5)]
