@@ -574,53 +574,57 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                      **fidelity(s, ctx.model, ctx.ref)})
         save(out, rows, meta)
     store_arch("original", ctx.model)
-    for target in args.targets:
-        for method in args.methods:
-            if (target, method) in gone:
-                log(f"  target {target} {method:18} not reachable (recorded in results.json)")
-                continue
-            if (target, method, "none") in done:  # resumed: fill in what is missing
-                kd_row = next((r for r in rows if (r["model"], r["target"], r["method"], r["repair"])
-                               == (s.name, target, method, kd_repair(method))), None)
-                need_kd = kd_row is not None and "kd" not in kd_row and wants_kd(method)
-                need_onnx = not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists())
-                if need_kd or need_onnx:
-                    model, _, repairs = build(ctx, method, target)
-                    if need_kd:
-                        kd_row.update(distill(ctx, method, {"none": model, **repairs}[kd_row["repair"]]))
-                        log(f"  target {target} {method:18} {kd_row['repair']:9} after KD "
-                            f"{fmt_fid(s, kd_row.get('kd'))}")
-                        save(out, rows, meta)
-                    if need_onnx:
-                        store_arch(f"{target}-{method}", model)
-                continue
-            t0 = time.perf_counter()
-            try:
-                model, setting, repairs = build(ctx, method, target)
-            except ghostify.GhostifyError as exc:  # e.g. an allocation whose ratios cannot reach the target
-                log(f"  target {target} {method:18} not reachable: {str(exc).splitlines()[0]}")
-                meta.setdefault("unreachable", []).append([s.name, target, method, str(exc).splitlines()[0]])
-                continue
-            sec = time.perf_counter() - t0
-            arch = f"{target}-{method}"
-            macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
-            log(f"  target {target} {method:18} {setting:40} MACs {macs:.3f} ({sec:.0f} s)")
-            kd_from, point = kd_repair(method), []  # a point's rows are saved together: a resume never sees half
-            for repair, mdl in {"none": model, **repairs}.items():
-                fid = fidelity(s, mdl, ctx.ref)
-                row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
-                       "macs": macs, "params": params, "arch": arch, "seconds": sec, **fid}
-                if repair == kd_from and wants_kd(method):
-                    row.update(distill(ctx, method, mdl))
-                log(f"    {repair:9} {s.metric} {fmt_fid(s, fid['fidelity'])}"
-                    + (f" (KL {fid['kl']:.3f})" if "kl" in fid else "")
-                    + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else "")
-                    + (f" (KL {row['kd_kl']:.3f})" if "kd_kl" in row else "")
-                    + (f" (ghostify.distill {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
-                point.append(row)
-            rows.extend(point)
-            save(out, rows, meta)
-            store_arch(arch, model)
+    points = [(t, m) for t in args.targets for m in args.methods]
+    if not args.no_latency:  # one timing covers every recorded point: rebuild the models whose ONNX was not kept
+        points += sorted({(r["target"], r["method"]) for r in rows if r["model"] == s.name
+                          and r["method"] != "original" and not (onnx_dir / f"{r['arch']}.onnx").exists()}
+                         - set(points))
+    for target, method in points:
+        if (target, method) in gone:
+            log(f"  target {target} {method:18} not reachable (recorded in results.json)")
+            continue
+        if (target, method, "none") in done:  # resumed: fill in what is missing
+            kd_row = next((r for r in rows if (r["model"], r["target"], r["method"], r["repair"])
+                           == (s.name, target, method, kd_repair(method))), None)
+            need_kd = kd_row is not None and "kd" not in kd_row and wants_kd(method)
+            need_onnx = not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists())
+            if need_kd or need_onnx:
+                model, _, repairs = build(ctx, method, target)
+                if need_kd:
+                    kd_row.update(distill(ctx, method, {"none": model, **repairs}[kd_row["repair"]]))
+                    log(f"  target {target} {method:18} {kd_row['repair']:9} after KD "
+                        f"{fmt_fid(s, kd_row.get('kd'))}")
+                    save(out, rows, meta)
+                if need_onnx:
+                    store_arch(f"{target}-{method}", model)
+            continue
+        t0 = time.perf_counter()
+        try:
+            model, setting, repairs = build(ctx, method, target)
+        except ghostify.GhostifyError as exc:  # e.g. an allocation whose ratios cannot reach the target
+            log(f"  target {target} {method:18} not reachable: {str(exc).splitlines()[0]}")
+            meta.setdefault("unreachable", []).append([s.name, target, method, str(exc).splitlines()[0]])
+            continue
+        sec = time.perf_counter() - t0
+        arch = f"{target}-{method}"
+        macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
+        log(f"  target {target} {method:18} {setting:40} MACs {macs:.3f} ({sec:.0f} s)")
+        kd_from, point = kd_repair(method), []  # a point's rows are saved together: a resume never sees half
+        for repair, mdl in {"none": model, **repairs}.items():
+            fid = fidelity(s, mdl, ctx.ref)
+            row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
+                   "macs": macs, "params": params, "arch": arch, "seconds": sec, **fid}
+            if repair == kd_from and wants_kd(method):
+                row.update(distill(ctx, method, mdl))
+            log(f"    {repair:9} {s.metric} {fmt_fid(s, fid['fidelity'])}"
+                + (f" (KL {fid['kl']:.3f})" if "kl" in fid else "")
+                + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else "")
+                + (f" (KL {row['kd_kl']:.3f})" if "kd_kl" in row else "")
+                + (f" (ghostify.distill {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
+            point.append(row)
+        rows.extend(point)
+        save(out, rows, meta)
+        store_arch(arch, model)
 
     if args.no_latency:
         return

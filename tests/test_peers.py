@@ -435,26 +435,34 @@ def test_kd_lr_sweep_distils_one_student_per_rate(chain_net, monkeypatch, tmp_pa
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
-def test_a_point_interrupted_before_its_repairs_leaves_no_row(tmp_path, chain_net, monkeypatch):
+@pytest.fixture
+def tiny_photos(chain_net, monkeypatch):
+    """``peers.py``'s model "tiny": a chain net with random BatchNorm statistics on random 8x8 "photos"."""
+    import benchmarks.peers as peers
+
+    torch.manual_seed(0)
+    net = randomize_bn(chain_net).eval()
+
+    def fake_data(s, quick, kd_crops=0):
+        s.data = {"calib": [(torch.randn(8, 3, 8, 8), None)], "eval": [(torch.randn(8, 3, 8, 8), None)],
+                  "desc": "random images"}
+
+    monkeypatch.setitem(peers.SETUPS, "tiny", peers.Setup("tiny", "photos", lambda: net, (3, 8, 8),
+                                                           lambda m: [m.fc], 16, 8, 1, "agreement"))
+    monkeypatch.setattr(peers, "load_data", fake_data)
+    return net
+
+
+def test_a_point_interrupted_before_its_repairs_leaves_no_row(tmp_path, tiny_photos, monkeypatch):
     """A run stopped while a point's repaired model distils (Ctrl-C, a killed job) saves none of that point's rows,
     so ``--resume`` builds the whole point again instead of keeping its unrepaired row alone."""
     import json
 
     import benchmarks.peers as peers
 
-    torch.manual_seed(0)
-    net = randomize_bn(chain_net).eval()
-    s = peers.Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
-
-    def fake_data(s, quick, kd_crops=0):
-        s.data = {"calib": [(torch.randn(8, 3, 8, 8), None)], "eval": [(torch.randn(8, 3, 8, 8), None)],
-                  "desc": "random images"}
-
     def interrupted(ctx, method, student):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(peers.SETUPS, "tiny", s)
-    monkeypatch.setattr(peers, "load_data", fake_data)
     monkeypatch.setattr(peers, "distill", interrupted)
     args = ["-o", str(tmp_path), "--models", "tiny", "--targets", "0.7", "--methods", "tp-l1-global", "--no-latency"]
     with pytest.raises(KeyboardInterrupt):
@@ -467,3 +475,27 @@ def test_a_point_interrupted_before_its_repairs_leaves_no_row(tmp_path, chain_ne
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["repair"], r.get("kd")) for r in saved["rows"]] == [
         ("original", "none", None), ("tp-l1-global", "none", None), ("tp-l1-global", "bn-recal", 0.5)]
+
+
+def test_resume_with_a_new_target_times_every_point_again_when_the_onnx_files_were_not_kept(
+        tmp_path, tiny_photos, monkeypatch):
+    """Without ``--keep-onnx`` a finished run deletes its ONNX files; a later ``--resume`` with another target
+    rebuilds the recorded points' models so that one timing covers them all (it used to stop on a missing file)."""
+    import json
+
+    import benchmarks.peers as peers
+
+    built = []
+    real_build = peers.build
+    monkeypatch.setattr(peers, "build", lambda ctx, method, target: built.append(target) or real_build(ctx, method,
+                                                                                                       target))
+    monkeypatch.setattr(peers, "plot", lambda *a: None)
+    args = ["-o", str(tmp_path), "--models", "tiny", "--methods", "tp-l1-global", "--no-kd", "--repeats", "1",
+            "--batch-sizes", "1"]
+    peers.main(args + ["--targets", "0.7"])
+    assert not (tmp_path / "onnx" / "tiny").exists() and built == [0.7]
+    peers.main(args + ["--targets", "0.5", "--resume"])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert built == [0.7, 0.5, 0.7]  # the new point, then the recorded one rebuilt for the timing
+    assert sorted({r["target"] or 0 for r in rows}) == [0, 0.5, 0.7]
+    assert all(r["ort_ms"]["1"] > 0 for r in rows)
