@@ -62,7 +62,8 @@ Methods (``--methods``, default all):
 Outputs in the folder: ``results.json`` (one row per model, target, method and repair; written after every
 point), ``table.md``, ``MODEL.png`` (fidelity against ORT latency at batch 1 and against MACs, each method
 family's Pareto front). An existing non-empty folder is refused unless ``--force`` (start again) or
-``--resume``.
+``--resume`` (adds the missing points, distillations and exports; one ONNX Runtime timing per model covers
+every recorded point, so without ``--keep-onnx`` a resumed model's recorded points are built again to be timed).
 """
 from __future__ import annotations
 
