@@ -63,9 +63,9 @@ def main(argv=None) -> None:
     lines = [head, "|---|---|" + "---|" * len(sets)]
     for method in args.methods:
         t0 = time.perf_counter()
-        model, setting, repairs = peers.build(ctx, method, args.target)
+        student, setting = peers.kd_student(ctx, method, args.target)
+        student.eval()
         repair = peers.kd_repair(method)
-        student = {"none": model, **repairs}[repair].eval()
         cells = []
         for batches in sets.values():
             agree, kl, _ = closeness(ctx.model, student, batches)

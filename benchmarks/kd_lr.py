@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("-o", "--out", type=Path, default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    args = types.SimpleNamespace(calib_augment=a.calib_augment, round_to=a.round_to, alloc_ratios=list(peers.RATIOS),
-                                 kd_crops=0, kd_seed=a.seed)
+    args = argparse.Namespace(calib_augment=a.calib_augment, round_to=a.round_to, alloc_ratios=list(peers.RATIOS))
     s = peers.SETUPS[a.model]
     peers.load_data(s, a.quick)
     ctx = peers.Context(s, args)
@@ -51,8 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("| method | setting | start: agreement (KL) | lr | after KD: agreement (KL) | top-5 | seconds |")
     print("|---|---|---|---|---|---|---|")
     for method in a.methods:
-        model, setting, repairs = peers.build(ctx, method, a.target)
-        student = {"none": model, **repairs}[peers.kd_repair(method)]
+        student, setting = peers.kd_student(ctx, method, a.target)
         start = peers.fidelity(s, student, ctx.ref)
         for lr in a.lrs:
             t0 = time.perf_counter()

@@ -325,6 +325,12 @@ def kd_repair(method: str) -> str:
     return KD_REPAIR[method.split("-")[0]]
 
 
+def kd_student(ctx: Context, method: str, target: float) -> tuple[nn.Module, str]:
+    """``(model, setting)``: the method's model at ``target`` after the repair its distillation starts from."""
+    model, setting, repairs = build(ctx, method, target)
+    return {"none": model, **repairs}[kd_repair(method)], setting
+
+
 def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     """The same KD budget for every student: ``{"kd": fidelity after it, "kd_seconds": ...}``, plus for ghostify's
     students on photos ``"kd_own"``: after ghostify's own repair (``ghostify.distill``, which adds the per-Ghost-layer

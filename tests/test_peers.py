@@ -407,25 +407,14 @@ def test_round_to_reaches_the_pruned_channels_and_every_ghostify_method(chain_ne
     assert ctx._tables["alone"].rows and all(r.ratio == 3 for r in ctx._tables["alone"].rows)
 
 
-def test_kd_lr_sweep_distils_one_student_per_rate(chain_net, monkeypatch, tmp_path):
+def test_kd_lr_sweep_distils_one_student_per_rate(tiny_photos, monkeypatch, tmp_path):
     """``benchmarks.kd_lr`` builds each student once and distils a copy per learning rate: at rate 0 the KD
     changes nothing (the start's KL), at the recipe's rate it moves; the rows are written to ``-o``."""
     import json
 
     from benchmarks import kd_lr, peers
-    from benchmarks.peers import Setup
 
-    torch.manual_seed(0)
-    net = randomize_bn(chain_net).eval()
-    tiny = Setup("tiny", "photos", lambda: net, (3, 8, 8), lambda m: [m.fc], 16, 8, 1, "agreement")
-
-    def fake_data(s, quick, kd_crops=0):
-        gen = torch.Generator().manual_seed(1)
-        s.data = {"calib": [(torch.randn(8, 3, 8, 8, generator=gen), None) for _ in range(2)],
-                  "eval": [(torch.randn(8, 3, 8, 8, generator=gen), None)], "desc": "random images"}
-
-    monkeypatch.setitem(peers.SETUPS, "mobilenet_v2", tiny)
-    monkeypatch.setattr(peers, "load_data", fake_data)
+    monkeypatch.setitem(peers.SETUPS, "mobilenet_v2", peers.SETUPS["tiny"])
     rows = kd_lr.main(["--methods", "tp-l1-global", "--target", "0.7", "--lrs", "0", "1e-2", "--steps", "3",
                        "-o", str(tmp_path / "rows.json")])
     assert [r["lr"] for r in rows] == [0.0, 1e-2] and all(r["steps"] == 3 for r in rows)
@@ -444,8 +433,8 @@ def tiny_photos(chain_net, monkeypatch):
     net = randomize_bn(chain_net).eval()
 
     def fake_data(s, quick, kd_crops=0):
-        s.data = {"calib": [(torch.randn(8, 3, 8, 8), None)], "eval": [(torch.randn(8, 3, 8, 8), None)],
-                  "desc": "random images"}
+        s.data = {"calib": [(torch.randn(8, 3, 8, 8), None) for _ in range(2)],  # 16: one photos KD batch
+                  "eval": [(torch.randn(8, 3, 8, 8), None)], "desc": "random images"}
 
     monkeypatch.setitem(peers.SETUPS, "tiny", peers.Setup("tiny", "photos", lambda: net, (3, 8, 8),
                                                            lambda m: [m.fc], 16, 8, 1, "agreement"))
