@@ -561,6 +561,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
     - ``"photos"``: ``ghostify.distill``'s defaults (AdamW lr 3e-5, no weight decay, 10 warm-up steps then cosine,
       ``T = 2``, BatchNorm statistics frozen, batches of 16 augmented images drawn from ``batches`` by
       ``ghostify.train.distill.distill_dataset`` with the default ``AugmentConfig``: crops, flips, jitter, mixing).
+    - ``"trunk"``: the photos recipe for a model without logits (a backbone whose output is a feature map):
+      the loss is the output's relative squared error to the teacher's, ``||s - t||^2 / ||t||^2`` over the batch.
 
     ``lr`` replaces the recipe's peak learning rate (``benchmarks/kd_lr.py`` sweeps it). Seeded throughout
     (dropout too), whatever ran before: one student and one ``seed`` give one result.
@@ -579,7 +581,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
             if not order:
                 order.extend(torch.randperm(len(batches), generator=gen).tolist())
             return batches[order.pop()]
-    elif recipe == "photos":
+    elif recipe in ("photos", "trunk"):
         opt = torch.optim.AdamW(work.parameters(), lr=3e-5 if lr is None else lr, weight_decay=0.0)
         warmup, temperature, clip = 10, PHOTO_KD_T, None
         for m in work.modules():
@@ -587,7 +589,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
                 m.eval()
         draw = functools.partial(next, photo_kd_batches(batches, seed))
     else:
-        raise ValueError(f"recipe {recipe!r}: 'mnist' or 'photos'")
+        raise ValueError(f"recipe {recipe!r}: 'mnist', 'photos' or 'trunk'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seeded, then restored
@@ -596,7 +598,10 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
             x = draw()
             with torch.no_grad():
                 t = teacher(x)
-            loss, _ = kd_loss(work(x), t, None, temperature=temperature)
+            if recipe == "trunk":
+                loss = (work(x) - t).pow(2).sum() / t.pow(2).sum()
+            else:
+                loss, _ = kd_loss(work(x), t, None, temperature=temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:

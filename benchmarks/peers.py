@@ -28,6 +28,12 @@ distillation stay on the images themselves). One setting per output folder.
 (``photos:calib`` cut with seed 1, none of them a crop any fit saw) instead of the calibration crops. One
 setting per output folder.
 
+Distillation (unless ``--no-kd``): every student from its best training-free start (ghostify's as converted,
+a pruned one after BN recalibration except on a trunk, a low-rank one after the refit; unrepaired where the model
+has no BatchNorm), the same recipe for every method of a model: MNIST ``--kd-steps``, photos ``--photo-kd-steps``
+(logit KD), trunks ``--trunk-kd-steps`` (the photos recipe on the relative squared error of the output feature
+map; a step of 16 crops through CRAFT's trunk takes about 15 s on 2 cores).
+
 ``--kd-seed N`` seeds every student's distillation (its batch order, augmentation and dropout; default 0), to
 measure how far one student's result moves between seeds. One setting per output folder.
 
@@ -320,15 +326,20 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
 KD_REPAIR = {"ghostify": "none", "tp": "bn-recal", "lowrank": "ls-refit"}
 
 
-def kd_repair(method: str) -> str:
-    """The repair whose model a method's distillation starts from."""
-    return KD_REPAIR[method.split("-")[0]]
+def kd_repair(method: str, repairs=None, kind: str = "") -> str:
+    """The repair whose model a method's distillation starts from: its best training-free start, or ``"none"``
+    where ``repairs`` (the names the method's build returned) lacks it (no BatchNorm to recalibrate). On a trunk
+    (``kind``) a pruned student starts unrepaired: its fidelity is the distance to the original's feature map,
+    which the recalibration moves in every BatchNorm layer, pruned or not (CRAFT's trunk at 0.7: Taylor global
+    0.323 unrepaired, 0.475 recalibrated), and the distillation keeps the statistics it starts with."""
+    repair = "none" if kind == "trunk" and method.startswith("tp-") else KD_REPAIR[method.split("-")[0]]
+    return repair if repairs is None or repair in repairs else "none"
 
 
 def kd_student(ctx: Context, method: str, target: float) -> tuple[nn.Module, str]:
     """``(model, setting)``: the method's model at ``target`` after the repair its distillation starts from."""
     model, setting, repairs = build(ctx, method, target)
-    return {"none": model, **repairs}[kd_repair(method)], setting
+    return {"none": model, **repairs}[kd_repair(method, repairs, ctx.s.kind)], setting
 
 
 def distill(ctx: Context, method: str, student: nn.Module) -> dict:
@@ -339,16 +350,16 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
     images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
     schedule and augmentation, logits only) on the calibration crops, or with ``--kd-crops`` on other crops of
-    the calibration photos (``"kd_kl"``: the held-out KL after it). Both seeded with ``--kd-seed`` (default 0).
-    The trunk has no logits: no row.
+    the calibration photos (``"kd_kl"``: the held-out KL after it). Trunks (no logits): ``--trunk-kd-steps`` (40)
+    steps of the photos recipe on the output's relative squared error (``recipe="trunk"``). All seeded with
+    ``--kd-seed`` (default 0).
     """
-    if ctx.s.kind == "trunk":
-        return {}
     t0, seed = time.perf_counter(), getattr(ctx.args, "kd_seed", 0)
     if ctx.s.kind == "mnist":
         kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.kd_steps, seed=seed)
     else:
-        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=ctx.args.photo_kd_steps, recipe="photos", seed=seed)
+        steps = ctx.args.photo_kd_steps if ctx.s.kind == "photos" else ctx.args.trunk_kd_steps
+        kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe=ctx.s.kind, seed=seed)
     fid = fidelity(ctx.s, kd, ctx.ref)
     res = {"kd": fid["fidelity"], "kd_seconds": time.perf_counter() - t0}
     if "kl" in fid:
@@ -551,12 +562,16 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     done = {(r["target"], r["method"], r["repair"]) for r in rows if r["model"] == s.name}
     gone = {(t, m) for name, t, m, _ in meta.get("unreachable", []) if name == s.name}  # resumed folders keep their ratios
 
+    def repaired(target, method) -> set[str]:  # the repairs recorded for a point
+        return {rep for t, m, rep in done if (t, m) == (target, method)}
+
     def wants_kd(method: str) -> bool:
-        return not args.no_kd and s.kind != "trunk" and method in (args.kd_methods or args.methods)
+        return not args.no_kd and method in (args.kd_methods or args.methods)
 
     todo = [(t, m) for t in args.targets for m in args.methods if (t, m, "none") not in done and (t, m) not in gone]
     kd_todo = [r for r in rows if r["model"] == s.name and r["method"] != "original" and "kd" not in r
-               and r["repair"] == kd_repair(r["method"]) and r["target"] in args.targets
+               and r["repair"] == kd_repair(r["method"], repaired(r["target"], r["method"]), s.kind)
+               and r["target"] in args.targets
                and wants_kd(r["method"])]
     if not todo and not kd_todo and all("ort_ms" in r for r in rows if r["model"] == s.name):
         log(f"\n== {s.name}: done (resume)")
@@ -592,7 +607,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
             continue
         if (target, method, "none") in done:  # resumed: fill in what is missing
             kd_row = next((r for r in rows if (r["model"], r["target"], r["method"], r["repair"])
-                           == (s.name, target, method, kd_repair(method))), None)
+                           == (s.name, target, method, kd_repair(method, repaired(target, method), s.kind))), None)
             need_kd = kd_row is not None and "kd" not in kd_row and wants_kd(method)
             need_onnx = not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists())
             if need_kd or need_onnx:
@@ -616,7 +631,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
         arch = f"{target}-{method}"
         macs, params = ctx.macs(model), ghostify.count(model, ctx.x0).params / ctx.params0
         log(f"  target {target} {method:18} {setting:40} MACs {macs:.3f} ({sec:.0f} s)")
-        kd_from, point = kd_repair(method), []  # a point's rows are saved together: a resume never sees half
+        kd_from, point = kd_repair(method, repairs, s.kind), []  # a point's rows saved together: no resume sees half
         for repair, mdl in {"none": model, **repairs}.items():
             fid = fidelity(s, mdl, ctx.ref)
             row = {"model": s.name, "target": target, "method": method, "repair": repair, "setting": setting,
@@ -675,6 +690,8 @@ def main(argv=None) -> None:
                     help="distil only these methods' students (default: every method run)")
     ap.add_argument("--photo-kd-steps", type=int, default=150, help="photos: distillation steps per student "
                     "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
+    ap.add_argument("--trunk-kd-steps", type=int, default=40, help="trunks: distillation steps per student "
+                    "(the photos recipe on the output's relative squared error; about 15 s a step for CRAFT's trunk)")
     ap.add_argument("--no-kd-own", action="store_true",
                     help="photos: skip the second distillation of ghostify's students (ghostify.distill's own loss)")
     ap.add_argument("--alloc-ratios", nargs="+", type=ratio_arg, default=list(RATIOS),
@@ -709,6 +726,7 @@ def main(argv=None) -> None:
         args.targets = args.targets if "--targets" in (argv or sys.argv) else [0.55]
         args.kd_steps = min(args.kd_steps, 10)
         args.photo_kd_steps = min(args.photo_kd_steps, 5)
+        args.trunk_kd_steps = min(args.trunk_kd_steps, 5)
     P.require_peers()
     out = Path(args.out)
     rows: list[dict] = []

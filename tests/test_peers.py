@@ -101,29 +101,62 @@ def test_pareto_front_by_hand():
     assert pareto([(1.0, 0.3), (2.0, 0.1), (3.0, 0.2)], higher=False) == [(1.0, 0.3), (2.0, 0.1)]
 
 
-@pytest.mark.parametrize("recipe", ["mnist", "photos"])
-def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, recipe):
-    """Both recipes lower the KL to the teacher on images they did not train on and leave the student as it
-    was; the photos recipe (ghostify.distill's gentle AdamW 3e-5: a small step) keeps the BatchNorm statistics
-    frozen, the MNIST one updates them."""
-    teacher = randomize_bn(chain_net).eval()
-    student = randomize_bn(type(chain_net)()).eval()  # a different network: far from the teacher
+@pytest.mark.parametrize("recipe", ["mnist", "photos", "trunk"])
+def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, chain_trunk, recipe):
+    """Every recipe brings the student closer to the teacher on images it did not train on (the KL of the logits;
+    for a trunk, which has none, the relative squared error of the output feature map) and leaves the student as
+    it was; the photos and trunk recipes (ghostify.distill's gentle AdamW 3e-5: a small step) keep the BatchNorm
+    statistics frozen, the MNIST one updates them."""
+    net = chain_trunk if recipe == "trunk" else chain_net
+    teacher = randomize_bn(net).eval()
+    student = randomize_bn(type(net)()).eval()  # a different network: far from the teacher
     before = {k: v.clone() for k, v in student.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(4)]
     held = torch.randn(64, 3, 8, 8, generator=gen)
 
-    def kl(model):
+    def distance(model):
         with torch.no_grad():
-            return ghostify.kd_loss(model.eval()(held), teacher(held), None, temperature=2.0)[0].item()
+            s, t = model.eval()(held), teacher(held)
+            if recipe == "trunk":
+                return ((s - t).pow(2).sum() / t.pow(2).sum()).item()
+            return ghostify.kd_loss(s, t, None, temperature=2.0)[0].item()
 
     kd = P.kd_finetune(student, teacher, batches, steps=40, recipe=recipe)
-    assert kl(kd) < (0.9 if recipe == "mnist" else 0.99) * kl(student)
+    assert distance(kd) < (0.9 if recipe == "mnist" else 0.99) * distance(student)
     for k, v in student.state_dict().items():
         torch.testing.assert_close(v, before[k])
     same_stats = torch.equal(kd.bn1.running_mean, student.bn1.running_mean)
-    assert same_stats == (recipe == "photos")
+    assert same_stats == (recipe != "mnist")
     assert not kd.training
+    with pytest.raises(ValueError, match="'trunk'"):
+        P.kd_finetune(student, teacher, batches, steps=1, recipe="logits")
+
+
+def test_trunk_students_are_distilled_from_their_best_start(chain_trunk):
+    """Every method's student on a trunk gets a ``kd`` row (the held-out feature error after ``--trunk-kd-steps``);
+    a peer whose repair does not exist (no BatchNorm to recalibrate) starts from its unrepaired model."""
+    import argparse
+
+    from benchmarks.peers import Context, Setup, distill, fidelity, kd_repair
+
+    assert kd_repair("tp-l1-global") == kd_repair("tp-l1-global", {"none", "bn-recal"}) == "bn-recal"
+    assert kd_repair("tp-l1-global", {"none"}) == "none" == kd_repair("ghostify-mix", {"none"})
+    assert kd_repair("lowrank", {"none", "bn-recal", "ls-refit"}) == "ls-refit"
+    assert kd_repair("tp-taylor-global", {"none", "bn-recal"}, "trunk") == "none"
+    assert kd_repair("lowrank", {"none", "bn-recal", "ls-refit"}, "trunk") == "ls-refit"
+    torch.manual_seed(0)
+    net = randomize_bn(chain_trunk).eval()
+    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(2)]
+    s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 16, 8, 1, "feature error")
+    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    student = ghostify.convert(net, ratio=2, init="calib", calib_data=[x for x, _ in batches])
+    ctx = Context(s, argparse.Namespace(trunk_kd_steps=3))
+    res = distill(ctx, "ghostify-mix", student)
+    assert set(res) == {"kd", "kd_seconds"}
+    kd = P.kd_finetune(student, net, ctx.kd_x, steps=3, recipe="trunk")
+    assert res["kd"] == pytest.approx(fidelity(s, kd, ctx.ref)["fidelity"])
+    assert res["kd"] != pytest.approx(fidelity(s, student, ctx.ref)["fidelity"])
 
 
 @pytest.mark.parametrize("recipe", ["mnist", "photos"])
