@@ -53,6 +53,9 @@ Methods (``--methods``, default all):
   ``ghostify-alloc-kl`` (classifiers): the same with the ``alone`` sensitivity, each conv fitted on the first 3/4
   of the calibration images, put alone into the original and the KL of the logits measured on the last 1/4.
   ``ghostify-alloc-out`` (trunks): the same, measuring the relative error of the trunk's output instead of a KL.
+  ``ghostify-alloc-kl-ort``, ``ghostify-alloc-out-ort``: the same allocations with the target read as a budget
+  of ONNX Runtime latency at batch 1 (``allocate(target_latency=F, runtime="ort")``: each candidate conv and Ghost
+  layer timed in isolation, the whole model once) instead of MACs: what a user who wants equal latency asks for.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
   ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
   output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the
@@ -95,12 +98,13 @@ from ghostify.measure.evaluation import output_error
 
 TARGETS = (0.7, 0.55, 0.4)
 TP_METHODS = [f"tp-{imp}-{scope}" for imp in ("l1", "taylor", "bn") for scope in ("uniform", "global")]
-METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", "ghostify-alloc-kl", "ghostify-alloc-out", *TP_METHODS,
-           "lowrank"]
+METHODS = ["ghostify-dw", "ghostify-mix", "ghostify-alloc", "ghostify-alloc-kl", "ghostify-alloc-out",
+           "ghostify-alloc-kl-ort", "ghostify-alloc-out-ort", *TP_METHODS, "lowrank"]
 FAMILIES = {"ghostify": "ghostify", "tp": "Torch-Pruning", "lowrank": "low-rank"}
 # each allocation method's sensitivity table: the arguments of Context.table
 ALLOC_TABLES = {"ghostify-alloc": ("proxy",), "ghostify-alloc-kl": ("alone",),
-                "ghostify-alloc-out": ("alone", "output")}
+                "ghostify-alloc-out": ("alone", "output"), "ghostify-alloc-kl-ort": ("alone",),
+                "ghostify-alloc-out-ort": ("alone", "output")}
 
 
 def log(msg: str) -> None:
@@ -279,7 +283,8 @@ TAYLOR_LOSS = {"mnist": "CE on the labels", "photos": "CE on the original's top-
 
 
 def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dict[str, nn.Module]]:
-    """``(compressed model, hyper-parameter, {repair: model})`` for one method at one MACs target."""
+    """``(compressed model, hyper-parameter, {repair: model})`` for one method at one MACs target (the ``-ort``
+    allocations: a target of ONNX Runtime latency, a fraction of the original's, per-layer latencies measured)."""
     m, x0, calib = ctx.model, ctx.x0, ctx.fit_x
     if method in ("ghostify-dw", "ghostify-mix"):  # explicit: "none" and "calib" default to different cheap ops
         kw = {"cheap": "dw", "dw_size": 3} if method == "ghostify-dw" else {"cheap": "mix", "dw_size": 1}
@@ -290,17 +295,19 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         model = ghostify.convert(m, ratio=ratio, init="calib", calib_data=calib, **kw)
         return model, f"ratio {ratio:g}", {}
     if method in ALLOC_TABLES:
-        if method == "ghostify-alloc-kl" and ctx.s.kind == "trunk":
+        if method.startswith("ghostify-alloc-kl") and ctx.s.kind == "trunk":
             raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none (ghostify-alloc-out)")
-        if method == "ghostify-alloc-out" and ctx.s.kind != "trunk":
+        if method.startswith("ghostify-alloc-out") and ctx.s.kind != "trunk":
             raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
         table = ctx.table(*ALLOC_TABLES[method])
-        a = ghostify.allocate(m, target_macs=target, table=table, ratios=ctx.alloc_ratios,
-                              config=mix_config(ctx.alloc_ratios, ctx.round_to),
-                              input_size=tuple(x0.shape), progress=False)
+        budget = ({"target_latency": target, "runtime": "ort", "threads": getattr(ctx.args, "threads", 2)}
+                  if method.endswith("-ort") else {"target_macs": target})
+        a = ghostify.allocate(m, table=table, ratios=ctx.alloc_ratios, input_size=tuple(x0.shape), progress=False,
+                              config=mix_config(ctx.alloc_ratios, ctx.round_to), **budget)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]
-        return model, f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}", {}
+        return model, (f"ORT budget {target:g}: " * method.endswith("-ort")
+                       + f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}"), {}
     if method.startswith("tp-"):
         _, imp, scope = method.split("-")
         if imp == "bn" and not P.has_bn(m):  # BNScaleImportance scores nothing: the bisection would prune nothing
