@@ -520,7 +520,7 @@ def plot(rows: list[dict], s: Setup, path: Path) -> None:
     mine = [r for r in rows if r["model"] == s.name and r["method"] != "original"]
     orig = next(r for r in rows if r["model"] == s.name and r["method"] == "original")
     colours = {"ghostify": "tab:red", "Torch-Pruning": "tab:blue", "low-rank": "tab:green"}
-    markers = dict(zip(METHODS, "o^svP" + "<>1234" + "D", strict=True))
+    markers = dict(zip(METHODS, "o^svPXd" + "<>1234" + "D", strict=True))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     higher = higher_is_better(s)
     for ax, (xkey, xlabel) in zip(axes, [("lat", "ONNX Runtime latency, batch 1 (ms)"), ("macs", "MACs / original")]):

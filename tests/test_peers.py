@@ -548,3 +548,18 @@ def test_resume_with_a_new_target_times_every_point_again_when_the_onnx_files_we
     assert built == [0.7, 0.5, 0.7]  # the new point, then the recorded one rebuilt for the timing
     assert sorted({r["target"] or 0 for r in rows}) == [0, 0.5, 0.7]
     assert all(r["ort_ms"]["1"] > 0 for r in rows)
+
+
+def test_plot_draws_every_method(tmp_path):
+    """The figure has a marker for every method (a method added without one stopped a run at its end) and is
+    written as a PNG."""
+    from benchmarks.peers import METHODS, Setup, plot
+
+    pytest.importorskip("matplotlib")
+    s = Setup("tiny", "trunk", lambda: None, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
+    rows = [{"model": "tiny", "method": "original", "repair": "none", "target": None, "fidelity": 0.0, "macs": 1.0,
+             "ort_ms": {"1": 1.0}}]
+    rows += [{"model": "tiny", "method": m, "repair": "none", "target": 0.5, "fidelity": 0.1 + i / 100, "macs": 0.5,
+              "ort_ms": {"1": 0.5 + i / 100}} for i, m in enumerate(METHODS)]
+    plot(rows, s, tmp_path / "tiny.png")
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
