@@ -618,7 +618,13 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
             need_kd = kd_row is not None and "kd" not in kd_row and wants_kd(method)
             need_onnx = not (args.no_latency or (onnx_dir / f"{target}-{method}.onnx").exists())
             if need_kd or need_onnx:
-                model, _, repairs = build(ctx, method, target)
+                model, setting, repairs = build(ctx, method, target)
+                recorded = next(r["setting"] for r in rows
+                                if (r["model"], r["target"], r["method"]) == (s.name, target, method))
+                if setting != recorded:  # e.g. a latency budget met on other timings: not the model recorded
+                    raise SystemExit(f"{s.name} {target} {method}: built again as {setting!r}, recorded as "
+                                     f"{recorded!r}; its distillation or timing would describe another model. Run "
+                                     "this point in a new folder (with the distillation and timing it needs)")
                 if need_kd:
                     kd_row.update(distill(ctx, method, {"none": model, **repairs}[kd_row["repair"]]))
                     log(f"  target {target} {method:18} {kd_row['repair']:9} after KD "

@@ -397,6 +397,35 @@ def test_resume_keeps_the_recorded_unreachable_points_and_does_not_retry_them(tm
     assert saved["meta"]["unreachable"] == [gone] and saved["rows"] == [original]
 
 
+def test_resume_refuses_a_point_built_again_differently(tmp_path, chain_net, monkeypatch):
+    """A resumed point is built again for its distillation or export; when the build differs from the recorded
+    one (an allocation under a latency budget, met on other timings), the run stops instead of attaching the
+    other model's results to the recorded row."""
+    import json
+    import types
+
+    import benchmarks.peers as peers
+
+    s = peers.Setup("tiny", "photos", lambda: chain_net.eval(), (3, 8, 8), lambda m: [m.fc], 32, 8, 1, "agreement")
+    monkeypatch.setitem(peers.SETUPS, "tiny", s)
+    monkeypatch.setattr(peers, "load_data", lambda s, quick, **kw: s.__setattr__("data", {"desc": "no data"}))
+    monkeypatch.setattr(peers, "Context", lambda s, args: types.SimpleNamespace(model=chain_net))
+    monkeypatch.setattr(peers, "build", lambda *a: (chain_net, "ORT budget 0.8: 2/2 convs, ratios [2]", {}))
+    (tmp_path / "onnx" / "tiny").mkdir(parents=True)
+    (tmp_path / "onnx" / "tiny" / "original.onnx").write_bytes(b"kept")  # not exported again
+    monkeypatch.setattr(peers, "distill", lambda *a: pytest.fail("distilled a model that is not the recorded one"))
+    original = {"model": "tiny", "target": None, "method": "original", "repair": "none", "setting": "-", "macs": 1.0,
+                "params": 1.0, "arch": "original", "fidelity": 1.0, "ort_ms": {"1": 1.0, "8": 2.0}}
+    point = {"model": "tiny", "target": 0.8, "method": "ghostify-alloc-kl-ort", "repair": "none", "macs": 0.7,
+             "setting": "ORT budget 0.8: 1/2 convs, ratios [2]", "params": 0.8, "arch": "0.8-ghostify-alloc-kl-ort",
+             "fidelity": 0.9}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {}, "rows": [original, point]}))
+    with pytest.raises(SystemExit, match="built again as 'ORT budget 0.8: 2/2 convs.*recorded as 'ORT budget 0.8: 1/2"):
+        peers.main(["-o", str(tmp_path), "--resume", "--models", "tiny", "--targets", "0.8", "--methods",
+                    "ghostify-alloc-kl-ort", "--no-latency"])
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == [original, point]
+
+
 def test_calib_gap_closeness_by_hand_and_the_kd_views():
     from benchmarks.calib_gap import TEMPERATURE, closeness, kd_views
 
