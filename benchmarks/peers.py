@@ -77,6 +77,7 @@ every recorded point, so without ``--keep-onnx`` a resumed model's recorded poin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -306,8 +307,11 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
                               config=mix_config(ctx.alloc_ratios, ctx.round_to), **budget)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]
-        return model, (f"ORT budget {target:g}: " * method.endswith("-ort")
-                       + f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}"), {}
+        setting = f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}"
+        if method.endswith("-ort"):  # chosen on timings, which move: name the plan so a rebuild can be told apart
+            plan = hashlib.sha256(repr(sorted(a.choices.items())).encode()).hexdigest()[:6]
+            setting = f"ORT budget {target:g}: {setting}, plan {plan}"
+        return model, setting, {}
     if method.startswith("tp-"):
         _, imp, scope = method.split("-")
         if imp == "bn" and not P.has_bn(m):  # BNScaleImportance scores nothing: the bisection would prune nothing

@@ -300,8 +300,10 @@ def test_trunk_allocation_ranks_by_the_relative_error_of_the_trunk_output(chain_
 
 def test_ort_allocation_reads_the_target_as_a_latency_budget(chain_trunk, monkeypatch):
     """``ghostify-alloc-out-ort``: the same table as ``ghostify-alloc-out``, handed to ``ghostify.allocate`` with
-    the target as a budget of ONNX Runtime latency (the run's threads) instead of MACs; the setting says so."""
+    the target as a budget of ONNX Runtime latency (the run's threads) instead of MACs; the setting says so and
+    names the plan (the convs chosen on timings, which move between builds), so a rebuild can be told apart."""
     import argparse
+    import hashlib
 
     from benchmarks.peers import Context, Setup, build
 
@@ -311,13 +313,15 @@ def test_ort_allocation_reads_the_target_as_a_latency_budget(chain_trunk, monkey
     batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
     s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
     s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
-    seen, allocate = [], ghostify.allocate
-    monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: seen.append(kw) or allocate(*a, **kw))
+    seen, made, allocate = [], [], ghostify.allocate
+    monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: seen.append(kw) or made.append(allocate(*a, **kw))
+                        or made[-1])
     ctx = Context(s, argparse.Namespace(threads=1))
     model, setting, _ = build(ctx, "ghostify-alloc-out-ort", 1.0)  # a budget of the whole latency: nothing to save
     assert list(ctx._tables) == ["alone-output"] and seen[0]["table"] is ctx._tables["alone-output"]
     assert (seen[0]["target_latency"], seen[0]["runtime"], seen[0]["threads"]) == (1.0, "ort", 1)
-    assert "target_macs" not in seen[0] and setting == "ORT budget 1: 0/2 convs, ratios []"
+    plan = hashlib.sha256(repr(sorted(made[0].choices.items())).encode()).hexdigest()[:6]  # names the convs chosen
+    assert "target_macs" not in seen[0] and setting == f"ORT budget 1: 0/2 convs, ratios [], plan {plan}"
     assert not any(isinstance(m, ghostify.GhostConv2d) for m in model.modules())
     build(ctx, "ghostify-alloc-out", 0.9)
     assert list(ctx._tables) == ["alone-output"] and seen[1]["target_macs"] == 0.9 and "runtime" not in seen[1]
