@@ -301,14 +301,15 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         if method.startswith("ghostify-alloc-out") and ctx.s.kind != "trunk":
             raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
         table = ctx.table(*ALLOC_TABLES[method])
+        ort = method.endswith("-ort")  # the target is a budget of ONNX Runtime latency, not of MACs
         budget = ({"target_latency": target, "runtime": "ort", "threads": getattr(ctx.args, "threads", 2)}
-                  if method.endswith("-ort") else {"target_macs": target})
+                  if ort else {"target_macs": target})
         a = ghostify.allocate(m, table=table, ratios=ctx.alloc_ratios, input_size=tuple(x0.shape), progress=False,
                               config=mix_config(ctx.alloc_ratios, ctx.round_to), **budget)
         model = ghostify.convert(m, plan=a.plan, calib_data=calib)
         ratios = [r for r in a.choices.values() if r is not None]
         setting = f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}"
-        if method.endswith("-ort"):  # chosen on timings, which move: name the plan so a rebuild can be told apart
+        if ort:  # chosen on timings, which move: name the plan so a rebuild can be told apart
             plan = hashlib.sha256(repr(sorted(a.choices.items())).encode()).hexdigest()[:6]
             setting = f"ORT budget {target:g}: {setting}, plan {plan}"
         return model, setting, {}

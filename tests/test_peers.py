@@ -101,6 +101,19 @@ def test_pareto_front_by_hand():
     assert pareto([(1.0, 0.3), (2.0, 0.1), (3.0, 0.2)], higher=False) == [(1.0, 0.3), (2.0, 0.1)]
 
 
+def tiny_trunk(chain_trunk, batches: int):
+    """``(net, Setup)``: ``peers.py``'s setup for a tiny trunk, the chain trunk with random BatchNorm statistics
+    calibrated on ``batches`` random batches of 8 8x8 images (the first also evaluates)."""
+    from benchmarks.peers import Setup
+
+    torch.manual_seed(0)
+    net = randomize_bn(chain_trunk).eval()
+    data = [(torch.randn(8, 3, 8, 8), None) for _ in range(batches)]
+    s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 8 * batches, 8, 1, "feature error")
+    s.data = {"calib": data, "eval": data[:1], "desc": ""}
+    return net, s
+
+
 @pytest.mark.parametrize("recipe", ["mnist", "photos", "trunk"])
 def test_kd_recipe_moves_a_copy_toward_the_teacher(chain_net, chain_trunk, recipe):
     """Every recipe brings the student closer to the teacher on images it did not train on (the KL of the logits;
@@ -138,18 +151,15 @@ def test_trunk_students_are_distilled_from_their_best_start(chain_trunk):
     a peer whose repair does not exist (no BatchNorm to recalibrate) starts from its unrepaired model."""
     import argparse
 
-    from benchmarks.peers import Context, Setup, distill, fidelity, kd_repair
+    from benchmarks.peers import Context, distill, fidelity, kd_repair
 
     assert kd_repair("tp-l1-global") == kd_repair("tp-l1-global", {"none", "bn-recal"}) == "bn-recal"
     assert kd_repair("tp-l1-global", {"none"}) == "none" == kd_repair("ghostify-mix", {"none"})
     assert kd_repair("lowrank", {"none", "bn-recal", "ls-refit"}) == "ls-refit"
     assert kd_repair("tp-taylor-global", {"none", "bn-recal"}, "trunk") == "none"
     assert kd_repair("lowrank", {"none", "bn-recal", "ls-refit"}, "trunk") == "ls-refit"
-    torch.manual_seed(0)
-    net = randomize_bn(chain_trunk).eval()
-    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(2)]
-    s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 16, 8, 1, "feature error")
-    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    net, s = tiny_trunk(chain_trunk, batches=2)
+    batches = s.data["calib"]
     student = ghostify.convert(net, ratio=2, init="calib", calib_data=[x for x, _ in batches])
     ctx = Context(s, argparse.Namespace(trunk_kd_steps=3))
     res = distill(ctx, "ghostify-mix", student)
@@ -283,13 +293,9 @@ def test_kl_allocation_ranks_with_the_alone_table_and_refuses_a_trunk(chain_net)
 def test_trunk_allocation_ranks_by_the_relative_error_of_the_trunk_output(chain_trunk):
     """``ghostify-alloc-out``: the ``alone`` table with ``measure="output"``, fitted on 3/4 of the calibration
     batches and measured on the last 1/4, then the budget met with calibrated Ghost layers."""
-    from benchmarks.peers import Context, Setup, build
+    from benchmarks.peers import Context, build
 
-    torch.manual_seed(0)
-    net = randomize_bn(chain_trunk).eval()
-    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
-    s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
-    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    net, s = tiny_trunk(chain_trunk, batches=4)
     ctx = Context(s, None)
     model, setting, _ = build(ctx, "ghostify-alloc-out", 0.9)
     table = ctx._tables["alone-output"]
@@ -305,14 +311,10 @@ def test_ort_allocation_reads_the_target_as_a_latency_budget(chain_trunk, monkey
     import argparse
     import hashlib
 
-    from benchmarks.peers import Context, Setup, build
+    from benchmarks.peers import Context, build
 
     pytest.importorskip("onnxruntime")
-    torch.manual_seed(0)
-    net = randomize_bn(chain_trunk).eval()
-    batches = [(torch.randn(8, 3, 8, 8), None) for _ in range(4)]
-    s = Setup("tiny", "trunk", lambda: net, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
-    s.data = {"calib": batches, "eval": batches[:1], "desc": ""}
+    net, s = tiny_trunk(chain_trunk, batches=4)
     seen, made, allocate = [], [], ghostify.allocate
     monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: seen.append(kw) or made.append(allocate(*a, **kw))
                         or made[-1])
