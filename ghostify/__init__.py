@@ -24,7 +24,7 @@ _EXPORTS = {
     "report": "measure.reporting", "ConversionReport": "measure.reporting",
     "count": "measure.counting", "measure_latency": "measure.latency", "measure_layers": "measure.latency",
     "sensitivity": "tradeoffs.sensitivity", "SensitivityTable": "tradeoffs.sensitivity",
-    "allocate": "tradeoffs.allocation", "Allocation": "tradeoffs.allocation", "skip_slower": "tradeoffs.allocation",
+    "allocate": "tradeoffs.allocation", "Allocation": "tradeoffs.allocation", "skip_slower": "tradeoffs.timing",
     "Sweep": "tradeoffs.sweep",
     "evaluate": "measure.evaluation", "layer_errors": "measure.evaluation", "compare_outputs": "measure.evaluation",
     "resolve_data": "zoo.data",

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from torch.testing import assert_close
 
 import ghostify
-from ghostify.tradeoffs.allocation import allocate, greedy_allocation, skip_slower
+from ghostify.tradeoffs.allocation import allocate, greedy_allocation
+from ghostify.tradeoffs.timing import skip_slower
 from ghostify.cli import cli
 from ghostify.tradeoffs.sensitivity import LayerSensitivity, SensitivityTable
 
@@ -77,7 +78,7 @@ def test_allocator_meets_a_macs_budget_and_the_plan_is_saved_and_replayed(chain_
 
 
 def test_skip_slower_keeps_layers_whose_ghost_is_not_faster(chain_net, monkeypatch):
-    import ghostify.tradeoffs.allocation as alloc
+    import ghostify.tradeoffs.timing as alloc
 
     fake = {"conv1": {"conv": 1.0, 2: 0.5}, "conv2": {"conv": 1.0, 2: 1.2}}
     monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
@@ -90,7 +91,7 @@ def test_skip_slower_keeps_layers_whose_ghost_is_not_faster(chain_net, monkeypat
 @pytest.mark.parametrize("with_one, expect", [(0.8, ["conv1"]), (1.1, [])])
 def test_skip_slower_drops_the_least_gaining_layers_while_the_whole_model_is_not_faster(chain_net, monkeypatch,
                                                                                         with_one, expect):
-    import ghostify.tradeoffs.allocation as alloc
+    import ghostify.tradeoffs.timing as alloc
 
     fake = {"conv1": {"conv": 1.0, 2: 0.5}, "conv2": {"conv": 1.0, 2: 0.9}}  # both faster alone; conv1 gains most
     monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
@@ -101,7 +102,7 @@ def test_skip_slower_drops_the_least_gaining_layers_while_the_whole_model_is_not
         seen.append(names)
         return (1.2 if len(names) == 2 else with_one), 1.0  # (converted ms, original ms)
 
-    monkeypatch.setattr(alloc, "_whole_model_ms", whole)
+    monkeypatch.setattr(alloc, "whole_model_ms", whole)
     plan = skip_slower(chain_net, ghostify.make_plan(chain_net), torch.randn(*SIZE), progress=False)
     assert seen == [["conv1", "conv2"], ["conv1"]]
     assert [e.name for e in plan.converted] == expect
@@ -109,15 +110,15 @@ def test_skip_slower_drops_the_least_gaining_layers_while_the_whole_model_is_not
 
 
 def test_whole_model_timing_converts_by_the_plan(chain_net):
-    import ghostify.tradeoffs.allocation as alloc
+    from ghostify.tradeoffs.timing import whole_model_ms
 
     plan = ghostify.make_plan(chain_net, ghostify.build_config(init="calib"))  # cheap "auto": timed as mix
-    ghost_ms, conv_ms = alloc._whole_model_ms(chain_net, plan, torch.randn(*SIZE), 2, 1, "torch")
+    ghost_ms, conv_ms = whole_model_ms(chain_net, plan, torch.randn(*SIZE), 2, 1, "torch")
     assert ghost_ms > 0 and conv_ms > 0
 
 
 def test_layer_latency_times_conv_and_ghosts(chain_net):
-    from ghostify.tradeoffs.allocation import layer_latency
+    from ghostify.tradeoffs.timing import layer_latency
 
     res = layer_latency(chain_net, {"conv1": [(2, 3, "dw"), (4, 1, "mix")]}, torch.randn(*SIZE), repeats=2,
                         progress=False)
@@ -182,13 +183,57 @@ def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
     total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
     table = _table({"conv1": {2: (100, 1.0)}, "conv2": {2: (100, 0.0)}}, total)
     a = allocate(chain_net, target_latency=0.9, table=table, ratios=(2,), init="copy", input_size=SIZE,
-                 progress=False)
-    assert a.choices == {"conv1": 2, "conv2": None} and a.budget == "latency"
+                 progress=False, whole_model=False)
+    assert a.choices == {"conv1": 2, "conv2": None} and a.budget == "latency" and a.measured_cost_ratio is None
     assert a.predicted_cost_ratio == pytest.approx(3.4 / 4.0)
     assert "no Ghost ratio is faster" in a.plan["conv2"].reason
     with pytest.raises(ghostify.GhostifyError, match="cannot be met"):
         allocate(chain_net, target_latency=0.5, table=table, ratios=(2,), init="copy", input_size=SIZE,
                  progress=False)
+
+
+def _latency_setup(chain_net, monkeypatch, whole):
+    """conv1 and conv2 each save 1 ms of 4 alone (conv2 at ratio 2 with less loss, conv1 only at ratio 4); the whole
+    model is timed by ``whole(converted names)``."""
+    import ghostify.tradeoffs.allocation as alloc
+
+    fake = {"conv1": {"conv": 2.0, 2: 1.6, 4: 1.0}, "conv2": {"conv": 2.0, 2: 1.0, 4: 0.9}}
+    monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
+    monkeypatch.setattr(alloc, "measure_latency", lambda models, x, **kw: {"model": {"median_ms": 4.0}})
+    seen = []
+
+    def time_plan(model, plan, x, *args):
+        seen.append({e.name: e.spec.ratio for e in plan.converted})
+        return whole(seen[-1]), 4.0
+
+    monkeypatch.setattr(alloc, "whole_model_ms", time_plan)
+    total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
+    table = _table({"conv1": {2: (100, 0.5), 4: (200, 1.0)}, "conv2": {2: (100, 0.1), 4: (200, 0.2)}}, total)
+    return dict(table=table, ratios=(2, 4), init="copy", input_size=SIZE, progress=False), seen
+
+
+def test_a_latency_budget_missed_by_the_whole_model_asks_the_layers_for_more(chain_net, monkeypatch):
+    # alone, conv2 at ratio 2 meets 0.75 (saves 1 of 4 ms); the whole model saves only half of that (3.5 ms),
+    # so the layers are asked for 2 ms: conv2 at 2 and conv1 at 4, which the whole model runs in 2.9 ms
+    kw, seen = _latency_setup(chain_net, monkeypatch, lambda conv: 3.5 if len(conv) == 1 else 2.9)
+    a = allocate(chain_net, target_latency=0.75, **kw)
+    assert seen == [{"conv2": 2}, {"conv1": 4, "conv2": 2}]
+    assert a.choices == {"conv1": 4, "conv2": 2} and a.measured_cost_ratio == pytest.approx(2.9 / 4)
+    assert a.predicted_cost_ratio == pytest.approx(2 / 4) and "measured 0.725" in a.summary()
+
+
+@pytest.mark.parametrize("whole, seen_plans, says", [
+    (lambda conv: 3.5 if len(conv) == 1 else 3.2, 2, r"2 convs converted \(predicted 0.500 from the layers timed "
+                                                      r"alone\) ran 3.20 ms against the original's 4.00 ms"),
+    (lambda conv: 4.1, 1, r"1 conv converted .* ran 4.10 ms against the original's 4.00 ms in torch, 1.025")])
+def test_a_latency_budget_the_whole_model_cannot_meet_is_refused_with_its_timings(chain_net, monkeypatch, whole,
+                                                                                  seen_plans, says):
+    # the layers cannot save more than 2.1 ms alone (conv1 and conv2 at 4), the whole model never reaches 0.75;
+    # a whole model slower than the original is not asked again
+    kw, seen = _latency_setup(chain_net, monkeypatch, whole)
+    with pytest.raises(ghostify.GhostifyError, match="not met by the whole model: " + says) as exc:
+        allocate(chain_net, target_latency=0.75, **kw)
+    assert "whole_model=False" in str(exc.value) and len(seen) == seen_plans
 
 
 def test_a_given_table_must_come_from_this_model_and_its_convs(chain_net, capsys):

@@ -392,7 +392,7 @@ def test_layer_callables_time_the_layer_with_its_bn_and_activation(chain_net):
 
 
 def test_skip_slower_in_onnxruntime(chain_net):
-    from ghostify.tradeoffs.allocation import layer_latency, skip_slower
+    from ghostify.tradeoffs.timing import layer_latency, skip_slower
 
     x = torch.randn(1, 3, 16, 16)
     res = layer_latency(chain_net, {"conv1": [(2, 3, "dw"), (4, 1, "mix")]}, x, repeats=2, progress=False,

@@ -122,7 +122,7 @@ def test_allocation_times_and_plans_the_rounded_layers(chain_net, monkeypatch):
                              input_size=SIZE)
     config = ghostify.GhostConfig(LayerSpec(ratio=3, dw_size=1, init="copy", round_to=8))
     a = alloc.allocate(chain_net, target_latency=0.8, table=table, ratios=(3,), config=config, input_size=SIZE,
-                       progress=False)
+                       progress=False, whole_model=False)
     assert timed == {"conv1": [2], "conv2": [1.5]}
     assert a.choices == {"conv1": 3, "conv2": 3}
     assert [(e.spec.ratio, e.intrinsic) for e in a.plan.converted] == [(2, 8), (1.5, 8)]

@@ -14,9 +14,13 @@ Costs:
 * ``target_latency=F``: each layer's latency measured *in isolation* on its real input
   (original conv against a Ghost layer of each ratio, alternately, see :func:`layer_latency`);
   the predicted model latency is the measured whole-model latency minus the per-layer savings.
-  Only moves that make a layer faster are considered.
+  Only moves that make a layer faster are considered. The layers' savings alone need not add up
+  in the whole model (sub-millisecond 1x1 convs, fusions the runtime no longer makes), so the
+  whole converted model is then timed against the original, and the layers are asked for more
+  while it misses the budget (``whole_model``).
 
-``skip_slower`` keeps as convs the layers of a plan whose Ghost layer is not faster than the conv.
+``skip_slower`` (in :mod:`.timing`) keeps as convs the layers of a plan whose Ghost layer is not faster
+than the conv.
 The result is a :class:`~ghostify.Plan`: print it, pass it to ``convert(plan=...)``; the
 converted model saves it with its weights (``ghostify.save``), so ``ghostify.load`` replays it.
 """
@@ -31,18 +35,18 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .._util import capture, eval_mode, format_size
+from .._util import format_size
 from ..config import GhostConfig, build_config, default_cheap
 from ..conversion.plan import Plan, make_plan
 from ..conversion.rewrite import convert
-from ..deploy.runtime import layer_callables, layer_context, runtime_latency
+from ..deploy.runtime import runtime_latency
 from ..errors import GhostifyError
-from ..layers import GhostConv2d
 from ..measure.counting import count
 from ..measure.latency import measure_latency
 from .sensitivity import sensitivity
+from .timing import layer_latency, whole_model_ms
 
-__all__ = ["Allocation", "allocate", "greedy_allocation", "layer_latency", "skip_slower"]
+__all__ = ["Allocation", "allocate", "greedy_allocation"]
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Allocation:
     predicted_cost_ratio: float
     predicted_loss: float
     measure: str
+    measured_cost_ratio: float | None = None  # a latency budget: the whole converted model against the original
 
     def summary(self) -> str:
         kept = sum(1 for r in self.choices.values() if r is None)
@@ -66,7 +71,8 @@ class Allocation:
         ratios = ", ".join(f"{n} at ratio {r}" for r, n in sorted(by_ratio.items())) or "none converted"
         return (f"allocation (greedy on {self.measure} loss per {self.budget} saved): target {self.budget} "
                 f"{self.target:g} of the original, predicted {self.predicted_cost_ratio:.3f}; {ratios}; "
-                f"{kept} kept as conv; predicted loss {self.predicted_loss:.4g}")
+                f"{kept} kept as conv; predicted loss {self.predicted_loss:.4g}"
+                + (f"; the whole model measured {self.measured_cost_ratio:.3f}" if self.measured_cost_ratio else ""))
 
 
 def greedy_allocation(options: dict[str, list[tuple[int, float, float]]], need: float
@@ -122,53 +128,6 @@ def greedy_allocation(options: dict[str, list[tuple[int, float, float]]], need: 
     return {n: c[0] for n, c in current.items()}, moves, saved, loss
 
 
-def _timed_form(cheap: str, dw_size: int) -> tuple[str, int]:
-    """The cheap op a layer is timed with: ``cheap="auto"`` (calibration picks per layer) is timed as the
-    1x1 ``mix``, the usual pick where ``dw`` fits poorly."""
-    return ("mix", 1) if cheap == "auto" else (cheap, dw_size)
-
-
-def _timing_ghost(conv: nn.Conv2d, ratio: int, dw_size: int, cheap: str) -> nn.Module:
-    cheap, dw_size = _timed_form(cheap, dw_size)
-    return _timing_weights(GhostConv2d.from_conv(conv, ratio, dw_size, cheap, cheap_bias=True))
-
-
-@torch.no_grad()
-def _timing_weights(module: nn.Module) -> nn.Module:
-    """Fill ``module``'s parameters with small random values (uninitialised memory could hold denormals,
-    which skew timings); for layers built only to be timed."""
-    for p in module.parameters():
-        p.normal_(0, 0.01)
-    return module
-
-
-def layer_latency(model: nn.Module, specs: dict[str, list[tuple[int, int, str]]], inputs: torch.Tensor, *,
-                  warmup: int = 3, repeats: int = 10, threads: int | None = None,
-                  progress: bool = True, runtime: str = "torch") -> dict[str, dict]:
-    """Each named conv's latency in isolation against Ghost layers of the given ``(ratio, dw_size, cheap)``.
-
-    The conv's real input (captured from one forward of ``model`` on ``inputs``) is fed to
-    the conv and to each Ghost candidate, alternately (:func:`ghostify.measure_latency`).
-    Returns ``{name: {"conv": ms, ratio: ms, ...}}`` (medians; Ghost layers in the
-    identity channel layout, i.e. a plain ``cat``). ``runtime="ort"`` or ``"compile"`` times
-    each candidate with the BN and activation after the conv, fused, in that runtime
-    (:func:`ghostify.deploy.runtime.layer_callables`).
-    """
-    from tqdm import tqdm
-
-    with eval_mode(model):
-        xs = capture(model, {n: model.get_submodule(n) for n in specs}, inputs)
-    out = {}
-    for name, cands in tqdm(specs.items(), disable=not progress, file=sys.stderr, desc="layer latency", leave=False):
-        conv = model.get_submodule(name)
-        mods = {"conv": conv, **{r: _timing_ghost(conv, r, d, c) for r, d, c in cands}}
-        if runtime != "torch":
-            mods = layer_callables(mods, layer_context(model, name), xs[name], runtime, threads=threads)
-        res = measure_latency(mods, xs[name], warmup=warmup, repeats=repeats, threads=threads)
-        out[name] = {k: v["median_ms"] for k, v in res.items()}
-    return out
-
-
 def _budget_plan(model: nn.Module, base_plan: Plan, choices: dict[str, int | None], reasons: dict[str, str]) -> Plan:
     plan = copy.deepcopy(base_plan)
     for e in plan.entries:
@@ -189,7 +148,8 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
              exclude: Iterable[str] = (), overrides: dict | None = None, calib_data=None, eval_data=None,
              method: str | None = None, measure: str | None = None, reference: int | float | None = None,
              input_size=(1, 3, 224, 224), only_faster: bool = False, threads: int | None = None, repeats: int = 10,
-             leaf_modules=(), progress: bool = True, runtime: str = "torch", **init_options) -> Allocation:
+             leaf_modules=(), progress: bool = True, runtime: str = "torch", whole_model: bool = True,
+             **init_options) -> Allocation:
     """Pick a ratio per conv (or keep it) to meet a MACs or latency budget with the least predicted loss.
 
     Args:
@@ -209,6 +169,10 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
             candidate whose uniform conversion's MACs are nearest the budget).
         runtime: where latencies are measured: ``torch`` (eager), ``ort`` (ONNX Runtime) or
             ``compile`` (``torch.compile``), each model and layer fused for inference there.
+        whole_model: with ``target_latency``, time the whole converted model against the original
+            (alternating, in ``runtime``) and, while it misses the budget, ask the layers for more
+            savings by the shortfall (up to 3 times); a miss after that raises
+            :class:`~ghostify.GhostifyError`. False: trust the layers timed alone.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
     Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
@@ -243,38 +207,92 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
                             progress=progress, reference=reference, **init_options)
     rows = {n: [r for r in table.options(n) if r.ratio in ratios] for n in table.layers if n in candidates}
 
-    need_latency = target_latency is not None or only_faster
-    lat, total_ms = {}, None
-    if need_latency:
-        x = torch.randn(*input_size)
-        outs = {e.name: e.out_channels for e in base_plan.converted}
-        timed = {n: {r.ratio: candidates[n].ratio_for(outs[n], r.ratio) for r in opts} for n, opts in rows.items()}
-        specs = {n: [(t, candidates[n].dw_size, candidates[n].cheap) for t in ts.values()] for n, ts in timed.items()}
-        lat = layer_latency(model, specs, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
-        lat = {n: {"conv": v["conv"], **{r: v[t] for r, t in timed[n].items()}} for n, v in lat.items()}
-        timer = measure_latency if runtime == "torch" else functools.partial(runtime_latency, runtime=runtime)
-        total_ms = timer({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
-
-    options, reasons = {}, {}
-    for name, opts in rows.items():
-        options[name] = [(r.ratio, float(r.macs_saved if target_macs is not None
-                                         else lat[name]["conv"] - lat[name][r.ratio]), r.loss) for r in opts
-                         if not (only_faster and lat[name][r.ratio] >= lat[name]["conv"])]
-        if need_latency and not any(lat[name][r.ratio] < lat[name]["conv"] for r in opts):
-            reasons[name] = (f"kept as conv: no Ghost ratio is faster here ({lat[name]['conv']:.3f} ms as conv, "
-                             + ", ".join(f"{lat[name][r.ratio]:.3f} ms at ratio {r.ratio}" for r in opts) + ")")
+    lat, total_ms, x = {}, None, torch.randn(*input_size)
+    if target_latency is not None or only_faster:
+        lat, total_ms = _layer_times(model, base_plan, rows, x, repeats, threads, progress, runtime)
+    options, slower = _options(rows, lat, target_macs is not None, only_faster)
     total = float(table.total_macs) if target_macs is not None else total_ms
-    choices, _, saved, loss = greedy_allocation(options, (1 - target) * total)
+
+    def planned(need: float):
+        choices, _, saved, loss = greedy_allocation(options, need)
+        reasons = {**slower, **_reasons(choices, rows, lat, table.total_macs)}
+        return choices, saved, loss, _budget_plan(model, base_plan, choices, reasons)
+
+    measured = None
+    if target_latency is not None and whole_model:
+        (choices, saved, loss, plan), measured = _meet_in_whole_model(
+            planned, total, target, lambda p: whole_model_ms(model, p, x, repeats, threads, runtime),
+            runtime)
+    else:
+        choices, saved, loss, plan = planned((1 - target) * total)
+    return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
+                      1 - saved / total if total else 1.0, loss, table.measure, measured)
+
+
+def _layer_times(model, base_plan: Plan, rows: dict, x, repeats, threads, progress, runtime):
+    """``({conv: {"conv": ms, ratio: ms, ...}}, whole model ms)``: each candidate conv timed alone against its
+    Ghost layer at each ratio it would get (rounded as the plan rounds it), and the original model."""
+    specs = {e.name: e.spec for e in base_plan.converted}
+    timed = {n: {r.ratio: specs[n].ratio_for(base_plan[n].out_channels, r.ratio) for r in opts}
+             for n, opts in rows.items()}
+    cands = {n: [(t, specs[n].dw_size, specs[n].cheap) for t in ts.values()] for n, ts in timed.items()}
+    lat = layer_latency(model, cands, x, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
+    lat = {n: {"conv": v["conv"], **{r: v[t] for r, t in timed[n].items()}} for n, v in lat.items()}
+    timer = measure_latency if runtime == "torch" else functools.partial(runtime_latency, runtime=runtime)
+    return lat, timer({"model": model}, x, repeats=repeats, threads=threads)["model"]["median_ms"]
+
+
+def _options(rows: dict, lat: dict, by_macs: bool, only_faster: bool):
+    """The greedy's ``(ratio, saved, loss)`` per conv (MACs or ms saved), and why the convs that no ratio makes
+    faster are kept."""
+    options, slower = {}, {}
+    for name, opts in rows.items():
+        t = lat.get(name)
+        options[name] = [(r.ratio, float(r.macs_saved if by_macs else t["conv"] - t[r.ratio]), r.loss) for r in opts
+                         if not (only_faster and t[r.ratio] >= t["conv"])]
+        if t and not any(t[r.ratio] < t["conv"] for r in opts):
+            slower[name] = (f"kept as conv: no Ghost ratio is faster here ({t['conv']:.3f} ms as conv, "
+                            + ", ".join(f"{t[r.ratio]:.3f} ms at ratio {r.ratio}" for r in opts) + ")")
+    return options, slower
+
+
+def _reasons(choices: dict, rows: dict, lat: dict, total_macs: int) -> dict[str, str]:
+    reasons = {}
     for name, ratio in choices.items():
         if ratio is not None:
             row = next(r for r in rows[name] if r.ratio == ratio)
-            reasons[name] = (f"budget: loss {row.loss:.3g}, saves {row.macs_saved / table.total_macs:.2%} of MACs"
-                             + (f", {lat[name]['conv']:.3f} -> {lat[name][ratio]:.3f} ms" if need_latency else ""))
-    for name in choices.keys() - reasons.keys():
-        reasons[name] = "kept as conv by the budget allocation"
-    plan = _budget_plan(model, base_plan, choices, reasons)
-    return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
-                      1 - saved / total if total else 1.0, loss, table.measure)
+            reasons[name] = (f"budget: loss {row.loss:.3g}, saves {row.macs_saved / total_macs:.2%} of MACs"
+                             + (f", {lat[name]['conv']:.3f} -> {lat[name][ratio]:.3f} ms" if lat else ""))
+    return reasons
+
+
+def _meet_in_whole_model(planned, total: float, target: float, time_plan, runtime: str, tries: int = 4):
+    """``(planned(need), measured)``: the allocation for ``need`` ms saved (the layers timed alone), then the
+    whole converted model timed against the original; while it misses ``target``, the layers are asked for
+    more by the shortfall (what they saved alone, scaled by the saving missing in the whole model)."""
+    need = (1 - target) * total
+    for attempt in range(tries):
+        try:
+            result = planned(need)
+        except GhostifyError:
+            if attempt == 0:
+                raise
+            break  # the layers cannot save more: report the whole model's miss below
+        if not result[3].converted:  # nothing to save: the original itself
+            return result, None
+        ghost_ms, conv_ms = time_plan(result[3])
+        if ghost_ms / conv_ms <= target:
+            return result, ghost_ms / conv_ms
+        n = len(result[3].converted)
+        miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - result[1] / total:.3f} "
+                f"from the layers timed alone) ran {ghost_ms:.2f} ms against the original's {conv_ms:.2f} ms in "
+                f"{runtime}, {ghost_ms / conv_ms:.3f} of it")
+        if ghost_ms >= conv_ms:
+            break
+        need = result[1] * (1 - target) / (1 - ghost_ms / conv_ms)
+    raise GhostifyError(f"the latency budget {target:g} is not met by the whole model: {miss}; the layers' savings "
+                        "alone do not add up to the whole model's here. Raise the target, allow higher ratios, or "
+                        "take the per-layer prediction as it is: allocate(..., whole_model=False)")
 
 
 def _check_table(table, model: nn.Module, candidates: dict, ratios, config: GhostConfig) -> None:
@@ -323,67 +341,3 @@ def _nearest_uniform(model, ratios, target, input_size, config: GhostConfig, lea
                                   leaf_modules=leaf_modules), x).macs / total
                  for r in ratios}
     return min(ratios, key=lambda r: abs(fractions[r] - target))
-
-
-def skip_slower(model: nn.Module, plan: Plan, inputs: torch.Tensor, *, repeats: int = 10,
-                threads: int | None = None, progress: bool = True, runtime: str = "torch",
-                whole_model: bool = True) -> Plan:
-    """A copy of ``plan`` in which every layer whose Ghost layer is not faster than its conv is kept as a conv.
-
-    Each layer is timed in isolation on its real input (:func:`layer_latency`), conv and Ghost
-    layer alternately, in ``runtime`` (``torch``, ``ort``, ``compile``); the skipped entries
-    say both times. A layer faster alone can still cost time in the whole model (a fusion the
-    runtime no longer makes), so with ``whole_model`` the converted model is then timed against
-    the original in ``runtime`` (fused, alternating): while it is not faster, the half of the
-    remaining layers that gained least alone are kept as convs too, down to none (the original).
-
-    Example:
-        >>> import torchvision, ghostify
-        >>> net = torchvision.models.resnet18().eval()
-        >>> plan = skip_slower(net, ghostify.make_plan(net), torch.randn(1, 3, 64, 64), repeats=2, progress=False)
-        >>> all(e.action in ("convert", "skip") for e in plan.entries)
-        True
-    """
-    specs = {e.name: [(e.spec.ratio, e.spec.dw_size, e.spec.cheap)] for e in plan.converted}
-    lat = layer_latency(model, specs, inputs, repeats=repeats, threads=threads, progress=progress, runtime=runtime)
-    where = "" if runtime == "torch" else " in " + runtime
-    out = copy.deepcopy(plan)
-    gain = {}
-    for e in out.converted:
-        t = lat[e.name]
-        ghost_ms = t[e.spec.ratio]
-        if not ghost_ms < t["conv"]:
-            e.action, e.reason = "skip", (f"kept as conv: Ghost not faster here ({ghost_ms:.3f} ms against "
-                                          f"{t['conv']:.3f} ms as conv{where})")
-            e.spec = None
-        else:
-            gain[e.name] = 1 - ghost_ms / t["conv"]
-    keep = sorted(gain, key=gain.get, reverse=True)  # the layers that gained most alone first
-    while whole_model and keep:
-        ghost_ms, conv_ms = _whole_model_ms(model, out, inputs, repeats, threads, runtime)
-        if ghost_ms < conv_ms:
-            break
-        keep, dropped = keep[:len(keep) // 2], keep[len(keep) // 2:]
-        for e in out.entries:
-            if e.name in dropped:
-                e.action, e.spec = "skip", None
-                e.reason = (f"kept as conv: faster alone, but the whole model with it was not faster than the "
-                            f"original ({ghost_ms:.2f} ms against {conv_ms:.2f} ms{where})")
-    return out
-
-
-def _whole_model_ms(model: nn.Module, plan: Plan, inputs: torch.Tensor, repeats: int, threads: int | None,
-                    runtime: str) -> tuple[float, float]:
-    """``(converted ms, original ms)``: ``model`` converted by ``plan`` (weights random: timing only) and the
-    original, fused and alternating in ``runtime``."""
-    timing = copy.deepcopy(plan)
-    for e in timing.converted:  # as layer_latency times each layer
-        cheap, dw_size = _timed_form(e.spec.cheap, e.spec.dw_size)
-        e.spec = replace(e.spec, cheap=cheap, dw_size=dw_size)
-    ghost = convert(model, plan=timing, initialize=False).eval()
-    for m in ghost.modules():
-        if isinstance(m, GhostConv2d):
-            _timing_weights(m)
-    r = runtime_latency({"ghost": ghost, "conv": model}, inputs, runtime=runtime, repeats=repeats, threads=threads)
-    return r["ghost"]["median_ms"], r["conv"]["median_ms"]
-

@@ -14,7 +14,8 @@ from ..errors import GhostifyError, describe
 from ..ratio import parse_ratios
 from ..serialization import read_metadata
 from ..zoo.data import resolve_data
-from .allocation import allocate, skip_slower
+from .allocation import allocate
+from .timing import skip_slower
 from .table import SensitivityTable
 
 __all__ = ["load_plan", "budget_plan"]

@@ -36,7 +36,8 @@ from ..conversion.rewrite import convert
 from ..measure.counting import count
 from ..measure.evaluation import compare_outputs, model_outputs
 from ..measure.latency import measure_latency
-from .allocation import allocate, skip_slower
+from .allocation import allocate
+from .timing import skip_slower
 from .plotting import finite, pareto_front, plot_sweep
 from .sensitivity import SensitivityTable, sensitivity
 from .results import (SETTINGS_ORDER, check_sweep_folder, label, read_csv, read_results, table,  # noqa: F401
