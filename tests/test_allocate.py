@@ -192,13 +192,16 @@ def test_latency_budget_uses_measured_layer_savings(chain_net, monkeypatch):
                  progress=False)
 
 
-def _latency_setup(chain_net, monkeypatch, whole):
-    """conv1 and conv2 each save 1 ms of 4 alone (conv2 at ratio 2 with less loss, conv1 only at ratio 4); the whole
-    model is timed by ``whole(converted names)``."""
+LAYERS_ALONE = {"conv1": {"conv": 2.0, 2: 1.6, 4: 1.0}, "conv2": {"conv": 2.0, 2: 1.0, 4: 0.9}}  # ms
+LOSSES = {"conv1": {2: (100, 0.5), 4: (200, 1.0)}, "conv2": {2: (100, 0.1), 4: (200, 0.2)}}
+
+
+def _latency_setup(chain_net, monkeypatch, whole, alone=LAYERS_ALONE, losses=LOSSES):
+    """Layer times alone (``alone``; the original 4 ms) and losses (``losses``) by hand; the whole model is timed
+    by ``whole(converted names)``."""
     import ghostify.tradeoffs.allocation as alloc
 
-    fake = {"conv1": {"conv": 2.0, 2: 1.6, 4: 1.0}, "conv2": {"conv": 2.0, 2: 1.0, 4: 0.9}}
-    monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: fake[n] for n in specs})
+    monkeypatch.setattr(alloc, "layer_latency", lambda model, specs, x, **kw: {n: alone[n] for n in specs})
     monkeypatch.setattr(alloc, "measure_latency", lambda models, x, **kw: {"model": {"median_ms": 4.0}})
     seen = []
 
@@ -208,18 +211,33 @@ def _latency_setup(chain_net, monkeypatch, whole):
 
     monkeypatch.setattr(alloc, "whole_model_ms", time_plan)
     total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
-    table = _table({"conv1": {2: (100, 0.5), 4: (200, 1.0)}, "conv2": {2: (100, 0.1), 4: (200, 0.2)}}, total)
-    return dict(table=table, ratios=(2, 4), init="copy", input_size=SIZE, progress=False), seen
+    return dict(table=_table(losses, total), ratios=(2, 4), init="copy", input_size=SIZE, progress=False), seen
 
 
 def test_a_latency_budget_missed_by_the_whole_model_asks_the_layers_for_more(chain_net, monkeypatch):
-    # alone, conv2 at ratio 2 meets 0.75 (saves 1 of 4 ms); the whole model saves only half of that (3.5 ms),
+    # alone, conv2 at ratio 2 (1 ms saved) meets 0.75 of 4 ms; the whole model saves only half of that (3.5 ms),
     # so the layers are asked for 2 ms: conv2 at 2 and conv1 at 4, which the whole model runs in 2.9 ms
     kw, seen = _latency_setup(chain_net, monkeypatch, lambda conv: 3.5 if len(conv) == 1 else 2.9)
     a = allocate(chain_net, target_latency=0.75, **kw)
     assert seen == [{"conv2": 2}, {"conv1": 4, "conv2": 2}]
     assert a.choices == {"conv1": 4, "conv2": 2} and a.measured_cost_ratio == pytest.approx(2.9 / 4)
     assert a.predicted_cost_ratio == pytest.approx(2 / 4) and "measured 0.725" in a.summary()
+
+
+@pytest.mark.parametrize("one_ms, plans, kept, measured, loss", [(2.9, 2, {"conv1": 2, "conv2": None}, 0.725, 0.1),
+                                                                 (3.2, 4, {"conv1": 2, "conv2": 2}, 0.5, 0.3)])
+def test_a_latency_budget_beaten_by_far_in_the_whole_model_asks_the_layers_for_less(chain_net, monkeypatch, one_ms,
+                                                                                    plans, kept, measured, loss):
+    # both convs at ratio 2 (1.2 ms saved alone, loss 0.3) are needed for 0.75 alone, but the whole model runs them
+    # in 2 ms (0.5): asked for 0.6 ms, conv1 alone (loss 0.1) runs in 2.9 ms, 0.725, and is kept; when it runs in
+    # 3.2 ms (0.8, a miss) the next plans alternate and the plan that met the budget is kept
+    alone = {"conv1": {"conv": 2.0, 2: 1.4, 4: 1.0}, "conv2": {"conv": 2.0, 2: 1.4, 4: 1.0}}
+    losses = {"conv1": {2: (100, 0.1), 4: (200, 0.3)}, "conv2": {2: (100, 0.2), 4: (200, 0.6)}}
+    kw, seen = _latency_setup(chain_net, monkeypatch, lambda conv: 2.0 if len(conv) == 2 else one_ms, alone, losses)
+    a = allocate(chain_net, target_latency=0.75, **kw)
+    assert seen == [{"conv1": 2, "conv2": 2}, {"conv1": 2}] * (plans // 2)
+    assert a.choices == kept and a.measured_cost_ratio == pytest.approx(measured)
+    assert a.predicted_loss == pytest.approx(loss)
 
 
 @pytest.mark.parametrize("whole, seen_plans, says", [

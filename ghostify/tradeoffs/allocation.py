@@ -17,7 +17,7 @@ Costs:
   Only moves that make a layer faster are considered. The layers' savings alone need not add up
   in the whole model (sub-millisecond 1x1 convs, fusions the runtime no longer makes), so the
   whole converted model is then timed against the original, and the layers are asked for more
-  while it misses the budget (``whole_model``).
+  while it misses the budget, for less while it beats it by far (``whole_model``).
 
 ``skip_slower`` (in :mod:`.timing`) keeps as convs the layers of a plan whose Ghost layer is not faster
 than the conv.
@@ -170,9 +170,10 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
         runtime: where latencies are measured: ``torch`` (eager), ``ort`` (ONNX Runtime) or
             ``compile`` (``torch.compile``), each model and layer fused for inference there.
         whole_model: with ``target_latency``, time the whole converted model against the original
-            (alternating, in ``runtime``) and, while it misses the budget, ask the layers for more
-            savings by the shortfall (up to 3 times); a miss after that raises
-            :class:`~ghostify.GhostifyError`. False: trust the layers timed alone.
+            (alternating, in ``runtime``) and rescale what the layers are asked to save by what the
+            whole model saved: more while it misses the budget, less while it beats it by more than
+            0.03 (up to 4 plans; the one of least predicted loss that met it is kept); no plan that
+            meets it raises :class:`~ghostify.GhostifyError`. False: trust the layers timed alone.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
     Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
@@ -266,30 +267,39 @@ def _reasons(choices: dict, rows: dict, lat: dict, total_macs: int) -> dict[str,
     return reasons
 
 
-def _meet_in_whole_model(planned, total: float, target: float, time_plan, runtime: str, tries: int = 4):
+def _meet_in_whole_model(planned, total: float, target: float, time_plan, runtime: str, tries: int = 4,
+                         slack: float = 0.03):
     """``(planned(need), measured)``: the allocation for ``need`` ms saved (the layers timed alone), then the
-    whole converted model timed against the original; while it misses ``target``, the layers are asked for
-    more by the shortfall (what they saved alone, scaled by the saving missing in the whole model)."""
-    need = (1 - target) * total
+    whole converted model timed against the original. The layers' savings alone need not be the whole model's,
+    so ``need`` is rescaled by the saving the whole model showed (up when it missed ``target``, down when it
+    beat it by more than ``slack``: converting more than the budget needs costs fidelity), up to ``tries``
+    plans; the plan of least predicted loss among those that met the budget is returned."""
+    need, met, miss = (1 - target) * total, [], ""
     for attempt in range(tries):
         try:
             result = planned(need)
         except GhostifyError:
             if attempt == 0:
                 raise
-            break  # the layers cannot save more: report the whole model's miss below
+            break  # the layers cannot save more
         if not result[3].converted:  # nothing to save: the original itself
             return result, None
         ghost_ms, conv_ms = time_plan(result[3])
-        if ghost_ms / conv_ms <= target:
-            return result, ghost_ms / conv_ms
-        n = len(result[3].converted)
-        miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - result[1] / total:.3f} "
-                f"from the layers timed alone) ran {ghost_ms:.2f} ms against the original's {conv_ms:.2f} ms in "
-                f"{runtime}, {ghost_ms / conv_ms:.3f} of it")
-        if ghost_ms >= conv_ms:
+        measured = ghost_ms / conv_ms
+        if measured <= target:
+            met.append((result[2], attempt, result, measured))
+            if measured >= target - slack:
+                break
+        else:
+            n = len(result[3].converted)
+            miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - result[1] / total:.3f} from the layers "
+                    f"timed alone) ran {ghost_ms:.2f} ms against the original's {conv_ms:.2f} ms in {runtime}, "
+                    f"{measured:.3f} of it")
+        if measured >= 1:
             break
-        need = result[1] * (1 - target) / (1 - ghost_ms / conv_ms)
+        need = result[1] * (1 - target) / (1 - measured)
+    if met:
+        return min(met)[2:]
     raise GhostifyError(f"the latency budget {target:g} is not met by the whole model: {miss}; the layers' savings "
                         "alone do not add up to the whole model's here. Raise the target, allow higher ratios, or "
                         "take the per-layer prediction as it is: allocate(..., whole_model=False)")
