@@ -313,6 +313,7 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         if ort:  # chosen on timings, which move: name the plan so a rebuild can be told apart
             plan = hashlib.sha256(repr(sorted(a.choices.items())).encode()).hexdigest()[:6]
             setting = f"ORT budget {target:g}: {setting}, plan {plan}"
+            log(f"  target {target} {method}: {a.summary()}")  # the whole model's measured ratio, too
         return model, setting, {}
     if method.startswith("tp-"):
         _, imp, scope = method.split("-")
