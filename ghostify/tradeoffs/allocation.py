@@ -171,8 +171,8 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
             ``compile`` (``torch.compile``), each model and layer fused for inference there.
         whole_model: with ``target_latency``, time the whole converted model against the original
             (alternating, in ``runtime``) and rescale what the layers are asked to save by what the
-            whole model saved: more while it misses the budget, less while it beats it by more than
-            0.03 (up to 4 plans; the one of least predicted loss that met it is kept); no plan that
+            whole model saved: more while it misses the budget (up to every conv at its fastest
+            ratio), less while it beats it by more than 0.03 (up to 4 plans; the one of least predicted loss that met it is kept); no plan that
             meets it raises :class:`~ghostify.GhostifyError`. False: trust the layers timed alone.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
@@ -221,9 +221,9 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
 
     measured = None
     if target_latency is not None and whole_model:
+        most = sum(max((o[1] for o in opts), default=0.0) for opts in options.values())  # every conv at its fastest
         (choices, saved, loss, plan), measured = _meet_in_whole_model(
-            planned, total, target, lambda p: whole_model_ms(model, p, x, repeats, threads, runtime),
-            runtime)
+            planned, total, most, target, lambda p: whole_model_ms(model, p, x, repeats, threads, runtime), runtime)
     else:
         choices, saved, loss, plan = planned((1 - target) * total)
     return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
@@ -267,13 +267,14 @@ def _reasons(choices: dict, rows: dict, lat: dict, total_macs: int) -> dict[str,
     return reasons
 
 
-def _meet_in_whole_model(planned, total: float, target: float, time_plan, runtime: str, tries: int = 4,
-                         slack: float = 0.03):
+def _meet_in_whole_model(planned, total: float, most: float, target: float, time_plan, runtime: str,
+                         tries: int = 4, slack: float = 0.03):
     """``(planned(need), measured)``: the allocation for ``need`` ms saved (the layers timed alone), then the
     whole converted model timed against the original. The layers' savings alone need not be the whole model's,
-    so ``need`` is rescaled by the saving the whole model showed (up when it missed ``target``, down when it
-    beat it by more than ``slack``: converting more than the budget needs costs fidelity), up to ``tries``
-    plans; the plan of least predicted loss among those that met the budget is returned."""
+    so ``need`` is rescaled by the saving the whole model showed (up when it missed ``target``, to at most
+    ``most``, every layer at its fastest; down when it beat it by more than ``slack``: converting more than the
+    budget needs costs fidelity), up to ``tries`` plans; the plan of least predicted loss among those that met
+    the budget is returned."""
     need, met, miss = (1 - target) * total, [], ""
     for attempt in range(tries):
         try:
@@ -295,9 +296,10 @@ def _meet_in_whole_model(planned, total: float, target: float, time_plan, runtim
             miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - result[1] / total:.3f} from the layers "
                     f"timed alone) ran {ghost_ms:.2f} ms against the original's {conv_ms:.2f} ms in {runtime}, "
                     f"{measured:.3f} of it")
-        if measured >= 1:
-            break
-        need = result[1] * (1 - target) / (1 - measured)
+        more = min(result[1] * (1 - target) / (1 - measured), most) if measured < 1 else most
+        if measured > target and more <= result[1] + 1e-9:
+            break  # the layers cannot save more
+        need = more
     if met:
         return min(met)[2:]
     raise GhostifyError(f"the latency budget {target:g} is not met by the whole model: {miss}; the layers' savings "
