@@ -221,7 +221,8 @@ def test_a_latency_budget_missed_by_the_whole_model_asks_the_layers_for_more(cha
     a = allocate(chain_net, target_latency=0.75, **kw)
     assert seen == [{"conv2": 2}, {"conv1": 4, "conv2": 2}]
     assert a.choices == {"conv1": 4, "conv2": 2} and a.measured_cost_ratio == pytest.approx(2.9 / 4)
-    assert a.predicted_cost_ratio == pytest.approx(2 / 4) and "measured 0.725" in a.summary()
+    assert a.predicted_cost_ratio == pytest.approx(2 / 4) and a.tried == [(0.75, 0.875), (0.5, 0.725)]
+    assert "measured 0.725 (predicted/measured of the 2 plan(s) timed: 0.750/0.875, 0.500/0.725)" in a.summary()
 
 
 @pytest.mark.parametrize("one_ms, plans, kept, measured, loss", [(2.9, 2, {"conv1": 2, "conv2": None}, 0.725, 0.1),

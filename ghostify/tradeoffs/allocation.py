@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -61,6 +61,7 @@ class Allocation:
     predicted_loss: float
     measure: str
     measured_cost_ratio: float | None = None  # a latency budget: the whole converted model against the original
+    tried: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured) of each plan timed
 
     def summary(self) -> str:
         kept = sum(1 for r in self.choices.values() if r is None)
@@ -72,7 +73,9 @@ class Allocation:
         return (f"allocation (greedy on {self.measure} loss per {self.budget} saved): target {self.budget} "
                 f"{self.target:g} of the original, predicted {self.predicted_cost_ratio:.3f}; {ratios}; "
                 f"{kept} kept as conv; predicted loss {self.predicted_loss:.4g}"
-                + (f"; the whole model measured {self.measured_cost_ratio:.3f}" if self.measured_cost_ratio else ""))
+                + (f"; the whole model measured {self.measured_cost_ratio:.3f} (predicted/measured of the "
+                   f"{len(self.tried)} plan(s) timed: " + ", ".join(f"{p:.3f}/{m:.3f}" for p, m in self.tried) + ")"
+                   if self.measured_cost_ratio else ""))
 
 
 def greedy_allocation(options: dict[str, list[tuple[int, float, float]]], need: float
@@ -219,15 +222,15 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
         reasons = {**slower, **_reasons(choices, rows, lat, table.total_macs)}
         return choices, saved, loss, _budget_plan(model, base_plan, choices, reasons)
 
-    measured = None
+    measured, tried = None, []
     if target_latency is not None and whole_model:
         most = sum(max((o[1] for o in opts), default=0.0) for opts in options.values())  # every conv at its fastest
-        (choices, saved, loss, plan), measured = _meet_in_whole_model(
+        (choices, saved, loss, plan), measured, tried = _meet_in_whole_model(
             planned, total, most, target, lambda p: whole_model_ms(model, p, x, repeats, threads, runtime), runtime)
     else:
         choices, saved, loss, plan = planned((1 - target) * total)
     return Allocation(plan, choices, "macs" if target_macs is not None else "latency", target,
-                      1 - saved / total if total else 1.0, loss, table.measure, measured)
+                      1 - saved / total if total else 1.0, loss, table.measure, measured, tried)
 
 
 def _layer_times(model, base_plan: Plan, rows: dict, x, repeats, threads, progress, runtime):
@@ -269,13 +272,13 @@ def _reasons(choices: dict, rows: dict, lat: dict, total_macs: int) -> dict[str,
 
 def _meet_in_whole_model(planned, total: float, most: float, target: float, time_plan, runtime: str,
                          tries: int = 4, slack: float = 0.03):
-    """``(planned(need), measured)``: the allocation for ``need`` ms saved (the layers timed alone), then the
+    """``(planned(need), measured, [(predicted, measured) per plan timed])``: the allocation for ``need`` ms saved (the layers timed alone), then the
     whole converted model timed against the original. The layers' savings alone need not be the whole model's,
     so ``need`` is rescaled by the saving the whole model showed (up when it missed ``target``, to at most
     ``most``, every layer at its fastest; down when it beat it by more than ``slack``: converting more than the
     budget needs costs fidelity), up to ``tries`` plans; the plan of least predicted loss among those that met
     the budget is returned."""
-    need, met, miss = (1 - target) * total, [], ""
+    need, met, miss, tried = (1 - target) * total, [], "", []
     for attempt in range(tries):
         try:
             result = planned(need)
@@ -284,9 +287,10 @@ def _meet_in_whole_model(planned, total: float, most: float, target: float, time
                 raise
             break  # the layers cannot save more
         if not result[3].converted:  # nothing to save: the original itself
-            return result, None
+            return result, None, []
         ghost_ms, conv_ms = time_plan(result[3])
         measured = ghost_ms / conv_ms
+        tried.append((1 - result[1] / total, measured))
         if measured <= target:
             met.append((result[2], attempt, result, measured))
             if measured >= target - slack:
@@ -301,7 +305,7 @@ def _meet_in_whole_model(planned, total: float, most: float, target: float, time
             break  # the layers cannot save more
         need = more
     if met:
-        return min(met)[2:]
+        return *min(met)[2:], tried
     raise GhostifyError(f"the latency budget {target:g} is not met by the whole model: {miss}; the layers' savings "
                         "alone do not add up to the whole model's here. Raise the target, allow higher ratios, or "
                         "take the per-layer prediction as it is: allocate(..., whole_model=False)")
