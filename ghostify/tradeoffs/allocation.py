@@ -175,8 +175,10 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
         whole_model: with ``target_latency``, time the whole converted model against the original
             (alternating, in ``runtime``) and rescale what the layers are asked to save by what the
             whole model saved: more while it misses the budget (up to every conv at its fastest
-            ratio), less while it beats it by more than 0.03 (up to 4 plans; the one of least predicted loss that met it is kept); no plan that
-            meets it raises :class:`~ghostify.GhostifyError`. False: trust the layers timed alone.
+            ratio), less while it beats it by more than 0.03. Of up to 4 plans, the one of least
+            predicted loss that met the budget is kept (``Allocation.tried`` lists each plan's
+            predicted and measured ratio); none raises :class:`~ghostify.GhostifyError`. False: trust
+            the layers timed alone.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
     Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
