@@ -195,7 +195,8 @@ def budget_options(fn):
                           "least predicted loss first (greedy; see ghostify sensitivity)."),
         click.option("--target-latency", type=float, default=None, callback=fraction, metavar="F",
                      help="As --target-macs, on per-layer latency measured here (batch of --input-size; "
-                          "in --runtime)."),
+                          "in --runtime), then checked on the whole model: the layers are asked for more "
+                          "(or less) until it meets F; refused when it cannot."),
         click.option("--ratios", "budget_ratios", default="2,3,4", show_default=True,
                      help="Candidate ratios per conv for --target-macs/--target-latency."),
         click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False), default=None,
