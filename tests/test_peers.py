@@ -598,3 +598,27 @@ def test_plot_draws_every_method(tmp_path):
               "ort_ms": {"1": 0.5 + i / 100}} for i, m in enumerate(METHODS)]
     plot(rows, s, tmp_path / "tiny.png")
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retime_times_a_folders_kept_onnx_models_and_writes_each_pass(tmp_path, chain_net, monkeypatch):
+    """``benchmarks.retime``: every kept ONNX model of the folder timed together, once per pass, the passes written
+    to ``retime_MODEL.json``; a folder without the original is refused with the flag that keeps it."""
+    import json
+
+    import benchmarks.peers as peers
+    from benchmarks.retime import main
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(peers.SETUPS, "tiny", peers.Setup("tiny", "photos", lambda: chain_net, (3, 8, 8),
+                                                          lambda m: [], 8, 8, 1, "agreement"))
+    with pytest.raises(SystemExit, match="--keep-onnx"):
+        main([str(tmp_path), "tiny"])
+    folder = tmp_path / "onnx" / "tiny"
+    folder.mkdir(parents=True)
+    ghost = ghostify.convert(randomize_bn(chain_net).eval(), ratio=2, init="copy")
+    for name, model in (("original", chain_net.eval()), ("0.5-ghostify-dw", P.fold_bn(ghost)[0])):
+        (folder / f"{name}.onnx").write_bytes(P.onnx_bytes(model, X))
+    passes = main([str(tmp_path), "tiny", "--repeats", "2", "--timings", "2"])
+    assert len(passes) == 2 and all(set(p) == {"original", "0.5-ghostify-dw"} for p in passes)
+    assert all(v > 0 for p in passes for v in p.values())
+    assert json.loads((tmp_path / "retime_tiny.json").read_text()) == passes

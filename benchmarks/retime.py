@@ -1,0 +1,49 @@
+"""Time a ``benchmarks/peers.py`` folder's kept ONNX models again, several times, alone on the machine.
+
+A run's own ONNX Runtime timing is one pass of a few alternating repeats at its end; on this 2-core machine one
+such pass can be off by a third (docs/peers.md, tenth run: CRAFT's original at 187 ms in the run's timing, 115-138
+ms in three timings right after it). This reads ``OUT/onnx/MODEL/*.onnx`` (a run with ``--keep-onnx``) and times
+them together, ``--timings`` passes of ``--repeats`` alternating runs each (``peer_methods.ort_latency``, the
+run's own timer), printing each model's median and its ratio to the original per pass, and writes
+``OUT/retime_MODEL.json``::
+
+    python -m benchmarks.retime peers-craft-ort-check craft_trunk --repeats 15 --timings 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks import peer_methods as P
+from benchmarks.peers import SETUPS
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="a peers.py output folder run with --keep-onnx")
+    ap.add_argument("model", choices=sorted(SETUPS))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--timings", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    files = sorted((args.out / "onnx" / args.model).glob("*.onnx"))
+    if not any(f.stem == "original" for f in files):
+        raise SystemExit(f"no {args.out}/onnx/{args.model}/original.onnx: retime a folder run with --keep-onnx")
+    models = {f.stem: f.read_bytes() for f in files}
+    x = torch.randn(args.batch, *SETUPS[args.model].size, generator=torch.Generator().manual_seed(0))
+    passes = []
+    for i in range(args.timings):
+        lat = P.ort_latency(models, {args.batch: x}, threads=args.threads, repeats=args.repeats)
+        passes.append({k: v[args.batch] for k, v in lat.items()})
+        print(f"timing {i + 1} (original {passes[-1]['original']:.1f} ms): " + ", ".join(
+            f"{k} {v / passes[-1]['original']:.2f}x" for k, v in passes[-1].items() if k != "original"), flush=True)
+    (args.out / f"retime_{args.model}.json").write_text(json.dumps(passes, indent=1))
+    return passes
+
+
+if __name__ == "__main__":
+    main()
