@@ -1,8 +1,8 @@
 """Time a ``benchmarks/peers.py`` folder's kept ONNX models again, several times, alone on the machine.
 
 A run's own ONNX Runtime timing is one pass of a few alternating repeats at its end; on this 2-core machine one
-such pass can be off by a third (docs/peers.md, tenth run: CRAFT's original at 187 ms in the run's timing, 115-138
-ms in three timings right after it). This reads ``OUT/onnx/MODEL/*.onnx`` (a run with ``--keep-onnx``) and times
+such pass can say the opposite of the next (docs/peers.md, tenth run: Taylor's 0.85 CRAFT model at 1.27x the
+original in the run's timing, at 0.71-0.93x in six timings after it). This reads ``OUT/onnx/MODEL/*.onnx`` (a run with ``--keep-onnx``) and times
 them together, ``--timings`` passes of ``--repeats`` alternating runs each (``peer_methods.ort_latency``, the
 run's own timer), printing each model's median and its ratio to the original per pass, and writes
 ``OUT/retime_MODEL.json``::
