@@ -2,10 +2,10 @@
 
 A run's own ONNX Runtime timing is one pass of a few alternating repeats at its end; on this 2-core machine one
 such pass can say the opposite of the next (docs/peers.md, tenth run: Taylor's 0.85 CRAFT model at 1.27x the
-original in the run's timing, at 0.71-0.93x in six timings after it). This reads ``OUT/onnx/MODEL/*.onnx`` (a run with ``--keep-onnx``) and times
-them together, ``--timings`` passes of ``--repeats`` alternating runs each (``peer_methods.ort_latency``, the
-run's own timer), printing each model's median and its ratio to the original per pass, and writes
-``OUT/retime_MODEL.json``::
+original in the run's timing, at 0.71-0.93x in six timings after it). This reads ``OUT/onnx/MODEL/*.onnx`` (a
+run with ``--keep-onnx``) and times them together, ``--timings`` passes of ``--repeats`` alternating runs each
+(``peer_methods.ort_latency``, the run's own timer), printing each model's ratio to the original per pass, and
+writes each pass's medians (ms) to ``OUT/retime_MODEL.json``::
 
     python -m benchmarks.retime peers-craft-ort-check craft_trunk --repeats 15 --timings 3
 """
