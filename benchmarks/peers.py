@@ -55,8 +55,8 @@ Methods (``--methods``, default all):
   ``ghostify-alloc-out`` (trunks): the same, measuring the relative error of the trunk's output instead of a KL.
   ``ghostify-alloc-kl-ort``, ``ghostify-alloc-out-ort``: the same allocations with the target read as a budget
   of ONNX Runtime latency at batch 1 (``allocate(target_latency=F, runtime="ort")``: each candidate conv and Ghost
-  layer timed in isolation, then the whole converted model against the original, the layers asked for more while
-  it misses the budget) instead of MACs: what a user who wants equal latency asks for.
+  layer timed in isolation, then the whole converted model against the original, the layers asked for more or
+  less by what it saved) instead of MACs: what a user who wants equal latency asks for.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
   ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
   output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the

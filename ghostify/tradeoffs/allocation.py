@@ -213,8 +213,9 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
                             progress=progress, reference=reference, **init_options)
     rows = {n: [r for r in table.options(n) if r.ratio in ratios] for n in table.layers if n in candidates}
 
-    lat, total_ms, x = {}, None, torch.randn(*input_size)
-    if target_latency is not None or only_faster:
+    lat, total_ms, x = {}, None, None
+    if target_latency is not None or only_faster:  # a MACs budget draws no timing input (nor random numbers)
+        x = torch.randn(*input_size)
         lat, total_ms = _layer_times(model, base_plan, rows, x, repeats, threads, progress, runtime)
     options, slower = _options(rows, lat, target_macs is not None, only_faster)
     total = float(table.total_macs) if target_macs is not None else total_ms
