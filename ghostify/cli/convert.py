@@ -104,6 +104,8 @@ def convert(model, weights, ratio, dw_size, init, cheap, round_to, include, excl
             raise GhostifyError(f"--runtime {budget['runtime']} says where --skip-slower/--target-latency time "
                                 "the layers; add one of them")
         require_runtime(budget["runtime"])
+    if budget.get("no_whole_model") and budget.get("target_latency") is None:
+        raise GhostifyError("--no-whole-model changes how --target-latency checks its plan; add --target-latency F")
     size = parse_input_size(input_size, lambda: default_input(model))
     original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude,
                                          override, leaf, trust_code)

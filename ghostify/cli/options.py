@@ -197,6 +197,9 @@ def budget_options(fn):
                      help="As --target-macs, on per-layer latency measured here (batch of --input-size; "
                           "in --runtime), then checked on the whole model: the layers are asked for more "
                           "(or less) until it meets F; refused when it cannot."),
+        click.option("--no-whole-model", is_flag=True,
+                     help="With --target-latency: trust the layers timed alone, without timing the whole "
+                          "converted model (quicker; the model may miss F)."),
         click.option("--ratios", "budget_ratios", default="2,3,4", show_default=True,
                      help="Candidate ratios per conv for --target-macs/--target-latency."),
         click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False), default=None,

@@ -173,12 +173,13 @@ def allocate(model: nn.Module, *, config: GhostConfig | None = None, target_macs
         runtime: where latencies are measured: ``torch`` (eager), ``ort`` (ONNX Runtime) or
             ``compile`` (``torch.compile``), each model and layer fused for inference there.
         whole_model: with ``target_latency``, time the whole converted model against the original
-            (alternating, in ``runtime``) and rescale what the layers are asked to save by what the
-            whole model saved: more while it misses the budget (up to every conv at its fastest
-            ratio), less while it beats it by more than 0.03. Of up to 4 plans, the one of least
-            predicted loss that met the budget is kept (``Allocation.tried`` lists each plan's
-            predicted and measured ratio); none raises :class:`~ghostify.GhostifyError`. False: trust
-            the layers timed alone.
+            (alternating, in ``runtime``) and ask the layers for more while it misses the budget (up
+            to every conv at its fastest ratio), for less while it beats it by more than 0.03, and,
+            once one plan missed and another met, for a saving between the two, aiming at 0.015
+            under the budget. Of up to 6 plans (none timed twice), the one of least predicted loss
+            that met the budget is kept (``Allocation.tried`` lists each plan's predicted and
+            measured ratio); none raises :class:`~ghostify.GhostifyError`. False: trust the layers
+            timed alone.
         Other arguments: as :func:`ghostify.sensitivity` / :func:`ghostify.convert`.
 
     Returns an :class:`Allocation`; ``allocation.plan`` goes to ``ghostify.convert(model, plan=...)``.
@@ -274,14 +275,13 @@ def _reasons(choices: dict, rows: dict, lat: dict, total_macs: int) -> dict[str,
 
 
 def _meet_in_whole_model(planned, total: float, most: float, target: float, time_plan, runtime: str,
-                         tries: int = 4, slack: float = 0.03):
-    """``(planned(need), measured, [(predicted, measured) per plan timed])``: the allocation for ``need`` ms saved (the layers timed alone), then the
-    whole converted model timed against the original. The layers' savings alone need not be the whole model's,
-    so ``need`` is rescaled by the saving the whole model showed (up when it missed ``target``, to at most
-    ``most``, every layer at its fastest; down when it beat it by more than ``slack``: converting more than the
-    budget needs costs fidelity), up to ``tries`` plans; the plan of least predicted loss among those that met
+                         tries: int = 6, slack: float = 0.03):
+    """``(planned(need), measured, [(predicted, measured) per plan timed])``: the allocation for ``need`` ms saved
+    (the layers timed alone), then the whole converted model timed against the original, and the next ``need``
+    chosen by :func:`_next_need` from the plans timed so far, until one lands in ``[target - slack, target]``,
+    none is left to try, or ``tries`` plans were timed; the plan of least predicted loss among those that met
     the budget is returned."""
-    need, met, miss, tried = (1 - target) * total, [], "", []
+    need, kept, met, missed, tried, seen, miss = (1 - target) * total, [], [], [], [], set(), ""
     for attempt in range(tries):
         try:
             result = planned(need)
@@ -289,29 +289,64 @@ def _meet_in_whole_model(planned, total: float, most: float, target: float, time
             if attempt == 0:
                 raise
             break  # the layers cannot save more
-        if not result[3].converted:  # nothing to save: the original itself
+        choices, saved, loss, plan = result
+        if not plan.converted:  # nothing to save: the original itself
             return result, None, []
-        ghost_ms, conv_ms = time_plan(result[3])
+        if tuple(choices.items()) in seen:
+            break  # the plan asked for is one already timed
+        seen.add(tuple(choices.items()))
+        ghost_ms, conv_ms = time_plan(plan)
         measured = ghost_ms / conv_ms
-        tried.append((1 - result[1] / total, measured))
+        tried.append((1 - saved / total, measured))
         if measured <= target:
-            met.append((result[2], attempt, result, measured))
+            kept.append((loss, attempt, result, measured))
+            met.append((saved, measured))
             if measured >= target - slack:
                 break
         else:
-            n = len(result[3].converted)
-            miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - result[1] / total:.3f} from the layers "
+            missed.append((saved, measured))
+            n = len(plan.converted)
+            miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - saved / total:.3f} from the layers "
                     f"timed alone) ran {ghost_ms:.2f} ms against the original's {conv_ms:.2f} ms in {runtime}, "
                     f"{measured:.3f} of it")
-        more = min(result[1] * (1 - target) / (1 - measured), most) if measured < 1 else most
-        if measured > target and more <= result[1] + 1e-9:
-            break  # the layers cannot save more
-        need = more
-    if met:
-        return *min(met)[2:], tried
+        need = _next_need(met, missed, target - slack / 2, most)
+        if need is None:
+            break
+    if kept:
+        return *min(kept)[2:], tried
     raise GhostifyError(f"the latency budget {target:g} is not met by the whole model: {miss}; the layers' savings "
                         "alone do not add up to the whole model's here. Raise the target, allow higher ratios, or "
                         "take the per-layer prediction as it is: allocate(..., whole_model=False)")
+
+
+def _next_need(met: list, missed: list, aim: float, most: float) -> float | None:
+    """What to ask the layers to save next (ms, as timed alone), from the plans timed so far (``(saved,
+    measured)`` each, ``met`` the budget or ``missed`` it), aiming the whole model at ``aim`` of the original.
+
+    Between the largest saving that missed and the smallest that met, where the line through the two crosses
+    ``aim`` (kept a tenth of the gap away from either end); with misses only, the largest saving scaled by what
+    the whole model saved against what ``aim`` needs, up to ``most`` (every layer at its fastest); with plans
+    that beat the budget by far only, the smallest saving scaled down the same way. None when nothing new is
+    left to ask.
+
+    Example:
+        >>> _next_need(met=[], missed=[(1.0, 0.9)], aim=0.8, most=5.0)  # saved half what was needed: ask twice
+        2.0
+        >>> round(_next_need(met=[(2.0, 0.6)], missed=[(1.0, 0.9)], aim=0.8, most=5.0), 3)
+        1.333
+    """
+    slow, fast = max(missed, default=None), min(met, default=None)
+    if slow and fast:
+        (s0, m0), (s1, m1) = slow, fast
+        if s1 <= s0:  # a larger saving missed where a smaller one met: the timings disagree, stop
+            return None
+        t = (m0 - aim) / (m0 - m1) if m0 > m1 else 0.5
+        return s0 + min(max(t, 0.1), 0.9) * (s1 - s0)
+    saved, measured = slow or fast
+    if measured >= 1:  # no faster at all: ask for the most at once
+        return most if saved < most - 1e-9 else None
+    want = min(saved * (1 - aim) / (1 - measured), most)
+    return None if slow and want <= saved + 1e-9 else want
 
 
 def _check_table(table, model: nn.Module, candidates: dict, ratios, config: GhostConfig) -> None:

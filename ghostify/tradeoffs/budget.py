@@ -44,8 +44,8 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
 
     ``budget`` holds the options of ``ghostify convert`` (``plan_file``, ``target_macs``,
     ``target_latency``, ``budget_ratios``, ``sensitivity_file``, ``sensitivity_data``,
-    ``sensitivity_method``, ``skip_slower``, ``threads``, ``runtime``); ``config`` is the conversion's
-    configuration, passed as is to :func:`~ghostify.allocate`.
+    ``sensitivity_method``, ``skip_slower``, ``threads``, ``runtime``, ``no_whole_model``); ``config`` is the
+    conversion's configuration, passed as is to :func:`~ghostify.allocate`.
     """
     init = config.global_spec.init
     if budget.get("plan_file"):
@@ -74,7 +74,7 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
                          calib_data=calib_data, eval_data=eval_data, method=budget.get("sensitivity_method"),
                          input_size=size, only_faster=budget.get("skip_slower", False),
                          threads=budget.get("threads"), leaf_modules=leaf, runtime=budget.get("runtime", "torch"),
-                         calib_augment=calib_augment)
+                         whole_model=not budget.get("no_whole_model"), calib_augment=calib_augment)
         plan = alloc.plan
         _note(alloc.summary())
     elif budget.get("skip_slower"):
