@@ -4,7 +4,9 @@ For each model and each target MACs fraction, every method compresses the same t
 fraction (its hyper-parameter found by bisection; MACs counted by ``ghostify.count`` for all), is measured
 without training on data no fit saw, optionally after the same short distillation, and every distinct
 architecture is exported to ONNX the same way and timed in ONNX Runtime (batch 1 and 8, fixed threads,
-all of a model's architectures alternating run after run, median).
+all of a model's architectures alternating run after run, median; ``--timings`` such timings, 3 by default:
+one timing on a busy 2-core machine can put a model on either side of another, so each model's ratio to the
+original is the median of its ratios in the timings, and the table gives their range).
 
 Models and data (the same calibration images and the same evaluation data for every method):
 
@@ -423,8 +425,9 @@ EXPORT_DESC = {
                 "opset 17, dynamic batch, checked against PyTorch)",
 }
 ORT_DESC = ("ONNX Runtime CPU, ORT_ENABLE_ALL, {threads} intra-op threads, no spin-waiting, one session per "
-            "architecture, all of a model's architectures alternating run after run, median; each ONNX model "
-            "checked against its PyTorch model before timing")
+            "architecture, all of a model's architectures alternating run after run, median; {timings} such "
+            "timing(s), each model's ratio to the original the median of its ratios; each ONNX model checked "
+            "against its PyTorch model before timing")
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -463,15 +466,19 @@ def table(rows: list[dict], setups: dict[str, Setup]) -> str:
         orig = next(r for r in mine if r["method"] == "original")
         kd = any(r.get("kd") is not None for r in mine)
         own = any(r.get("kd_own") is not None for r in mine)
+        spread = any(len(r.get("ort_ratios", {}).get("1", [])) > 1 for r in mine)
         lines += [f"\n### {name}: {s.metric} ({'higher' if higher_is_better(s) else 'lower'} is better)\n",
                   f"{orig.get('data', '')}\n",
                   "| target | method | repair | setting | MACs | params | " + s.metric + (" | after KD" if kd else "")
-                  + (" | after ghostify.distill" if own else "") + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig |",
+                  + (" | after ghostify.distill" if own else "") + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig"
+                  + (" (range over timings)" if spread else "") + " |",
                   "|---|---|---|---|---|---|---|" + ("---|" if kd else "") + ("---|" if own else "") + "---|---|---|"]
         lat0 = orig.get("ort_ms", {}).get("1")
         for r in mine:
             lat = r.get("ort_ms", {})
             rel = f"{lat['1'] / lat0:.2f}" if lat.get("1") and lat0 else "-"
+            spread = r.get("ort_ratios", {}).get("1", [])
+            rel += f" ({min(spread):.2f}-{max(spread):.2f})" if len(spread) > 1 and r is not orig else ""
             lines.append(f"| {r['target'] if r['target'] else '-'} | {r['method']} | {r['repair']} | {r['setting']} | "
                          f"{r['macs']:.3f} | {r['params']:.3f} | {fmt_fid(s, r['fidelity'])} | "
                          + (f"{fmt_fid(s, r.get('kd'))} | " if kd else "")
@@ -677,11 +684,13 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     inputs = {bs: torch.randn(bs, *s.size, generator=gen) for bs in batch_sizes}
     repeats = args.repeats or (3 if args.quick else s.repeats)
     log(f"  ONNX Runtime: {len(models)} architectures, batch {batch_sizes}, {args.threads} threads, "
-        f"{repeats} alternating repeats")
-    lat = P.ort_latency(models, inputs, threads=args.threads, repeats=repeats, progress=lambda m: log("  " + m))
+        f"{args.timings} timing(s) of {repeats} alternating repeats")
+    lat, ratios = P.ort_passes(models, inputs, threads=args.threads, repeats=repeats, timings=args.timings,
+                               progress=lambda m: log("  " + m))
     for r in rows:
         if r["model"] == s.name:
             r["ort_ms"] = {str(bs): lat[r["arch"]][bs] for bs in batch_sizes}
+            r["ort_ratios"] = {str(bs): ratios[r["arch"]][bs] for bs in batch_sizes}
             if r["arch"] in onnx_err:
                 r["onnx_err"] = onnx_err[r["arch"]]
     save(out, rows, meta)
@@ -700,6 +709,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                     help="ORT batch sizes (default: 1 and 8; the VGG16 trunk 1)")
     ap.add_argument("--repeats", type=int, default=None, help="ORT repeats per batch size (default: per model)")
+    ap.add_argument("--timings", type=int, default=3,
+                    help="ORT timings of every model (each --repeats alternating runs); a model's latency is the "
+                         "original's median over them times the median of its ratios to the original, and the "
+                         "table gives the ratios' range")
     ap.add_argument("--export", default="auto", choices=["auto", "local", "ghostify"],
                     help="ghostify (auto when ghostify.export exists): every model through ghostify.export "
                          "(its deploy pass, then ONNX); local: every model alike: BN after a Ghost layer folded "
@@ -774,16 +787,18 @@ def main(argv=None) -> None:
             "threads": args.threads, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_start": os.getloadavg(), "taylor_loss": TAYLOR_LOSS,
             "alloc_ratios": args.alloc_ratios, "calib_augment": args.calib_augment,
-            "kd_crops": args.kd_crops, "kd_seed": args.kd_seed, "round_to": args.round_to, "unreachable": unreachable}
+            "kd_crops": args.kd_crops, "kd_seed": args.kd_seed, "round_to": args.round_to, "unreachable": unreachable,
+            "timings": args.timings}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
-    print("export: " + EXPORT_DESC[how] + "; " + ORT_DESC.format(threads=args.threads), flush=True)
+    ort_desc = ORT_DESC.format(threads=args.threads, timings=args.timings)
+    print("export: " + EXPORT_DESC[how] + "; " + ort_desc, flush=True)
     for name in args.models:
         run_model(SETUPS[name], args, out, rows, meta, how)
     meta["load_end"] = os.getloadavg()
     save(out, rows, meta)
     md = table(rows, SETUPS) + equal_latency(rows, SETUPS)
     (out / "table.md").write_text("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-                                  + "\n\nexport: " + EXPORT_DESC[how] + "\n\n" + ORT_DESC.format(threads=args.threads)
+                                  + "\n\nexport: " + EXPORT_DESC[how] + "\n\n" + ort_desc
                                   + "\n\nTaylor gradients: "
                                   + "; ".join(f"{k}: {v}" for k, v in TAYLOR_LOSS.items()) + "\n" + md)
     for name in args.models:

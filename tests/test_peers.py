@@ -622,3 +622,22 @@ def test_retime_times_a_folders_kept_onnx_models_and_writes_each_pass(tmp_path, 
     assert len(passes) == 2 and all(set(p) == {"original", "0.5-ghostify-dw"} for p in passes)
     assert all(v > 0 for p in passes for v in p.values())
     assert json.loads((tmp_path / "retime_tiny.json").read_text()) == passes
+
+
+def test_ort_passes_takes_each_models_median_ratio_to_the_original_over_the_timings(monkeypatch):
+    """Several timings: a model's ratio to the original is the median of its per-timing ratios (the machine's speed
+    moves between timings), its ms that ratio times the original's median, and the table gives the range."""
+    from benchmarks.peers import Setup, table
+
+    passes = iter([{"original": {1: 100.0}, "a": {1: 80.0}}, {"original": {1: 200.0}, "a": {1: 180.0}},
+                   {"original": {1: 150.0}, "a": {1: 120.0}}])
+    monkeypatch.setattr(P, "ort_latency", lambda models, inputs, **kw: next(passes))
+    ms, ratios = P.ort_passes({"original": b"", "a": b""}, {1: X}, timings=3)
+    assert ratios == {"original": {1: [1.0, 1.0, 1.0]}, "a": {1: [0.8, 0.9, 0.8]}}
+    assert ms == {"original": {1: 150.0}, "a": {1: pytest.approx(120.0)}}
+    s = Setup("tiny", "trunk", lambda: None, (3, 8, 8), lambda m: [], 32, 8, 1, "feature error")
+    rows = [{"model": "tiny", "method": m, "repair": "none", "target": t, "setting": "-", "macs": 1.0, "params": 1.0,
+             "fidelity": 0.1, "ort_ms": {"1": ms[k][1]}, "ort_ratios": {"1": ratios[k][1]}}
+            for k, m, t in (("original", "original", None), ("a", "tp-l1-global", 0.5))]
+    md = table(rows, {"tiny": s})
+    assert "bs1 vs orig (range over timings)" in md and "| 0.80 (0.80-0.90) |" in md and "| 1.00 |" in md
