@@ -520,18 +520,23 @@ def ort_latency(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, th
 
 
 def ort_passes(models: dict[str, bytes], inputs: dict[int, torch.Tensor], *, threads: int = 2, repeats: int = 10,
-               timings: int = 1, reference: str = "original", progress: Callable[[str], None] | None = None
-               ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, list[float]]]]:
-    """``(ms, ratios)`` over ``timings`` passes of :func:`ort_latency`, every model in every pass.
+               timings: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, dict[int, float]]]:
+    """``timings`` passes of :func:`ort_latency`, every model in every pass (each pass: model -> batch -> ms)."""
+    return [ort_latency(models, inputs, threads=threads, repeats=repeats, progress=progress) for _ in range(timings)]
+
+
+def pass_medians(passes: list[dict[str, dict[int, float]]], reference: str = "original"
+                 ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, list[float]]]]:
+    """``(ms, ratios)`` of :func:`ort_passes`' passes.
 
     ``ratios[model][bs]`` lists each pass's median against the ``reference`` model's in the same pass;
     ``ms[model][bs]`` is the reference's median over the passes times the median of the model's ratios, so that
     its ratio to the reference is the middle pass's, whatever the machine's speed did between passes.
     """
-    passes = [ort_latency(models, inputs, threads=threads, repeats=repeats, progress=progress) for _ in range(timings)]
-    ratios = {k: {bs: [p[k][bs] / p[reference][bs] for p in passes] for bs in inputs} for k in models}
-    base = {bs: statistics.median(p[reference][bs] for p in passes) for bs in inputs}
-    return {k: {bs: base[bs] * statistics.median(ratios[k][bs]) for bs in inputs} for k in models}, ratios
+    sizes = passes[0][reference]
+    ratios = {k: {bs: [p[k][bs] / p[reference][bs] for p in passes] for bs in sizes} for k in passes[0]}
+    base = {bs: statistics.median(p[reference][bs] for p in passes) for bs in sizes}
+    return {k: {bs: base[bs] * statistics.median(r[bs]) for bs in sizes} for k, r in ratios.items()}, ratios
 
 
 # -- short distillation ----------------------------------------------------------------------------

@@ -479,8 +479,8 @@ def table(rows: list[dict], setups: dict[str, Setup]) -> str:
         for r in mine:
             lat = r.get("ort_ms", {})
             rel = f"{lat['1'] / lat0:.2f}" if lat.get("1") and lat0 else "-"
-            spread = r.get("ort_ratios", {}).get("1", [])
-            rel += f" ({min(spread):.2f}-{max(spread):.2f})" if len(spread) > 1 and r is not orig else ""
+            per_timing = r.get("ort_ratios", {}).get("1", [])
+            rel += f" ({min(per_timing):.2f}-{max(per_timing):.2f})" if len(per_timing) > 1 and r is not orig else ""
             lines.append(f"| {r['target'] if r['target'] else '-'} | {r['method']} | {r['repair']} | {r['setting']} | "
                          f"{r['macs']:.3f} | {r['params']:.3f} | {fmt_fid(s, r['fidelity'])} | "
                          + (f"{fmt_fid(s, r.get('kd'))} | " if kd else "")
@@ -687,8 +687,8 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
     repeats = args.repeats or (3 if args.quick else s.repeats)
     log(f"  ONNX Runtime: {len(models)} architectures, batch {batch_sizes}, {args.threads} threads, "
         f"{args.timings} timing(s) of {repeats} alternating repeats")
-    lat, ratios = P.ort_passes(models, inputs, threads=args.threads, repeats=repeats, timings=args.timings,
-                               progress=lambda m: log("  " + m))
+    lat, ratios = P.pass_medians(P.ort_passes(models, inputs, threads=args.threads, repeats=repeats,
+                                              timings=args.timings, progress=lambda m: log("  " + m)))
     for r in rows:
         if r["model"] == s.name:
             r["ort_ms"] = {str(bs): lat[r["arch"]][bs] for bs in batch_sizes}

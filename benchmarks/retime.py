@@ -4,7 +4,7 @@ A run's own ONNX Runtime timing is one pass of a few alternating repeats at its 
 such pass can say the opposite of the next (docs/peers.md, tenth run: Taylor's 0.85 CRAFT model at 1.27x the
 original in the run's timing, at 0.71-0.93x in six timings after it). This reads ``OUT/onnx/MODEL/*.onnx`` (a
 run with ``--keep-onnx``) and times them together, ``--timings`` passes of ``--repeats`` alternating runs each
-(``peer_methods.ort_latency``, the run's own timer), printing each model's ratio to the original per pass, and
+(``peer_methods.ort_passes``, the run's own timer), printing each model's ratio to the original per pass, and
 writes each pass's medians (ms) to ``OUT/retime_MODEL.json``::
 
     python -m benchmarks.retime peers-craft-ort-check craft_trunk --repeats 15 --timings 3
@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         raise SystemExit(f"no {args.out}/onnx/{args.model}/original.onnx: retime a folder run with --keep-onnx")
     models = {f.stem: f.read_bytes() for f in files}
     x = torch.randn(args.batch, *SETUPS[args.model].size, generator=torch.Generator().manual_seed(0))
-    passes = []
-    for i in range(args.timings):
-        lat = P.ort_latency(models, {args.batch: x}, threads=args.threads, repeats=args.repeats)
-        passes.append({k: v[args.batch] for k, v in lat.items()})
-        print(f"timing {i + 1} (original {passes[-1]['original']:.1f} ms): " + ", ".join(
-            f"{k} {v / passes[-1]['original']:.2f}x" for k, v in passes[-1].items() if k != "original"), flush=True)
+    passes = [{k: v[args.batch] for k, v in lat.items()}
+              for lat in P.ort_passes(models, {args.batch: x}, threads=args.threads, repeats=args.repeats,
+                                      timings=args.timings)]
+    for i, p in enumerate(passes):
+        print(f"timing {i + 1} (original {p['original']:.1f} ms): " + ", ".join(
+            f"{k} {v / p['original']:.2f}x" for k, v in p.items() if k != "original"), flush=True)
     (args.out / f"retime_{args.model}.json").write_text(json.dumps(passes, indent=1))
     return passes
 

@@ -281,7 +281,7 @@ def _meet_in_whole_model(planned, total: float, most: float, target: float, time
     chosen by :func:`_next_need` from the plans timed so far, until one lands in ``[target - slack, target]``,
     none is left to try, or ``tries`` plans were timed; the plan of least predicted loss among those that met
     the budget is returned."""
-    need, kept, met, missed, tried, seen, miss = (1 - target) * total, [], [], [], [], set(), ""
+    need, kept, missed, tried, seen, miss = (1 - target) * total, [], [], [], set(), ""
     for attempt in range(tries):
         try:
             result = planned(need)
@@ -300,7 +300,6 @@ def _meet_in_whole_model(planned, total: float, most: float, target: float, time
         tried.append((1 - saved / total, measured))
         if measured <= target:
             kept.append((loss, attempt, result, measured))
-            met.append((saved, measured))
             if measured >= target - slack:
                 break
         else:
@@ -309,7 +308,7 @@ def _meet_in_whole_model(planned, total: float, most: float, target: float, time
             miss = (f"{n} conv{'s' * (n != 1)} converted (predicted {1 - saved / total:.3f} from the layers "
                     f"timed alone) ran {ghost_ms:.2f} ms against the original's {conv_ms:.2f} ms in {runtime}, "
                     f"{measured:.3f} of it")
-        need = _next_need(met, missed, target - slack / 2, most)
+        need = _next_need([(k[2][1], k[3]) for k in kept], missed, target - slack / 2, most)
         if need is None:
             break
     if kept:
