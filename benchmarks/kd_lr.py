@@ -1,16 +1,23 @@
 """Does the shared distillation's learning rate hold the Ghost students back? The peers' KD recipe at several
 peak learning rates, for the same students ``benchmarks/peers.py`` builds.
 
-The photos KD recipe (``peer_methods.kd_finetune``: ``ghostify.distill``'s AdamW at 3e-5) gives every student
-the same steps. On MobileNetV2 at 0.9 of the MACs the pruned student gains 17 points from them and ghostify's
-allocation 11: a recipe tuned too gently for a student whose converted layers were refitted could explain part
-of that gap. This builds each student once, as ``peers.py`` does with the same flags, and distils a copy at each
-learning rate (same seed, same batches), printing held-out top-1 agreement and KL::
+The photos KD recipe (``peer_methods.kd_finetune``: ``ghostify.distill``'s AdamW at 3e-5; trunks: the same on
+the output's relative squared error) gives every student the same steps. On MobileNetV2 at 0.9 of the MACs the
+pruned student gains 17 points from them and ghostify's allocation 11; on CRAFT's trunk near 0.9x of the
+latency Taylor pruning goes 0.112 -> 0.074 and ghostify's budget 0.119 -> 0.106. A recipe tuned too gently (or
+too hard) for one kind of student could explain part of such a gap. This builds each student once, as
+``peers.py`` does with the same flags, and distils a copy at each learning rate (same seed, same batches),
+printing the held-out fidelity (photos: top-1 agreement and KL; trunks: feature error)::
 
     python -m benchmarks.kd_lr --round-to 8 --calib-augment 256       # MobileNetV2, 0.9, ~25 min on 2 cores
+    python -m benchmarks.kd_lr --model craft_trunk --round-to 8 \\
+        --methods ghostify-alloc-out-ort@0.9 tp-taylor-global@0.85    # ~75 min on 2 cores
+
+A method may carry its own target after ``@`` (an ``-ort`` allocation's target is a latency budget, as in
+``peers.py``); the others take ``--target``.
 
 Measured on 6 Dec 2026 (docs/peers.md, "The distillation's learning rate"): 3e-5 is the best of 3e-5 / 1e-4 /
-3e-4 for both students (the allocation 63.8 / 62.2 / 16.5 %, L1 pruning 76.1 / 75.0 / 64.1 %).
+3e-4 for both MobileNetV2 students (the allocation 63.8 / 62.2 / 16.5 %, L1 pruning 76.1 / 75.0 / 64.1 %).
 """
 from __future__ import annotations
 
@@ -24,14 +31,28 @@ import torch
 from benchmarks import peer_methods as P
 from benchmarks import peers
 
+MODELS = ["mobilenet_v2", "efficientnet_lite0", "vgg16_trunk", "craft_trunk"]
+
+
+def method_target(spec: str, default: float) -> tuple[str, float]:
+    """``"tp-l1-global@0.85"`` -> ``("tp-l1-global", 0.85)``; without ``@`` the default target.
+
+    >>> method_target("ghostify-alloc-out-ort@0.9", 0.7), method_target("lowrank", 0.7)
+    (('ghostify-alloc-out-ort', 0.9), ('lowrank', 0.7))
+    """
+    method, _, target = spec.partition("@")
+    if method not in peers.METHODS:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(peers.METHODS)}")
+    return method, float(target) if target else default
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mobilenet_v2", choices=["mobilenet_v2", "efficientnet_lite0"])
+    ap.add_argument("--model", default="mobilenet_v2", choices=MODELS)
     ap.add_argument("--target", type=float, default=0.9, help="MACs fraction")
-    ap.add_argument("--methods", nargs="+", default=["ghostify-alloc-kl", "tp-l1-global"], choices=peers.METHODS)
+    ap.add_argument("--methods", nargs="+", default=["ghostify-alloc-kl", "tp-l1-global"], metavar="METHOD[@TARGET]")
     ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=None, help="KD steps (default: peers.py's, 150 photos, 40 trunks)")
     ap.add_argument("--calib-augment", type=int, default=0, metavar="N")
     ap.add_argument("--round-to", type=int, default=1, metavar="N")
     ap.add_argument("--seed", type=int, default=0, help="the distillation's seed")
@@ -39,28 +60,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("-o", "--out", type=Path, default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
+    specs = [method_target(m, a.target) for m in a.methods]
     args = argparse.Namespace(calib_augment=a.calib_augment, round_to=a.round_to, alloc_ratios=list(peers.RATIOS))
     s = peers.SETUPS[a.model]
     peers.load_data(s, a.quick)
     ctx = peers.Context(s, args)
-    steps = 2 if a.quick else a.steps
+    trunk = s.kind == "trunk"
+    steps = 2 if a.quick else a.steps or (40 if trunk else 150)
     rows = []
-    print(f"{a.model} at {a.target} of the MACs, {steps} KD steps (seed {a.seed}); {s.data['desc']}")
-    print("| method | setting | start: agreement (KL) | lr | after KD: agreement (KL) | top-5 | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for method in a.methods:
-        student, setting = peers.kd_student(ctx, method, a.target)
+    print(f"{a.model}, {steps} KD steps (seed {a.seed}); {s.data['desc']}; {s.metric}")
+    print("| method | target | setting | MACs | start | lr | after KD | seconds |\n|---|---|---|---|---|---|---|---|")
+    show = (lambda f: f"{f['fidelity']:.4f}") if trunk else (lambda f: f"{f['fidelity']:.2%} ({f['kl']:.3f})")
+    for method, target in specs:
+        student, setting = peers.kd_student(ctx, method, target)
         start = peers.fidelity(s, student, ctx.ref)
         for lr in a.lrs:
             t0 = time.perf_counter()
-            kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe="photos", seed=a.seed, lr=lr)
+            kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe=s.kind, seed=a.seed, lr=lr)
             end = peers.fidelity(s, kd, ctx.ref)
-            rows.append(dict(method=method, setting=setting, macs=ctx.macs(student), lr=lr, steps=steps,
-                             start=start["fidelity"], start_kl=start["kl"], kd=end["fidelity"], kd_kl=end["kl"],
-                             kd_top5=end["agree_top5"], seconds=time.perf_counter() - t0))
-            print(f"| {method} | {setting} | {start['fidelity']:.2%} ({start['kl']:.3f}) | {lr:g} | "
-                  f"{end['fidelity']:.2%} ({end['kl']:.3f}) | {end['agree_top5']:.2%} | {rows[-1]['seconds']:.0f} |",
-                  flush=True)
+            rows.append(dict(method=method, target=target, setting=setting, macs=ctx.macs(student), lr=lr,
+                             steps=steps, start=start["fidelity"], kd=end["fidelity"],
+                             seconds=time.perf_counter() - t0))
+            if not trunk:
+                rows[-1].update(start_kl=start["kl"], kd_kl=end["kl"], kd_top5=end["agree_top5"])
+            print(f"| {method} | {target:g} | {setting} | {rows[-1]['macs']:.3f} | {show(start)} | {lr:g} | "
+                  f"{show(end)} | {rows[-1]['seconds']:.0f} |", flush=True)
             if a.out:
                 a.out.write_text(json.dumps(rows, indent=1))
     return rows

@@ -519,6 +519,28 @@ def test_kd_lr_sweep_distils_one_student_per_rate(tiny_photos, monkeypatch, tmp_
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
+def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch):
+    """On a trunk ``benchmarks.kd_lr`` distils with the trunk recipe and reports the feature error; a method's
+    ``@TARGET`` overrides ``--target`` (here the pruned student at 0.7 of the MACs, ghostify's at 0.8)."""
+    from benchmarks import kd_lr, peers
+
+    net, s = tiny_trunk(chain_trunk, batches=2)
+    s.ignored = peers._last_conv  # as the real trunks: the output's channels stay
+    monkeypatch.setitem(peers.SETUPS, "craft_trunk", s)
+    monkeypatch.setattr(peers, "load_data", lambda s, quick, kd_crops=0: None)
+    rows = kd_lr.main(["--model", "craft_trunk", "--target", "0.8", "--methods", "tp-l1-global@0.7",
+                       "ghostify-alloc-out", "--lrs", "0", "1e-2", "--steps", "3"])
+    assert [(r["method"], r["target"], r["lr"]) for r in rows] == [
+        ("tp-l1-global", 0.7, 0.0), ("tp-l1-global", 0.7, 1e-2), ("ghostify-alloc-out", 0.8, 0.0),
+        ("ghostify-alloc-out", 0.8, 1e-2)]
+    assert 0.6 < rows[0]["macs"] < 0.8 and rows[2]["macs"] > rows[0]["macs"]
+    for still, moved in (rows[0:2], rows[2:4]):
+        assert still["kd"] == pytest.approx(still["start"], rel=1e-6)  # rate 0: the student as built
+        assert 0 < moved["kd"] < moved["start"]  # the trunk recipe brings the feature map closer
+    with pytest.raises(SystemExit, match="unknown method 'tp-l1'"):
+        kd_lr.main(["--model", "craft_trunk", "--methods", "tp-l1@0.7"])
+
+
 @pytest.fixture
 def tiny_photos(chain_net, monkeypatch):
     """``peers.py``'s model "tiny": a chain net with random BatchNorm statistics on random 8x8 "photos"."""
