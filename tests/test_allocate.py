@@ -291,6 +291,42 @@ def test_cli_no_whole_model_trusts_the_layers_timed_alone(tmp_path, chain_net, m
     assert r.exit_code != 0 and "add --target-latency F" in r.stderr
 
 
+def test_cli_repeats_reach_every_timing_of_a_latency_budget(tmp_path, chain_net, monkeypatch):
+    """``--repeats 25``: the layers timed alone, the original and each whole-model plan all run 25 times (the
+    default 10 without it); refused without a latency option."""
+    import ghostify.tradeoffs.allocation as alloc
+
+    kw, seen = _latency_setup(chain_net, monkeypatch, lambda conv: 3.5 if len(conv) == 1 else 2.9)
+    kw["table"].save(tmp_path / "sens.json")
+    repeats = []
+    layers, whole = alloc.layer_latency, alloc.whole_model_ms
+
+    def spy_layers(*a, **k):
+        repeats.append(("layers", k["repeats"]))
+        return layers(*a, **k)
+
+    def spy_whole(model, plan, x, n, *rest):
+        repeats.append(("whole", n))
+        return whole(model, plan, x, n, *rest)
+
+    def spy_original(models, x, **k):
+        repeats.append(("original", k["repeats"]))
+        return {"model": {"median_ms": 4.0}}
+
+    monkeypatch.setattr(alloc, "layer_latency", spy_layers)
+    monkeypatch.setattr(alloc, "measure_latency", spy_original)
+    monkeypatch.setattr(alloc, "whole_model_ms", spy_whole)
+    args = ["convert", "conftest:ChainNet", "--weights", "none", "--input-size", "3,16,16", "--init", "copy",
+            "--target-latency", "0.75", "--ratios", "2,4", "--sensitivity", str(tmp_path / "sens.json"), "--json"]
+    r = CliRunner().invoke(cli, [*args, "--repeats", "25"])
+    assert r.exit_code == 0, r.output
+    assert repeats == [("layers", 25), ("original", 25), ("whole", 25), ("whole", 25)] and len(seen) == 2
+    repeats.clear()
+    assert CliRunner().invoke(cli, args).exit_code == 0 and {n for _, n in repeats} == {10}
+    r = CliRunner().invoke(cli, [*args[:8], "--repeats", "25"])
+    assert r.exit_code != 0 and "add one of them" in r.stderr and "--repeats" in r.stderr
+
+
 def test_a_given_table_must_come_from_this_model_and_its_convs(chain_net, capsys):
     total = ghostify.count(chain_net, torch.zeros(*SIZE)).macs
     both = {"conv1": {2: (total // 10, 1.0)}, "conv2": {2: (total // 10, 0.01)}}

@@ -106,6 +106,8 @@ def convert(model, weights, ratio, dw_size, init, cheap, round_to, include, excl
         require_runtime(budget["runtime"])
     if budget.get("no_whole_model") and budget.get("target_latency") is None:
         raise GhostifyError("--no-whole-model changes how --target-latency checks its plan; add --target-latency F")
+    if budget.get("repeats") and not (budget.get("skip_slower") or budget.get("target_latency")):
+        raise GhostifyError("--repeats sets how often --target-latency/--skip-slower time a model; add one of them")
     size = parse_input_size(input_size, lambda: default_input(model))
     original, cfg, plan = _load_and_plan(model, weights, ratio, dw_size, init, cheap, round_to, include, exclude,
                                          override, leaf, trust_code)

@@ -217,6 +217,9 @@ def budget_options(fn):
                           "while the whole model is not faster, also the layers that gained least."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Intra-op threads for latency measurements (default: torch's)."),
+        click.option("--repeats", type=click.IntRange(min=2), default=None,
+                     help="Runs per timing for --target-latency and --skip-slower (default 10; more gives "
+                          "steadier plans on a busy machine, at the cost of time)."),
         click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="torch", show_default=True,
                      help="Where --skip-slower and --target-latency time each layer (with its BN and activation, "
                           "fused): eager PyTorch, ONNX Runtime (ort; needs pip install 'ghostify[deploy]') or "

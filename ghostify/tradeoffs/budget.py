@@ -44,7 +44,7 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
 
     ``budget`` holds the options of ``ghostify convert`` (``plan_file``, ``target_macs``,
     ``target_latency``, ``budget_ratios``, ``sensitivity_file``, ``sensitivity_data``,
-    ``sensitivity_method``, ``skip_slower``, ``threads``, ``runtime``, ``no_whole_model``); ``config`` is the
+    ``sensitivity_method``, ``skip_slower``, ``threads``, ``repeats``, ``runtime``, ``no_whole_model``); ``config`` is the
     conversion's configuration, passed as is to :func:`~ghostify.allocate`.
     """
     init = config.global_spec.init
@@ -73,13 +73,14 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
                          table=table, ratios=parse_ratios(budget.get("budget_ratios")) or [config.global_spec.ratio],
                          calib_data=calib_data, eval_data=eval_data, method=budget.get("sensitivity_method"),
                          input_size=size, only_faster=budget.get("skip_slower", False),
-                         threads=budget.get("threads"), leaf_modules=leaf, runtime=budget.get("runtime", "torch"),
+                         threads=budget.get("threads"), repeats=budget.get("repeats") or 10, leaf_modules=leaf,
+                         runtime=budget.get("runtime", "torch"),
                          whole_model=not budget.get("no_whole_model"), calib_augment=calib_augment)
         plan = alloc.plan
         _note(alloc.summary())
     elif budget.get("skip_slower"):
         plan = skip_slower(original, plan, torch.randn(*size), threads=budget.get("threads"),
-                           runtime=budget.get("runtime", "torch"))
+                           repeats=budget.get("repeats") or 10, runtime=budget.get("runtime", "torch"))
         _note(f"--skip-slower: {len(plan.converted)} convs are faster as Ghost layers and convert")
     if target_macs is not None or target_latency is not None or budget.get("skip_slower"):
         _note(plan.table())
