@@ -44,8 +44,8 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
 
     ``budget`` holds the options of ``ghostify convert`` (``plan_file``, ``target_macs``,
     ``target_latency``, ``budget_ratios``, ``sensitivity_file``, ``sensitivity_data``,
-    ``sensitivity_method``, ``skip_slower``, ``threads``, ``repeats``, ``runtime``, ``no_whole_model``); ``config`` is the
-    conversion's configuration, passed as is to :func:`~ghostify.allocate`.
+    ``sensitivity_method``, ``skip_slower``, ``threads``, ``repeats``, ``runtime``, ``no_whole_model``);
+    ``config`` is the conversion's configuration, passed as is to :func:`~ghostify.allocate`.
     """
     init = config.global_spec.init
     if budget.get("plan_file"):
