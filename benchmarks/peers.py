@@ -315,7 +315,8 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         if ort:  # chosen on timings, which move: name the plan so a rebuild can be told apart
             plan = hashlib.sha256(repr(sorted(a.choices.items())).encode()).hexdigest()[:6]
             setting = f"ORT budget {target:g}: {setting}, plan {plan}"
-            log(f"  target {target} {method}: {a.summary()}")  # the whole model's measured ratio, too
+            chosen = ", ".join(f"{n} x{r:g}" for n, r in a.choices.items() if r is not None)
+            log(f"  target {target} {method}: {a.summary()}; plan {plan} converts {chosen}")  # replayable
         return model, setting, {}
     if method.startswith("tp-"):
         _, imp, scope = method.split("-")

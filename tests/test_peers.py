@@ -304,7 +304,7 @@ def test_trunk_allocation_ranks_by_the_relative_error_of_the_trunk_output(chain_
     assert ctx.macs(model) <= 0.9 and any(isinstance(m, ghostify.GhostConv2d) for m in model.modules())
 
 
-def test_ort_allocation_reads_the_target_as_a_latency_budget(chain_trunk, monkeypatch):
+def test_ort_allocation_reads_the_target_as_a_latency_budget(chain_trunk, monkeypatch, capsys):
     """``ghostify-alloc-out-ort``: the same table as ``ghostify-alloc-out``, handed to ``ghostify.allocate`` with
     the target as a budget of ONNX Runtime latency (the run's threads) instead of MACs; the setting says so and
     names the plan (the convs chosen on timings, which move between builds), so a rebuild can be told apart."""
@@ -324,6 +324,8 @@ def test_ort_allocation_reads_the_target_as_a_latency_budget(chain_trunk, monkey
     assert (seen[0]["target_latency"], seen[0]["runtime"], seen[0]["threads"]) == (1.0, "ort", 1)
     plan = hashlib.sha256(repr(sorted(made[0].choices.items())).encode()).hexdigest()[:6]  # names the convs chosen
     assert "target_macs" not in seen[0] and setting == f"ORT budget 1: 0/2 convs, ratios [], plan {plan}"
+    chosen = ", ".join(f"{n} x{r:g}" for n, r in made[0].choices.items() if r is not None)
+    assert f"plan {plan} converts {chosen}\n" in capsys.readouterr().err  # the log names the convs, to replay
     assert not any(isinstance(m, ghostify.GhostConv2d) for m in model.modules())
     build(ctx, "ghostify-alloc-out", 0.9)
     assert list(ctx._tables) == ["alone-output"] and seen[1]["target_macs"] == 0.9 and "runtime" not in seen[1]
