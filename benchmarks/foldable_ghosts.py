@@ -28,7 +28,7 @@ def relu_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Ten
     """Each ReLU's output (the map the next layer sees) over ``batches``, one ``(channels, positions)`` matrix per
     ReLU, positions sub-sampled to at most 20,000 (seeded)."""
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
-    seen: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(relus))}
+    seen: list[list[torch.Tensor]] = [[] for _ in relus]
     hooks = [r.register_forward_hook(lambda m, i, o, k=k: seen[k].append(o.clone())) for k, r in enumerate(relus)]
     try:
         for x in batches:
@@ -37,16 +37,13 @@ def relu_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Ten
         for h in hooks:
             h.remove()
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for k in range(len(relus)):
-        r = torch.cat(seen[k]).transpose(0, 1).flatten(1)
-        out.append(r[:, torch.randperm(r.shape[1], generator=gen)[:20000]])
-    return out
+    maps = [torch.cat(s).transpose(0, 1).flatten(1) for s in seen]
+    return [r[:, torch.randperm(r.shape[1], generator=gen)[:20000]] for r in maps]
 
 
 def best_positive_pairs(fit: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     """Per channel ``j``: the relative residual on ``test`` of ``c * r_i`` (``i != j``, ``c >= 0``) chosen by least
-    squares on ``fit``; a channel with no energy on ``fit`` gets 0 (nothing to lose).
+    squares on ``fit``; a channel with no energy on ``test`` gets 0 (nothing to lose there).
 
     >>> a = torch.tensor([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
     >>> best_positive_pairs(a, a)      # rows 0 and 1 are multiples of each other, row 2 of nothing
@@ -58,8 +55,9 @@ def best_positive_pairs(fit: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     cos.fill_diagonal_(-1.0)
     pick = cos.argmax(1)
     c = (gram[torch.arange(len(fit)), pick] / norms[pick]).clamp(min=0)
-    res = (test - c[:, None] * test[pick]).norm(dim=1) / test.norm(dim=1).clamp(min=1e-12)
-    return torch.where(test.norm(dim=1) > 0, res, torch.zeros_like(res))
+    energy = test.norm(dim=1)
+    res = (test - c[:, None] * test[pick]).norm(dim=1) / energy.clamp(min=1e-12)
+    return torch.where(energy > 0, res, torch.zeros_like(res))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peers.load_data(s, a.quick)
     ctx = peers.Context(s, args)
     trunk = s.kind == "trunk"
-    steps = 2 if a.quick else a.steps or (40 if trunk else 150)
+    steps = 2 if a.quick else a.steps or peers.KD_STEPS[s.kind]
     rows = []
     print(f"{a.model}, {steps} KD steps (seed {a.seed}); {s.data['desc']}; {s.metric}")
     print("| method | target | setting | MACs | start | lr | after KD | seconds |\n|---|---|---|---|---|---|---|---|")

@@ -339,6 +339,9 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+# each kind of model's distillation steps per student (--kd-steps, --photo-kd-steps, --trunk-kd-steps)
+KD_STEPS = {"mnist": 150, "photos": 150, "trunk": 40}
+
 # the students that get the short distillation: each architecture's best training-free start
 KD_REPAIR = {"ghostify": "none", "tp": "bn-recal", "lowrank": "ls-refit"}
 
@@ -720,13 +723,13 @@ def main(argv=None) -> None:
                     help="ghostify (auto when ghostify.export exists): every model through ghostify.export "
                          "(its deploy pass, then ONNX); local: every model alike: BN after a Ghost layer folded "
                          "into it, then torch.onnx.export (dynamo=False, opset 17; folds BN after a conv)")
-    ap.add_argument("--kd-steps", type=int, default=150, help="MNIST distillation steps per student")
+    ap.add_argument("--kd-steps", type=int, default=KD_STEPS["mnist"], help="MNIST distillation steps per student")
     ap.add_argument("--no-kd", action="store_true", help="no distillation rows")
     ap.add_argument("--kd-methods", nargs="+", default=None, choices=METHODS,
                     help="distil only these methods' students (default: every method run)")
-    ap.add_argument("--photo-kd-steps", type=int, default=150, help="photos: distillation steps per student "
+    ap.add_argument("--photo-kd-steps", type=int, default=KD_STEPS["photos"], help="photos: distillation steps per student "
                     "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
-    ap.add_argument("--trunk-kd-steps", type=int, default=40, help="trunks: distillation steps per student "
+    ap.add_argument("--trunk-kd-steps", type=int, default=KD_STEPS["trunk"], help="trunks: distillation steps per student "
                     "(the photos recipe on the output's relative squared error; about 15 s a step for CRAFT's trunk)")
     ap.add_argument("--no-kd-own", action="store_true",
                     help="photos: skip the second distillation of ghostify's students (ghostify.distill's own loss)")

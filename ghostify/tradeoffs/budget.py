@@ -48,6 +48,10 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
     ``config`` is the conversion's configuration, passed as is to :func:`~ghostify.allocate`.
     """
     init = config.global_spec.init
+    # how --target-latency and --skip-slower time; without --repeats the callee's default number of runs
+    timing = {"threads": budget.get("threads"), "runtime": budget.get("runtime", "torch")}
+    if budget.get("repeats"):
+        timing["repeats"] = budget["repeats"]
     if budget.get("plan_file"):
         plan = check_plan(load_plan(budget["plan_file"]), original, leaf_modules=leaf,
                           source=f"the plan in '{budget['plan_file']}'")
@@ -72,15 +76,12 @@ def budget_plan(original, plan, budget: dict, *, config: GhostConfig, size, leaf
         alloc = allocate(original, config=config, target_macs=target_macs, target_latency=target_latency,
                          table=table, ratios=parse_ratios(budget.get("budget_ratios")) or [config.global_spec.ratio],
                          calib_data=calib_data, eval_data=eval_data, method=budget.get("sensitivity_method"),
-                         input_size=size, only_faster=budget.get("skip_slower", False),
-                         threads=budget.get("threads"), repeats=budget.get("repeats") or 10, leaf_modules=leaf,
-                         runtime=budget.get("runtime", "torch"),
-                         whole_model=not budget.get("no_whole_model"), calib_augment=calib_augment)
+                         input_size=size, only_faster=budget.get("skip_slower", False), leaf_modules=leaf,
+                         whole_model=not budget.get("no_whole_model"), calib_augment=calib_augment, **timing)
         plan = alloc.plan
         _note(alloc.summary())
     elif budget.get("skip_slower"):
-        plan = skip_slower(original, plan, torch.randn(*size), threads=budget.get("threads"),
-                           repeats=budget.get("repeats") or 10, runtime=budget.get("runtime", "torch"))
+        plan = skip_slower(original, plan, torch.randn(*size), **timing)
         _note(f"--skip-slower: {len(plan.converted)} convs are faster as Ghost layers and convert")
     if target_macs is not None or target_latency is not None or budget.get("skip_slower"):
         _note(plan.table())
