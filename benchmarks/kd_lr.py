@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--calib-augment", type=int, default=0, metavar="N")
     ap.add_argument("--round-to", type=int, default=1, metavar="N")
     ap.add_argument("--seed", type=int, default=0, help="the distillation's seed")
+    ap.add_argument("--plans", type=Path, default=None, metavar="DIR", help="as peers.py: replay the latency "
+                    "budgets' plans kept here (OUT/plans of a peers.py run), keep new ones here")
     ap.add_argument("--quick", action="store_true", help="smoke run: few crops, 2 steps")
     ap.add_argument("-o", "--out", type=Path, default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     specs = [method_target(m, a.target) for m in a.methods]
-    args = argparse.Namespace(calib_augment=a.calib_augment, round_to=a.round_to, alloc_ratios=list(peers.RATIOS))
+    args = argparse.Namespace(calib_augment=a.calib_augment, round_to=a.round_to, alloc_ratios=list(peers.RATIOS),
+                              plans=a.plans)
     s = peers.SETUPS[a.model]
     peers.load_data(s, a.quick)
     ctx = peers.Context(s, args)

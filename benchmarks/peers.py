@@ -58,7 +58,8 @@ Methods (``--methods``, default all):
   ``ghostify-alloc-kl-ort``, ``ghostify-alloc-out-ort``: the same allocations with the target read as a budget
   of ONNX Runtime latency at batch 1 (``allocate(target_latency=F, runtime="ort")``: each candidate conv and Ghost
   layer timed in isolation, then the whole converted model against the original, the layers asked for more or
-  less by what it saved) instead of MACs: what a user who wants equal latency asks for.
+  less by what it saved) instead of MACs: what a user who wants equal latency asks for. Timings move, so each
+  such plan is kept in ``--plans`` (``OUT/plans``) and replayed from there by a resumed run or ``kd_lr.py``.
 - ``tp-{l1,taylor,bn}-{uniform,global}``: Torch-Pruning's ``BasePruner`` with ``MagnitudeImportance(p=1)``,
   ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
   output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the
@@ -286,6 +287,44 @@ TAYLOR_LOSS = {"mnist": "CE on the labels", "photos": "CE on the original's top-
                "trunk": "mean square of the output feature map"}
 
 
+def plan_file(ctx: Context, method: str, target: float) -> Path | None:
+    """Where ``--plans`` keeps a latency budget's plan for this model, method and target (None: not kept)."""
+    where = getattr(ctx.args, "plans", None)
+    return Path(where) / f"{ctx.s.name}_{target:g}-{method}.json" if where and method.endswith("-ort") else None
+
+
+def allocation(ctx: Context, method: str, target: float) -> tuple[nn.Module, str]:
+    """``(model, setting)`` of a ``ghostify-alloc*`` method: ``ghostify.allocate`` on the method's sensitivity
+    table, the plan converted with calibration. A latency budget (``-ort``) is planned on timings, which move
+    between builds: its plan is replayed from ``--plans`` when one is kept there, else planned and kept there."""
+    path, ort = plan_file(ctx, method, target), method.endswith("-ort")
+    if path is not None and path.exists():
+        kept = json.loads(path.read_text())
+        plan, choices = ghostify.Plan.from_dict(kept["plan"]), kept["choices"]
+        log(f"  target {target} {method}: replays {path} ({kept['summary']})")
+    else:
+        budget = ({"target_latency": target, "runtime": "ort", "threads": getattr(ctx.args, "threads", 2)}
+                  if ort else {"target_macs": target})  # an -ort target is a budget of ONNX Runtime latency
+        a = ghostify.allocate(ctx.model, table=ctx.table(*ALLOC_TABLES[method]), ratios=ctx.alloc_ratios,
+                              input_size=tuple(ctx.x0.shape), progress=False,
+                              config=mix_config(ctx.alloc_ratios, ctx.round_to), **budget)
+        plan, choices = a.plan, a.choices
+        if ort:
+            log(f"  target {target} {method}: {a.summary()}")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"choices": choices, "plan": plan.to_dict(), "summary": a.summary()}, indent=1))
+    model = ghostify.convert(ctx.model, plan=plan, calib_data=ctx.fit_x)
+    ratios = [r for r in choices.values() if r is not None]
+    setting = f"{len(ratios)}/{len(choices)} convs, ratios {sorted(set(ratios))}"
+    if ort:  # name the plan, so a rebuild on other timings can be told apart
+        name = hashlib.sha256(repr(sorted(choices.items())).encode()).hexdigest()[:6]
+        chosen = ", ".join(f"{n} x{r:g}" for n, r in choices.items() if r is not None)
+        log(f"  target {target} {method}: plan {name} converts {chosen}")  # replayable
+        setting = f"ORT budget {target:g}: {setting}, plan {name}"
+    return model, setting
+
+
 def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dict[str, nn.Module]]:
     """``(compressed model, hyper-parameter, {repair: model})`` for one method at one MACs target (the ``-ort``
     allocations: a target of ONNX Runtime latency, a fraction of the original's, per-layer latencies measured)."""
@@ -303,20 +342,7 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
             raise ghostify.GhostifyError("the KL sensitivity needs logits; a trunk has none (ghostify-alloc-out)")
         if method.startswith("ghostify-alloc-out") and ctx.s.kind != "trunk":
             raise ghostify.GhostifyError("the output-error ranking is for trunks; a classifier's is ghostify-alloc-kl")
-        table = ctx.table(*ALLOC_TABLES[method])
-        ort = method.endswith("-ort")  # the target is a budget of ONNX Runtime latency, not of MACs
-        budget = ({"target_latency": target, "runtime": "ort", "threads": getattr(ctx.args, "threads", 2)}
-                  if ort else {"target_macs": target})
-        a = ghostify.allocate(m, table=table, ratios=ctx.alloc_ratios, input_size=tuple(x0.shape), progress=False,
-                              config=mix_config(ctx.alloc_ratios, ctx.round_to), **budget)
-        model = ghostify.convert(m, plan=a.plan, calib_data=calib)
-        ratios = [r for r in a.choices.values() if r is not None]
-        setting = f"{len(ratios)}/{len(a.choices)} convs, ratios {sorted(set(ratios))}"
-        if ort:  # chosen on timings, which move: name the plan so a rebuild can be told apart
-            plan = hashlib.sha256(repr(sorted(a.choices.items())).encode()).hexdigest()[:6]
-            setting = f"ORT budget {target:g}: {setting}, plan {plan}"
-            chosen = ", ".join(f"{n} x{r:g}" for n, r in a.choices.items() if r is not None)
-            log(f"  target {target} {method}: {a.summary()}; plan {plan} converts {chosen}")  # replayable
+        model, setting = allocation(ctx, method, target)
         return model, setting, {}
     if method.startswith("tp-"):
         _, imp, scope = method.split("-")
@@ -754,6 +780,10 @@ def main(argv=None) -> None:
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "
                          "a model less precise than that in float32 itself needs more")
     ap.add_argument("--keep-onnx", action="store_true", help="keep the exported models in OUT/onnx/")
+    ap.add_argument("--plans", type=Path, default=None, metavar="DIR",
+                    help="latency budgets' plans (the -ort allocations, planned on timings that move): one kept "
+                    "here is replayed, a new one is kept here (default OUT/plans, so --resume rebuilds the model "
+                    "it recorded)")
     ap.add_argument("--quick", action="store_true", help="smoke run: resnet20, target 0.55, few images and steps")
     ap.add_argument("--force", action="store_true", help="start again in a non-empty output folder")
     ap.add_argument("--resume", action="store_true", help="continue the run in the output folder")
@@ -787,6 +817,7 @@ def main(argv=None) -> None:
         else:
             raise SystemExit(f"{out} is not empty: choose another folder, --resume it, or start again with --force")
     out.mkdir(parents=True, exist_ok=True)
+    args.plans = args.plans or out / "plans"
     torch.set_num_threads(args.threads)
     how = export_mode(args.export)
     meta = {"versions": P.versions(), "python": platform.python_version(), "argv": sys.argv, "export": how,

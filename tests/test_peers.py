@@ -543,6 +543,22 @@ def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch)
         kd_lr.main(["--model", "craft_trunk", "--methods", "tp-l1@0.7"])
 
 
+
+def test_kd_lr_keeps_and_replays_a_latency_budget_plan(chain_trunk, monkeypatch, tmp_path):
+    """``kd_lr --plans DIR`` plans a latency budget once and keeps it there; the next sweep replays it."""
+    from benchmarks import kd_lr, peers
+
+    pytest.importorskip("onnxruntime")
+    net, s = tiny_trunk(chain_trunk, batches=2)
+    monkeypatch.setitem(peers.SETUPS, "craft_trunk", s)
+    monkeypatch.setattr(peers, "load_data", lambda s, quick, kd_crops=0: None)
+    argv = ["--model", "craft_trunk", "--methods", "ghostify-alloc-out-ort@1", "--lrs", "0", "--steps", "1",
+            "--plans", str(tmp_path)]
+    first = kd_lr.main(argv)
+    assert (tmp_path / f"{s.name}_1-ghostify-alloc-out-ort.json").exists()
+    monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: pytest.fail("a kept plan is not planned again"))
+    assert kd_lr.main(argv)[0]["setting"] == first[0]["setting"]
+
 @pytest.fixture
 def tiny_photos(chain_net, monkeypatch):
     """``peers.py``'s model "tiny": a chain net with random BatchNorm statistics on random 8x8 "photos"."""
@@ -665,3 +681,37 @@ def test_ort_passes_takes_each_models_median_ratio_to_the_original_over_the_timi
             for k, m, t in (("original", "original", None), ("a", "tp-l1-global", 0.5))]
     md = table(rows, {"tiny": s})
     assert "bs1 vs orig (range over timings)" in md and "| 0.80 (0.80-0.90) |" in md and "| 1.00 |" in md
+
+
+def test_latency_budget_plans_are_kept_and_replayed(chain_trunk, tmp_path, monkeypatch, capsys):
+    """``--plans DIR``: a latency budget's plan (chosen on timings, which move) is written to DIR when planned, and
+    a plan kept there is replayed without planning: the same convs converted, the same setting (plan name), the
+    same model."""
+    import argparse
+    import json
+
+    from benchmarks.peers import Context, build, plan_file
+
+    pytest.importorskip("onnxruntime")
+    net, s = tiny_trunk(chain_trunk, batches=4)
+    ctx = Context(s, argparse.Namespace(threads=1, plans=tmp_path / "plans"))
+    path = plan_file(ctx, "ghostify-alloc-out-ort", 1.0)
+    assert path == tmp_path / "plans" / f"{s.name}_1-ghostify-alloc-out-ort.json"
+    assert plan_file(ctx, "ghostify-alloc-out", 1.0) is None  # a MACs budget needs no replay
+    _, planned, _ = build(ctx, "ghostify-alloc-out-ort", 1.0)
+    assert json.loads(path.read_text())["choices"] == {"conv1": None, "conv2": None}  # kept: nothing converted
+
+    a = ghostify.allocate(net, table=ctx.table("alone", "output"), ratios=(2,), target_macs=0.8, progress=False,
+                          input_size=tuple(ctx.x0.shape))  # a plan that converts a conv, kept as if timed
+    assert [r for r in a.choices.values() if r] == [2]
+    path = plan_file(ctx, "ghostify-alloc-out-ort", 0.9)
+    path.write_text(json.dumps({"choices": a.choices, "plan": a.plan.to_dict(), "summary": "by hand"}))
+    monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: pytest.fail("a kept plan is not planned again"))
+    capsys.readouterr()
+    model, setting, _ = build(ctx, "ghostify-alloc-out-ort", 0.9)
+    assert f"replays {path} (by hand)" in capsys.readouterr().err
+    assert setting.startswith("ORT budget 0.9: 1/2 convs, ratios [2], plan ")
+    expected = ghostify.convert(net, plan=a.plan, calib_data=ctx.fit_x)
+    x = ctx.calib_x[0]
+    torch.testing.assert_close(model(x), expected(x))
+    assert build(ctx, "ghostify-alloc-out-ort", 1.0)[1] == planned  # replayed: the same plan name
