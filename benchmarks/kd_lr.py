@@ -6,12 +6,16 @@ the output's relative squared error) gives every student the same steps. On Mobi
 pruned student gains 17 points from them and ghostify's allocation 11; on CRAFT's trunk near 0.9x of the
 latency Taylor pruning goes 0.112 -> 0.074 and ghostify's budget 0.119 -> 0.106. A recipe tuned too gently (or
 too hard) for one kind of student could explain part of such a gap. This builds each student once, as
-``peers.py`` does with the same flags, and distils a copy at each learning rate (same seed, same batches),
+``peers.py`` does with the same flags, and distils a copy at each learning rate (and ``--seeds``: each seed's batches),
 printing the held-out fidelity (photos: top-1 agreement and KL; trunks: feature error)::
 
     python -m benchmarks.kd_lr --round-to 8 --calib-augment 256       # MobileNetV2, 0.9, ~25 min on 2 cores
     python -m benchmarks.kd_lr --model craft_trunk --round-to 8 \\
         --methods ghostify-alloc-out-ort@0.9 tp-taylor-global@0.85    # ~75 min on 2 cores
+
+``--seeds 1 2`` distils each student once per seed (its batches and augmentation), for the spread that a gap
+between two students must exceed; ``--plans DIR`` replays the latency budgets' plans a ``peers.py`` run kept
+(its ``OUT/plans``), so the sweep distils the student that run timed.
 
 A method may carry its own target after ``@`` (an ``-ort`` allocation's target is a latency budget, as in
 ``peers.py``); the others take ``--target``.
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=None, help="KD steps (default: peers.py's, 150 photos, 40 trunks)")
     ap.add_argument("--calib-augment", type=int, default=0, metavar="N")
     ap.add_argument("--round-to", type=int, default=1, metavar="N")
-    ap.add_argument("--seed", type=int, default=0, help="the distillation's seed")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="the distillation's seeds (batch order, "
+                    "augmentation): each student distilled once per seed and rate, for the spread over seeds")
     ap.add_argument("--plans", type=Path, default=None, metavar="DIR", help="as peers.py: replay the latency "
                     "budgets' plans kept here (OUT/plans of a peers.py run), keep new ones here")
     ap.add_argument("--quick", action="store_true", help="smoke run: few crops, 2 steps")
@@ -71,23 +76,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     trunk = s.kind == "trunk"
     steps = 2 if a.quick else a.steps or peers.KD_STEPS[s.kind]
     rows = []
-    print(f"{a.model}, {steps} KD steps (seed {a.seed}); {s.data['desc']}; {s.metric}")
-    print("| method | target | setting | MACs | start | lr | after KD | seconds |\n|---|---|---|---|---|---|---|---|")
+    print(f"{a.model}, {steps} KD steps; {s.data['desc']}; {s.metric}")
+    print("| method | target | setting | MACs | start | lr | seed | after KD | seconds |\n" + "|---" * 9 + "|")
     show = (lambda f: f"{f['fidelity']:.4f}") if trunk else (lambda f: f"{f['fidelity']:.2%} ({f['kl']:.3f})")
     for method, target in specs:
         student, setting = peers.kd_student(ctx, method, target)
         start = peers.fidelity(s, student, ctx.ref)
-        for lr in a.lrs:
+        for lr, seed in ((lr, seed) for lr in a.lrs for seed in a.seeds):
             t0 = time.perf_counter()
-            kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe=s.kind, seed=a.seed, lr=lr)
+            kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe=s.kind, seed=seed, lr=lr)
             end = peers.fidelity(s, kd, ctx.ref)
-            rows.append(dict(method=method, target=target, setting=setting, macs=ctx.macs(student), lr=lr,
+            rows.append(dict(method=method, target=target, setting=setting, macs=ctx.macs(student), lr=lr, seed=seed,
                              steps=steps, start=start["fidelity"], kd=end["fidelity"],
                              seconds=time.perf_counter() - t0))
             if not trunk:
                 rows[-1].update(start_kl=start["kl"], kd_kl=end["kl"], kd_top5=end["agree_top5"])
             print(f"| {method} | {target:g} | {setting} | {rows[-1]['macs']:.3f} | {show(start)} | {lr:g} | "
-                  f"{show(end)} | {rows[-1]['seconds']:.0f} |", flush=True)
+                  f"{seed} | {show(end)} | {rows[-1]['seconds']:.0f} |", flush=True)
             if a.out:
                 a.out.write_text(json.dumps(rows, indent=1))
     return rows

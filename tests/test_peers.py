@@ -545,16 +545,21 @@ def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch)
 
 
 def test_kd_lr_keeps_and_replays_a_latency_budget_plan(chain_trunk, monkeypatch, tmp_path):
-    """``kd_lr --plans DIR`` plans a latency budget once and keeps it there; the next sweep replays it."""
+    """``kd_lr --plans DIR`` plans a latency budget once and keeps it there; the next sweep replays it. ``--seeds``
+    distils the student once per seed."""
     from benchmarks import kd_lr, peers
 
     pytest.importorskip("onnxruntime")
     net, s = tiny_trunk(chain_trunk, batches=2)
+    s.ignored = peers._last_conv
     monkeypatch.setitem(peers.SETUPS, "craft_trunk", s)
     monkeypatch.setattr(peers, "load_data", lambda s, quick, kd_crops=0: None)
-    argv = ["--model", "craft_trunk", "--methods", "ghostify-alloc-out-ort@1", "--lrs", "0", "--steps", "1",
-            "--plans", str(tmp_path)]
+    argv = ["--model", "craft_trunk", "--methods", "ghostify-alloc-out-ort@1", "tp-l1-global@0.7", "--lrs", "1e-2",
+            "--steps", "2", "--plans", str(tmp_path), "--seeds", "0", "1"]
     first = kd_lr.main(argv)
+    assert [(r["method"], r["seed"]) for r in first] == [("ghostify-alloc-out-ort", 0), ("ghostify-alloc-out-ort", 1),
+                                                         ("tp-l1-global", 0), ("tp-l1-global", 1)]
+    assert first[2]["kd"] != first[3]["kd"]  # each seed its own batches
     assert (tmp_path / f"{s.name}_1-ghostify-alloc-out-ort.json").exists()
     monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: pytest.fail("a kept plan is not planned again"))
     assert kd_lr.main(argv)[0]["setting"] == first[0]["setting"]
