@@ -298,8 +298,12 @@ def allocation(ctx: Context, method: str, target: float) -> tuple[nn.Module, str
     table, the plan converted with calibration. A latency budget (``-ort``) is planned on timings, which move
     between builds: its plan is replayed from ``--plans`` when one is kept there, else planned and kept there."""
     path, ort = plan_file(ctx, method, target), method.endswith("-ort")
+    settings = {"round_to": ctx.round_to, "alloc_ratios": list(ctx.alloc_ratios)}  # what the plan's choices mean
     if path is not None and path.exists():
         kept = json.loads(path.read_text())
+        if kept.get("settings", settings) != settings:
+            raise SystemExit(f"{path} was planned with {kept['settings']}, this run has {settings}: run with those "
+                             "settings, or give --plans another folder")
         plan, choices = ghostify.Plan.from_dict(kept["plan"]), kept["choices"]
         log(f"  target {target} {method}: replays {path} ({kept['summary']})")
     else:
@@ -313,7 +317,8 @@ def allocation(ctx: Context, method: str, target: float) -> tuple[nn.Module, str
             log(f"  target {target} {method}: {a.summary()}")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"choices": choices, "plan": plan.to_dict(), "summary": a.summary()}, indent=1))
+            path.write_text(json.dumps({"choices": choices, "plan": plan.to_dict(), "summary": a.summary(),
+                                        "settings": settings}, indent=1))
     model = ghostify.convert(ctx.model, plan=plan, calib_data=ctx.fit_x)
     ratios = [r for r in choices.values() if r is not None]
     setting = f"{len(ratios)}/{len(choices)} convs, ratios {sorted(set(ratios))}"

@@ -720,3 +720,6 @@ def test_latency_budget_plans_are_kept_and_replayed(chain_trunk, tmp_path, monke
     x = ctx.calib_x[0]
     torch.testing.assert_close(model(x), expected(x))
     assert build(ctx, "ghostify-alloc-out-ort", 1.0)[1] == planned  # replayed: the same plan name
+    ctx.round_to = 8  # a plan kept under other settings is refused, not replayed as if it were this run's
+    with pytest.raises(SystemExit, match=r"planned with \{'round_to': 1, 'alloc_ratios': \[2, 3, 4\]\}.*round_to': 8"):
+        build(ctx, "ghostify-alloc-out-ort", 1.0)
