@@ -758,10 +758,12 @@ def main(argv=None) -> None:
     ap.add_argument("--no-kd", action="store_true", help="no distillation rows")
     ap.add_argument("--kd-methods", nargs="+", default=None, choices=METHODS,
                     help="distil only these methods' students (default: every method run)")
-    ap.add_argument("--photo-kd-steps", type=int, default=KD_STEPS["photos"], help="photos: distillation steps per student "
-                    "(batches of 16 augmented crops; about 1.5 s a step for MobileNetV2 on 2 cores)")
-    ap.add_argument("--trunk-kd-steps", type=int, default=KD_STEPS["trunk"], help="trunks: distillation steps per student "
-                    "(the photos recipe on the output's relative squared error; about 15 s a step for CRAFT's trunk)")
+    ap.add_argument("--photo-kd-steps", type=int, default=KD_STEPS["photos"],
+                    help="photos: distillation steps per student (batches of 16 augmented crops; about 1.5 s a "
+                    "step for MobileNetV2 on 2 cores)")
+    ap.add_argument("--trunk-kd-steps", type=int, default=KD_STEPS["trunk"],
+                    help="trunks: distillation steps per student (the photos recipe on the output's relative "
+                    "squared error; about 15 s a step for CRAFT's trunk)")
     ap.add_argument("--no-kd-own", action="store_true",
                     help="photos: skip the second distillation of ghostify's students (ghostify.distill's own loss)")
     ap.add_argument("--alloc-ratios", nargs="+", type=ratio_arg, default=list(RATIOS),

@@ -543,7 +543,6 @@ def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch)
         kd_lr.main(["--model", "craft_trunk", "--methods", "tp-l1@0.7"])
 
 
-
 def test_kd_lr_keeps_and_replays_a_latency_budget_plan(chain_trunk, monkeypatch, tmp_path):
     """``kd_lr --plans DIR`` plans a latency budget once and keeps it there; the next sweep replays it. ``--seeds``
     distils the student once per seed."""
@@ -563,6 +562,7 @@ def test_kd_lr_keeps_and_replays_a_latency_budget_plan(chain_trunk, monkeypatch,
     assert (tmp_path / f"{s.name}_1-ghostify-alloc-out-ort.json").exists()
     monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: pytest.fail("a kept plan is not planned again"))
     assert kd_lr.main(argv)[0]["setting"] == first[0]["setting"]
+
 
 @pytest.fixture
 def tiny_photos(chain_net, monkeypatch):
