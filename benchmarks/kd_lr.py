@@ -15,7 +15,9 @@ printing the held-out fidelity (photos: top-1 agreement and KL; trunks: feature 
 
 ``--seeds 1 2`` distils each student once per seed (its batches and augmentation), for the spread that a gap
 between two students must exceed; ``--plans DIR`` replays the latency budgets' plans a ``peers.py`` run kept
-(its ``OUT/plans``), so the sweep distils the student that run timed.
+(its ``OUT/plans``), so the sweep distils the student that run timed. ``--feature-weights 0 1`` distils
+ghostify's students also with ``ghostify.distill``'s per-Ghost-layer feature loss at weight 1 (the other
+students, which have no Ghost layers, only at 0).
 
 A method may carry its own target after ``@`` (an ``-ort`` allocation's target is a latency budget, as in
 ``peers.py``); the others take ``--target``.
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "augmentation): each student distilled once per seed and rate, for the spread over seeds")
     ap.add_argument("--plans", type=Path, default=None, metavar="DIR", help="as peers.py: replay the latency "
                     "budgets' plans kept here (OUT/plans of a peers.py run), keep new ones here")
+    ap.add_argument("--feature-weights", nargs="+", type=float, default=[0.0], metavar="W",
+                    help="ghostify's students: the per-Ghost-layer feature loss's weights (0: the shared recipe)")
     ap.add_argument("--quick", action="store_true", help="smoke run: few crops, 2 steps")
     ap.add_argument("-o", "--out", type=Path, default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
@@ -77,22 +81,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     steps = 2 if a.quick else a.steps or peers.KD_STEPS[s.kind]
     rows = []
     print(f"{a.model}, {steps} KD steps; {s.data['desc']}; {s.metric}")
-    print("| method | target | setting | MACs | start | lr | seed | after KD | seconds |\n" + "|---" * 9 + "|")
+    print("| method | target | setting | MACs | start | lr | seed | layer loss | after KD | seconds |\n"
+          + "|---" * 10 + "|")
     show = (lambda f: f"{f['fidelity']:.4f}") if trunk else (lambda f: f"{f['fidelity']:.2%} ({f['kl']:.3f})")
     for method, target in specs:
         student, setting = peers.kd_student(ctx, method, target)
         start = peers.fidelity(s, student, ctx.ref)
-        for lr, seed in ((lr, seed) for lr in a.lrs for seed in a.seeds):
+        weights = a.feature_weights if peers.family(method) == "ghostify" else [0.0]
+        for lr, seed, fw in ((lr, seed, fw) for lr in a.lrs for seed in a.seeds for fw in weights):
             t0 = time.perf_counter()
-            kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe=s.kind, seed=seed, lr=lr)
+            kd = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe=s.kind, seed=seed, lr=lr,
+                               feature_weight=fw)
             end = peers.fidelity(s, kd, ctx.ref)
             rows.append(dict(method=method, target=target, setting=setting, macs=ctx.macs(student), lr=lr, seed=seed,
-                             steps=steps, start=start["fidelity"], kd=end["fidelity"],
+                             feature_weight=fw, steps=steps, start=start["fidelity"], kd=end["fidelity"],
                              seconds=time.perf_counter() - t0))
             if not trunk:
                 rows[-1].update(start_kl=start["kl"], kd_kl=end["kl"], kd_top5=end["agree_top5"])
             print(f"| {method} | {target:g} | {setting} | {rows[-1]['macs']:.3f} | {show(start)} | {lr:g} | "
-                  f"{seed} | {show(end)} | {rows[-1]['seconds']:.0f} |", flush=True)
+                  f"{seed} | {fw:g} | {show(end)} | {rows[-1]['seconds']:.0f} |", flush=True)
             if a.out:
                 a.out.write_text(json.dumps(rows, indent=1))
     return rows

@@ -22,6 +22,7 @@ onnxruntime. Uses only ghostify's public API, so it keeps working when the packa
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -569,11 +570,13 @@ def photo_kd_batches(batches: list[torch.Tensor], seed: int = 0) -> Iterator[tor
 
 
 def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], *, steps: int = 150,
-                recipe: str = "mnist", seed: int = 0, lr: float | None = None) -> nn.Module:
+                recipe: str = "mnist", seed: int = 0, lr: float | None = None, feature_weight: float = 0.0
+                ) -> nn.Module:
     """A copy of ``student`` after ``steps`` steps of label-free KD toward ``teacher`` on ``batches``.
 
     The same recipe for every student, whatever made it, with ghostify's KD loss (``kd_loss(student,
-    teacher, None)``, logits only: a pruned or decomposed model has no Ghost layers to compare features of):
+    teacher, None)``, logits only unless ``feature_weight``: a pruned or decomposed model has no Ghost layers to
+    compare features of):
 
     - ``"mnist"``: the shipped MNIST recipe's optimiser and schedule (``recipes/mnist_resnet20_r2.yaml``: SGD
       momentum 0.9, weight decay 5e-4, lr 0.005 with 20 warm-up steps then cosine, gradient clipping at 2,
@@ -584,8 +587,11 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
     - ``"trunk"``: the photos recipe for a model without logits (a backbone whose output is a feature map):
       the loss is the output's relative squared error to the teacher's, ``||s - t||^2 / ||t||^2`` over the batch.
 
-    ``lr`` replaces the recipe's peak learning rate (``benchmarks/kd_lr.py`` sweeps it). Seeded throughout
-    (dropout too), whatever ran before: one student and one ``seed`` give one result.
+    ``lr`` replaces the recipe's peak learning rate (``benchmarks/kd_lr.py`` sweeps it). ``feature_weight > 0``
+    (a ghostify student only) adds ``ghostify.distill``'s per-Ghost-layer term: that weight times the mean over
+    the student's Ghost layers of their output's relative squared error to the teacher's conv of the same name
+    (``ghostify.train.loss.feature_loss``), on the same batches. Seeded throughout (dropout too), whatever ran
+    before: one student and one ``seed`` give one result.
     """
     from ghostify import kd_loss  # the fine-tune recipes' loss
 
@@ -612,7 +618,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
         raise ValueError(f"recipe {recipe!r}: 'mnist', 'photos' or 'trunk'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seeded, then restored
+    hooks = GhostFeatures(work, teacher) if feature_weight > 0 else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), hooks as feats:  # dropout's global generator: seeded, then restored
         torch.manual_seed(seed)
         for _ in range(steps):
             x = draw()
@@ -622,6 +629,8 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
                 loss = (work(x) - t).pow(2).sum() / t.pow(2).sum()
             else:
                 loss, _ = kd_loss(work(x), t, None, temperature=temperature)
+            if feats is not None:
+                loss = loss + feature_weight * feats.loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:
@@ -629,3 +638,34 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
             opt.step()
             sched.step()
     return work.eval()
+
+
+class GhostFeatures:
+    """Forward hooks that keep each Ghost layer's output in ``student`` and its conv's in ``teacher`` (same
+    names), for ``loss()``: ``ghostify.train.loss.feature_loss`` of the last forward passes of both. A context
+    manager: the hooks go on leaving it."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        from ghostify import conversion_info
+        from ghostify.train.loss import feature_loss
+
+        info = conversion_info(student)
+        if info is None:
+            raise ValueError("feature_weight needs a ghostify student (Ghost layers to compare); this one has none")
+        self.feature_loss, self.s, self.t, self.maps, self.handles = feature_loss, {}, {}, {}, []
+        for name in (e.name for e in info.plan.converted):
+            ghost = student.get_submodule(name)
+            self.maps[name] = ghost.channel_map if ghost.emit_internal_order else None
+            for model, got in ((student, self.s), (teacher, self.t)):
+                self.handles.append(model.get_submodule(name).register_forward_hook(
+                    lambda mod, args, out, n=name, got=got: got.__setitem__(n, out)))
+
+    def loss(self) -> torch.Tensor:
+        return self.feature_loss(self.s, self.t, self.maps)
+
+    def __enter__(self) -> "GhostFeatures":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

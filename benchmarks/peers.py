@@ -397,8 +397,9 @@ def kd_student(ctx: Context, method: str, target: float) -> tuple[nn.Module, str
 
 def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     """The same KD budget for every student: ``{"kd": fidelity after it, "kd_seconds": ...}``, plus for ghostify's
-    students on photos ``"kd_own"``: after ghostify's own repair (``ghostify.distill``, which adds the per-Ghost-layer
-    feature loss), the same steps (not with ``--no-kd-own``).
+    students ``"kd_own"``: after ghostify's own repair, which adds the per-Ghost-layer feature loss, the same steps
+    (not with ``--no-kd-own``): on photos ``ghostify.distill`` itself; on trunks, which have no logits for it, the
+    trunk recipe with that term at ``ghostify.distill``'s default weight 1 (``kd_finetune(feature_weight=1)``).
 
     MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
     images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
@@ -417,9 +418,13 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
     res = {"kd": fid["fidelity"], "kd_seconds": time.perf_counter() - t0}
     if "kl" in fid:
         res["kd_kl"] = fid["kl"]
-    if ctx.s.kind == "photos" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
-        own = ghostify.distill(student, ctx.model, ctx.kd_pairs, steps=ctx.args.photo_kd_steps, progress=False,
-                               checkpoint_every=None, seed=seed)
+    if ctx.s.kind != "mnist" and family(method) == "ghostify" and not getattr(ctx.args, "no_kd_own", False):
+        if ctx.s.kind == "photos":
+            own = ghostify.distill(student, ctx.model, ctx.kd_pairs, steps=steps, progress=False,
+                                   checkpoint_every=None, seed=seed)
+        else:
+            own = P.kd_finetune(student, ctx.model, ctx.kd_x, steps=steps, recipe="trunk", seed=seed,
+                                feature_weight=1.0)
         res["kd_own"] = fidelity(ctx.s, own, ctx.ref)["fidelity"]
     return res
 
@@ -489,6 +494,9 @@ def family(method: str) -> str:
     return FAMILIES[method.split("-")[0]]
 
 
+OWN_KD = {"photos": "ghostify.distill", "trunk": "KD + Ghost-layer loss"}  # what made a row's "kd_own"
+
+
 def fmt_fid(s: Setup, v) -> str:
     if v is None:
         return "-"
@@ -507,7 +515,7 @@ def table(rows: list[dict], setups: dict[str, Setup]) -> str:
         lines += [f"\n### {name}: {s.metric} ({'higher' if higher_is_better(s) else 'lower'} is better)\n",
                   f"{orig.get('data', '')}\n",
                   "| target | method | repair | setting | MACs | params | " + s.metric + (" | after KD" if kd else "")
-                  + (" | after ghostify.distill" if own else "") + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig"
+                  + (f" | after {OWN_KD[s.kind]}" if own else "") + " | ORT bs1 ms | ORT bs8 ms | bs1 vs orig"
                   + (" (range over timings)" if spread else "") + " |",
                   "|---|---|---|---|---|---|---|" + ("---|" if kd else "") + ("---|" if own else "") + "---|---|---|"]
         lat0 = orig.get("ort_ms", {}).get("1")
@@ -706,7 +714,7 @@ def run_model(s: Setup, args, out: Path, rows: list[dict], meta: dict, how: str)
                 + (f" (KL {fid['kl']:.3f})" if "kl" in fid else "")
                 + (f"  after KD {fmt_fid(s, row['kd'])}" if "kd" in row else "")
                 + (f" (KL {row['kd_kl']:.3f})" if "kd_kl" in row else "")
-                + (f" (ghostify.distill {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
+                + (f" ({OWN_KD[s.kind]} {fmt_fid(s, row['kd_own'])})" if "kd_own" in row else ""))
             point.append(row)
         rows.extend(point)
         save(out, rows, meta)
@@ -765,7 +773,8 @@ def main(argv=None) -> None:
                     help="trunks: distillation steps per student (the photos recipe on the output's relative "
                     "squared error; about 15 s a step for CRAFT's trunk)")
     ap.add_argument("--no-kd-own", action="store_true",
-                    help="photos: skip the second distillation of ghostify's students (ghostify.distill's own loss)")
+                    help="photos and trunks: skip the second distillation of ghostify's students (with "
+                    "ghostify.distill's per-Ghost-layer feature loss)")
     ap.add_argument("--alloc-ratios", nargs="+", type=ratio_arg, default=list(RATIOS),
                     help="the allocations' candidate ratios per conv (besides keeping it), e.g. 1.5 2 3 4; "
                          "one set per output folder")

@@ -163,10 +163,47 @@ def test_trunk_students_are_distilled_from_their_best_start(chain_trunk):
     student = ghostify.convert(net, ratio=2, init="calib", calib_data=[x for x, _ in batches])
     ctx = Context(s, argparse.Namespace(trunk_kd_steps=3))
     res = distill(ctx, "ghostify-mix", student)
-    assert set(res) == {"kd", "kd_seconds"}
+    assert set(res) == {"kd", "kd_seconds", "kd_own"}
     kd = P.kd_finetune(student, net, ctx.kd_x, steps=3, recipe="trunk")
     assert res["kd"] == pytest.approx(fidelity(s, kd, ctx.ref)["fidelity"])
     assert res["kd"] != pytest.approx(fidelity(s, student, ctx.ref)["fidelity"])
+    # ghostify's own repair: the same steps with the per-Ghost-layer feature loss at weight 1
+    own = P.kd_finetune(student, net, ctx.kd_x, steps=3, recipe="trunk", feature_weight=1.0)
+    assert res["kd_own"] == pytest.approx(fidelity(s, own, ctx.ref)["fidelity"]) != res["kd"]
+    ctx.args.no_kd_own = True
+    assert set(distill(ctx, "ghostify-mix", student)) == {"kd", "kd_seconds"}
+
+
+def test_ghost_feature_loss_by_hand_and_its_hooks_go(chain_trunk):
+    """``kd_finetune(feature_weight=...)``'s extra term is each Ghost layer's output against the teacher's conv of
+    the same name, ``||s - t||^2 / ||t||^2`` averaged over the layers (worked out here on ``conv1``, whose channel
+    order is folded into ``bn1`` and ``conv2``: its internal channel ``i`` is the original's ``channel_map[i]``,
+    and ``conv2``, whose input differs); the hooks it sets are gone after, on teacher and student alike; a
+    student without Ghost layers is refused."""
+    net, s = tiny_trunk(chain_trunk, batches=2)
+    x = torch.cat([b for b, _ in s.data["calib"]])
+    student = ghostify.convert(net, ratio=2, init="calib", calib_data=[x], exclude=["stem"])
+    assert sorted(e.name for e in ghostify.conversion_info(student).plan.converted) == ["conv1", "conv2"]
+    cmap = student.conv1.channel_map
+    assert student.conv1.emit_internal_order and not torch.equal(cmap, torch.arange(len(cmap)))
+    with torch.no_grad(), P.GhostFeatures(student, net) as feats:
+        student(x), net(x)
+        got = feats.loss()
+        h_t = net.relu(net.bn0(net.stem(x)))
+        h_s = student.relu(student.bn0(student.stem(x)))
+        t1, s1 = net.conv1(h_t), student.conv1(h_s)
+        t2, s2 = net.conv2(net.relu(net.bn1(t1))), student.conv2(student.relu(student.bn1(s1)))
+        by_hand = ((s1 - t1[:, cmap]).pow(2).sum() / t1.pow(2).sum() + (s2 - t2).pow(2).sum() / t2.pow(2).sum()) / 2
+    torch.testing.assert_close(got, by_hand)
+    assert got > 1e-6  # the Ghost layers are not their convs
+    batches = [b for b, _ in s.data["calib"]]
+    plain = P.kd_finetune(student, net, batches, steps=3, recipe="trunk")
+    with_layers = P.kd_finetune(student, net, batches, steps=3, recipe="trunk", feature_weight=1.0)
+    assert not torch.equal(plain.conv1.primary.weight, with_layers.conv1.primary.weight)
+    for m in [*net.modules(), *student.modules(), *with_layers.modules()]:
+        assert not m._forward_hooks
+    with pytest.raises(ValueError, match="needs a ghostify student"):
+        P.kd_finetune(net, net, batches, steps=1, recipe="trunk", feature_weight=1.0)
 
 
 @pytest.mark.parametrize("recipe", ["mnist", "photos"])
@@ -541,6 +578,12 @@ def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch)
         assert 0 < moved["kd"] < moved["start"]  # the trunk recipe brings the feature map closer
     with pytest.raises(SystemExit, match="unknown method 'tp-l1'"):
         kd_lr.main(["--model", "craft_trunk", "--methods", "tp-l1@0.7"])
+    # --feature-weights: ghostify's student at each weight, the pruned one (no Ghost layers) only at 0
+    rows = kd_lr.main(["--model", "craft_trunk", "--methods", "tp-l1-global@0.7", "ghostify-alloc-out@0.8",
+                       "--lrs", "1e-2", "--steps", "3", "--feature-weights", "0", "1"])
+    assert [(r["method"], r["feature_weight"]) for r in rows] == [
+        ("tp-l1-global", 0.0), ("ghostify-alloc-out", 0.0), ("ghostify-alloc-out", 1.0)]
+    assert rows[1]["kd"] != pytest.approx(rows[2]["kd"], rel=1e-6)
 
 
 def test_kd_lr_keeps_and_replays_a_latency_budget_plan(chain_trunk, monkeypatch, tmp_path):
