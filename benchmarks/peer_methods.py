@@ -590,10 +590,11 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
     ``lr`` replaces the recipe's peak learning rate (``benchmarks/kd_lr.py`` sweeps it). ``feature_weight > 0``
     (a ghostify student only) adds ``ghostify.distill``'s per-Ghost-layer term: that weight times the mean over
     the student's Ghost layers of their output's relative squared error to the teacher's conv of the same name
-    (``ghostify.train.loss.feature_loss``), on the same batches. Seeded throughout (dropout too), whatever ran
-    before: one student and one ``seed`` give one result.
+    (``ghostify.train.loss.GhostLayerOutputs``, as the fine-tune recipes use it), on the same batches. Seeded
+    throughout (dropout too), whatever ran before: one student and one ``seed`` give one result.
     """
     from ghostify import kd_loss  # the fine-tune recipes' loss
+    from ghostify.train.loss import GhostLayerOutputs  # and their per-Ghost-layer term's hooks
 
     work = copy.deepcopy(student).train()
     teacher = teacher.eval()
@@ -618,7 +619,7 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
         raise ValueError(f"recipe {recipe!r}: 'mnist', 'photos' or 'trunk'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    hooks = GhostFeatures(work, teacher) if feature_weight > 0 else contextlib.nullcontext()
+    hooks = GhostLayerOutputs(work, teacher) if feature_weight > 0 else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), hooks as feats:  # dropout's global generator: seeded, then restored
         torch.manual_seed(seed)
         for _ in range(steps):
@@ -638,34 +639,3 @@ def kd_finetune(student: nn.Module, teacher: nn.Module, batches: list[torch.Tens
             opt.step()
             sched.step()
     return work.eval()
-
-
-class GhostFeatures:
-    """Forward hooks that keep each Ghost layer's output in ``student`` and its conv's in ``teacher`` (same
-    names), for ``loss()``: ``ghostify.train.loss.feature_loss`` of the last forward passes of both. A context
-    manager: the hooks go on leaving it."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module):
-        from ghostify import conversion_info
-        from ghostify.train.loss import feature_loss
-
-        info = conversion_info(student)
-        if info is None:
-            raise ValueError("feature_weight needs a ghostify student (Ghost layers to compare); this one has none")
-        self.feature_loss, self.s, self.t, self.maps, self.handles = feature_loss, {}, {}, {}, []
-        for name in (e.name for e in info.plan.converted):
-            ghost = student.get_submodule(name)
-            self.maps[name] = ghost.channel_map if ghost.emit_internal_order else None
-            for model, got in ((student, self.s), (teacher, self.t)):
-                self.handles.append(model.get_submodule(name).register_forward_hook(
-                    lambda mod, args, out, n=name, got=got: got.__setitem__(n, out)))
-
-    def loss(self) -> torch.Tensor:
-        return self.feature_loss(self.s, self.t, self.maps)
-
-    def __enter__(self) -> "GhostFeatures":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()

@@ -13,6 +13,7 @@ from ghostify.errors import GhostifyError
 from ghostify.reference import resnet20
 from ghostify.augment import AugmentConfig, augmentation, cutmix, mixup, random_resized_crop
 from ghostify.train.distill import distill_dataset
+from ghostify.train.loss import GhostLayerOutputs
 
 from conftest import ChainNet
 
@@ -66,6 +67,11 @@ def test_a_teacher_without_the_ghost_layers_convs_is_refused_with_the_fix():
     net, ghost = _pair()
     with pytest.raises(GhostifyError, match=r"teacher has no conv 'conv1'.*feature_weight=0"):
         ghostify.distill(ghost, torch.nn.Sequential(), torch.randn(16, 3, 12, 12), steps=1, progress=False)
+    with pytest.raises(GhostifyError, match=r"teacher has no conv 'conv1'"):
+        GhostLayerOutputs(ghost, torch.nn.Sequential())
+    assert not any(m._forward_hooks for m in ghost.modules())  # the hooks set before the refusal are gone
+    with GhostLayerOutputs(ghost, net) as outs, pytest.raises(GhostifyError, match="run the student and the teacher"):
+        outs.loss()
 
 
 def test_cli_writes_a_model_that_loads_back_and_refuses_to_overwrite(tmp_path):

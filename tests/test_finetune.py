@@ -258,10 +258,11 @@ def test_feature_distillation_matches_layers_in_their_folded_order(tmp_path):
     """Folded Ghost layers emit channels in internal order; the feature loss must compare like with like."""
     res = finetune("recipes/mnist_resnet20_r2.yaml", output_dir=tmp_path / "run", progress=False, overrides=[
         *DIGITS, "train.batch_size=32", "data.limit=128", "data.val=null", "conversion.calib_size=128", "train.steps=1",
-        "loss.feature_weight=1", "optim.lr=0", "train.log_every=1"])
+        "loss.feature_weight=1", "optim.lr=0", "train.log_every=1", "train.ema_decay=0.5"])  # the EMA copy is returned
     step = json.loads((tmp_path / "run" / "steps.jsonl").read_text())
     assert 0 < step["feat"] < 0.3  # calibrated layers reproduce the original convs' outputs closely
     student, teacher = res.model.eval(), ghostify.get_model("checkpoints/resnet20_mnist.pt")
+    assert not any(m._forward_hooks for m in student.modules())  # the run's feature hooks went with it
     names = [e.name for e in student.ghostify_info.plan.converted]
     folded = {n: student.get_submodule(n).channel_map for n in names if student.get_submodule(n).emit_internal_order}
     assert folded  # some layers fold their order into the next BN and conv

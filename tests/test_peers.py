@@ -12,6 +12,8 @@ pytest.importorskip("torch_pruning", reason="the peers extra is not installed: p
 pytest.importorskip("tensorly", reason="the peers extra is not installed: pip install -e '.[peers]'")
 
 import ghostify  # noqa: E402
+from ghostify.errors import GhostifyError  # noqa: E402
+from ghostify.train.loss import GhostLayerOutputs  # noqa: E402
 from benchmarks import peer_methods as P  # noqa: E402
 from benchmarks.peers import pareto  # noqa: E402
 from conftest import randomize_bn  # noqa: E402
@@ -186,7 +188,7 @@ def test_ghost_feature_loss_by_hand_and_its_hooks_go(chain_trunk):
     assert sorted(e.name for e in ghostify.conversion_info(student).plan.converted) == ["conv1", "conv2"]
     cmap = student.conv1.channel_map
     assert student.conv1.emit_internal_order and not torch.equal(cmap, torch.arange(len(cmap)))
-    with torch.no_grad(), P.GhostFeatures(student, net) as feats:
+    with torch.no_grad(), GhostLayerOutputs(student, net) as feats:
         student(x), net(x)
         got = feats.loss()
         h_t = net.relu(net.bn0(net.stem(x)))
@@ -202,7 +204,7 @@ def test_ghost_feature_loss_by_hand_and_its_hooks_go(chain_trunk):
     assert not torch.equal(plain.conv1.primary.weight, with_layers.conv1.primary.weight)
     for m in [*net.modules(), *student.modules(), *with_layers.modules()]:
         assert not m._forward_hooks
-    with pytest.raises(ValueError, match="needs a ghostify student"):
+    with pytest.raises(GhostifyError, match="not made by ghostify"):
         P.kd_finetune(net, net, batches, steps=1, recipe="trunk", feature_weight=1.0)
 
 

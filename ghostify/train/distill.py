@@ -21,11 +21,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..conversion.rewrite import conversion_info
 from ..errors import GhostifyError
 from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD, resolve_data
 from ..augment import AugmentConfig, Items, Mixed, unlabelled
 from .distributed import setup_dist
+from .loss import converted_names
 from .recipe import Recipe, diff, to_dict
 from .rundir import check_run_dir
 from .schema import build_section
@@ -119,23 +119,11 @@ class DistillSession(Session):
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
         self._converted_layers()
-        missing = [n for n in self.converted if not isinstance(_submodule(self.teacher, n), nn.Conv2d)]
-        if missing and self.cfg.loss.feature_weight > 0:
-            raise GhostifyError(f"the feature loss compares each Ghost layer with the teacher's conv of the same name, "
-                                f"but the teacher has no conv '{missing[0]}'; give the original model as the "
-                                "teacher, or feature_weight=0 (logits only)")
 
     def _evaluate(self, model, baseline=True) -> dict:
         res = super()._evaluate(model, baseline)  # the labels are placeholders: only agreement counts
         res = {k: v for k, v in res.items() if k not in ("top1", "top5")}
         return res if "agree_top1" in res else {}
-
-
-def _submodule(model: nn.Module, name: str):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _recipe(**o) -> DistillRecipe:
@@ -198,9 +186,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 2
         >>> fixed(torch.zeros(1, 1, 28, 28)).shape
         torch.Size([1, 10])
     """
-    if conversion_info(student) is None:
-        raise GhostifyError("the student was not made by ghostify (no ghostify_info); convert the original with "
-                            "ghostify.convert or load a converted model with ghostify.load")
+    converted_names(student)  # refuses a model ghostify did not make
     cfg = _recipe(name="distill", seed=seed, data=data, val_data=val_data, image_size=image_size, limit=limit,
                   val_limit=val_limit, steps=steps, batch_size=batch_size, freeze_bn=freeze_bn, log_every=log_every,
                   checkpoint_every=checkpoint_every, device=device, lr=lr, warmup_steps=warmup_steps,
@@ -225,8 +211,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 2
     try:
         session = DistillSession(cfg, Path(run_dir), dist, ckpt, force, progress, on_step, given)
         result = session.run()
-        for h in session.hooks:
-            h.remove()
         if result.report and result.report["before"]:
             b, a = result.report["before"], result.report["after"]
             print(f"agreement with the teacher on the held-out data: top-1 {b['agree_top1']:.4f} -> "

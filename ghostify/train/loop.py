@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .datasets import SkipSampler
-from .loss import feature_loss, kd_loss
+from .loss import kd_loss
 
 __all__ = ["TrainingLoop"]
 
@@ -39,8 +39,8 @@ class TrainingLoop:
             s_out = self.ddp(x)
             loss, parts = kd_loss(s_out.float(), t_out, y, temperature=cfg.loss.temperature,
                                   alpha=cfg.loss.alpha if use_teacher else 1.0)
-            if self.s_feats:
-                feat = feature_loss(self.s_feats, self.t_feats, self.channel_maps)
+            if self.features is not None:
+                feat = self.features.loss()
                 loss = loss + cfg.loss.feature_weight * feat
                 parts["feat"] = feat.item()
         self.opt.zero_grad(set_to_none=True)
@@ -53,8 +53,8 @@ class TrainingLoop:
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.student)
-        self.s_feats.clear()
-        self.t_feats.clear()
+        if self.features is not None:
+            self.features.clear()
         return loss.item(), parts
 
     def _loop(self) -> list[float]:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..conversion.rewrite import conversion_info
 from ..errors import GhostifyError
 
-__all__ = ["kd_loss", "feature_loss"]
+__all__ = ["kd_loss", "feature_loss", "GhostLayerOutputs", "converted_names"]
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None, *,
@@ -57,3 +59,86 @@ def feature_loss(student_feats: dict[str, torch.Tensor], teacher_feats: dict[str
             t = t[:, cmap]
         losses.append((s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12))
     return torch.stack(losses).mean()
+
+
+def converted_names(model: nn.Module) -> list[str]:
+    """The names of a ghostify model's Ghost layers (each replaced the original conv of that name)."""
+    info = conversion_info(model)
+    if info is None:
+        raise GhostifyError("the student was not made by ghostify (no ghostify_info); convert the original with "
+                            "ghostify.convert or load a converted model with ghostify.load")
+    return [e.name for e in info.plan.converted]
+
+
+class GhostLayerOutputs:
+    """Forward hooks that keep each Ghost layer's output in ``student`` and the output of the conv of the same
+    name in ``teacher``, for :func:`feature_loss` (:meth:`loss`) over the last forward pass of both.
+
+    A context manager: the hooks are removed on leaving it, or by :meth:`remove`.
+
+    Example:
+        >>> import torch, ghostify
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3)).eval()
+        >>> ghost = ghostify.convert(net, ratio=2, init="copy")     # the stem stays; conv '2' is a Ghost layer
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> with torch.no_grad(), GhostLayerOutputs(ghost, net) as outs:
+        ...     _ = ghost(x), net(x)
+        ...     outs.names, float(outs.loss()) > 0
+        (['2'], True)
+        >>> any(m._forward_hooks for m in [*ghost.modules(), *net.modules()])
+        False
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.names = converted_names(student)
+        self.student_out: dict[str, torch.Tensor] = {}
+        self.teacher_out: dict[str, torch.Tensor] = {}
+        self.channel_maps: dict[str, torch.Tensor | None] = {}
+        self._handles = []
+        try:
+            for name in self.names:
+                ghost = student.get_submodule(name)
+                self.channel_maps[name] = ghost.channel_map if ghost.emit_internal_order else None
+                for model, got in ((student, self.student_out), (teacher, self.teacher_out)):
+                    self._handles.append(_conv(model, name, model is teacher).register_forward_hook(
+                        lambda mod, args, out, n=name, got=got: got.__setitem__(n, out)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def loss(self) -> torch.Tensor:
+        """:func:`feature_loss` of the outputs kept from the last forward passes."""
+        if not self.student_out:
+            raise GhostifyError("no Ghost layer output was kept: run the student and the teacher first")
+        return feature_loss(self.student_out, self.teacher_out, self.channel_maps)
+
+    def clear(self) -> None:
+        """Drop the kept outputs (and the graphs they hold)."""
+        self.student_out.clear()
+        self.teacher_out.clear()
+
+    def remove(self) -> None:
+        """Remove every hook and drop the kept outputs."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def __enter__(self) -> "GhostLayerOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _conv(model: nn.Module, name: str, teacher: bool) -> nn.Module:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        mod = None
+    if teacher and not isinstance(mod, nn.Conv2d):
+        raise GhostifyError(f"the feature loss compares each Ghost layer with the teacher's conv of the same name, "
+                            f"but the teacher has no conv '{name}'; give the original model as the teacher, or "
+                            "feature_weight=0 (logits only)")
+    return mod

@@ -26,6 +26,7 @@ from ..zoo.models import get_model
 from .datasets import build_dataset
 from .distributed import Dist
 from .loop import TrainingLoop
+from .loss import GhostLayerOutputs, converted_names
 from .recipe import Recipe, ghost_config, to_dict
 from .report import report_markdown
 from .rundir import begin_run_dir, commit_run_dir, is_run_dir, staging, truncate_jsonl, write_text
@@ -146,22 +147,12 @@ class Session(TrainingLoop):
         self._converted_layers()
 
     def _converted_layers(self):
-        """The names of the student's Ghost layers and the channel order each one emits."""
-        self.converted = [e.name for e in conversion_info(self.student).plan.converted]
-        self.channel_maps = {}
-        for name in self.converted:
-            g = self.student.get_submodule(name)
-            self.channel_maps[name] = g.channel_map if g.emit_internal_order else None
+        self.converted = converted_names(self.student)
 
     def _hooks(self):
-        self.s_feats, self.t_feats, self.hooks = {}, {}, []
-        if self.cfg.loss.feature_weight <= 0 or not self.cfg.loss.teacher:
-            return
-        for name in self.converted:
-            self.hooks += [self.student.get_submodule(name).register_forward_hook(
-                               lambda mod, args, out, n=name: self.s_feats.__setitem__(n, out)),
-                           self.teacher.get_submodule(name).register_forward_hook(
-                               lambda mod, args, out, n=name: self.t_feats.__setitem__(n, out))]
+        """Keep the Ghost layers' and the teacher's convs' outputs when the loss has a feature term."""
+        if self.cfg.loss.feature_weight > 0 and self.cfg.loss.teacher and self.converted:
+            self.features = GhostLayerOutputs(self.student, self.teacher)
 
     # -- pieces of the loop ------------------------------------------------------------------------
     def _eval_model(self) -> nn.Module:
@@ -218,6 +209,19 @@ class Session(TrainingLoop):
             dist.barrier()
             self.run_dir = begin_run_dir(final, cfg) if dist.main else staging(final, "new")
             dist.barrier()
+        self.features = None
+        try:
+            self._set_up_beside(final)
+            self.run_dir = final
+            losses = self._loop()
+        finally:  # the models given back carry no hook of the run
+            if self.features is not None:
+                self.features.remove()
+        return self._finish(losses)
+
+    def _set_up_beside(self, final: Path):
+        """Set up in ``self.run_dir``; a new run's folder then replaces ``final`` (removed if set-up fails)."""
+        dist = self.dist
         try:
             self._set_up()
             if self.ckpt is None:
@@ -229,14 +233,10 @@ class Session(TrainingLoop):
             if self.ckpt is None and dist.main and is_run_dir(self.run_dir) and self.run_dir != final:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
-        self.run_dir = final
-        losses = self._loop()
-        return self._finish(losses)
 
     def _set_up(self):
         cfg, dist = self.cfg, self.dist
         self._models()
-        self._hooks()
         student = self.student
         if cfg.train.sync_bn and dist.world > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -248,6 +248,7 @@ class Session(TrainingLoop):
         self.ema = None
         if cfg.train.ema_decay is not None:
             self.ema = EMA(student, cfg.train.ema_decay)
+        self._hooks()  # after the EMA's copy of the student, which must not carry them
         self.step, self.best, self.history, self.train_seconds, self.pre = 0, None, [], 0.0, None
         self.eval_seconds, self.acc = 0.0, [0.0] * 4
         if self.ckpt is not None:
@@ -290,6 +291,8 @@ class Session(TrainingLoop):
 
     def _finish(self, losses: list[float]) -> FinetuneResult:
         final = self._eval_model()
+        if conversion_info(final) is None:  # a copy (the EMA's) loses what the conversion attached
+            final.ghostify_info = self.student.ghostify_info
         final_eval = self.history[-1] if self.history else {}
         after = {k[4:]: v for k, v in final_eval.items() if k.startswith("val_")}
         report = None
