@@ -17,7 +17,8 @@ printing the held-out fidelity (photos: top-1 agreement and KL; trunks: feature 
 between two students must exceed; ``--plans DIR`` replays the latency budgets' plans a ``peers.py`` run kept
 (its ``OUT/plans``), so the sweep distils the student that run timed. ``--feature-weights 0 1`` distils
 ghostify's students also with ``ghostify.distill``'s per-Ghost-layer feature loss at weight 1 (the other
-students, which have no Ghost layers, only at 0).
+students, which have no Ghost layers, only at 0). ``--kd-crops N`` distils every student on N other crops of the
+calibration photos (as ``peers.py``'s) instead of the calibration crops.
 
 A method may carry its own target after ``@`` (an ``-ort`` allocation's target is a latency budget, as in
 ``peers.py``); the others take ``--target``.
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])
     ap.add_argument("--steps", type=int, default=None, help="KD steps (default: peers.py's, 150 photos, 40 trunks)")
     ap.add_argument("--calib-augment", type=int, default=0, metavar="N")
+    ap.add_argument("--kd-crops", type=int, default=0, metavar="N", help="as peers.py: distil on N other crops of "
+                    "the calibration photos (seed 1) instead of the calibration crops")
     ap.add_argument("--round-to", type=int, default=1, metavar="N")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="the distillation's seeds (batch order, "
                     "augmentation): each student distilled once per seed and rate, for the spread over seeds")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = argparse.Namespace(calib_augment=a.calib_augment, round_to=a.round_to, alloc_ratios=list(peers.RATIOS),
                               plans=a.plans)
     s = peers.SETUPS[a.model]
-    peers.load_data(s, a.quick)
+    peers.load_data(s, a.quick, kd_crops=a.kd_crops)
     ctx = peers.Context(s, args)
     trunk = s.kind == "trunk"
     steps = 2 if a.quick else a.steps or peers.KD_STEPS[s.kind]
@@ -96,8 +99,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                feature_weight=fw)
             end = peers.fidelity(s, kd, ctx.ref)
             rows.append(dict(method=method, target=target, setting=setting, macs=ctx.macs(student), lr=lr, seed=seed,
-                             feature_weight=fw, steps=steps, start=start["fidelity"], kd=end["fidelity"],
-                             seconds=time.perf_counter() - t0))
+                             feature_weight=fw, steps=steps, kd_crops=a.kd_crops, start=start["fidelity"],
+                             kd=end["fidelity"], seconds=time.perf_counter() - t0))
             if not trunk:
                 rows[-1].update(start_kl=start["kl"], kd_kl=end["kl"], kd_top5=end["agree_top5"])
             print(f"| {method} | {target:g} | {setting} | {rows[-1]['macs']:.3f} | {show(start)} | {lr:g} | "

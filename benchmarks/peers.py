@@ -168,8 +168,8 @@ SETUPS = {
 
 
 def load_data(s: Setup, quick: bool, kd_crops: int = 0) -> None:
-    """Fill ``s.data``: ``calib`` ((x, y) batches), ``eval`` (a data source), ``desc``, and for photos with
-    ``kd_crops`` ``kd``: that many other crops of the calibration photos (seed 1) for the distillation."""
+    """Fill ``s.data``: ``calib`` ((x, y) batches), ``eval`` (a data source), ``desc``, and for photos and trunks
+    with ``kd_crops`` ``kd``: that many other crops of the calibration photos (seed 1) for the distillation."""
     if s.kind == "mnist":
         n_cal, n_eval = (128, 1000) if quick else (s.calib, s.eval)
         try:
@@ -190,7 +190,7 @@ def load_data(s: Setup, quick: bool, kd_crops: int = 0) -> None:
         desc = (f"calibration: photos:calib, {n_cal} crops of {len(calib.photos)} photos (seed 0); evaluation: "
                 f"photos:heldout, {test.num_examples} crops of {len(test.photos)} other photos")
     s.data = {"calib": [(x, y) for x, y in calib], "eval": test, "desc": desc}
-    if kd_crops and s.kind == "photos":
+    if kd_crops and s.kind != "mnist":
         kd = ghostify.resolve_data("photos:calib", batch_size=32, limit=kd_crops, seed=1)
         s.data["kd"] = [(x, y) for x, y in kd]
         s.data["desc"] += f"; distillation: photos:calib, {kd.num_examples} other crops (seed 1)"
@@ -782,8 +782,8 @@ def main(argv=None) -> None:
                     help="N augmented views of the calibration images for every fit and repair (see above); "
                          "one setting per output folder")
     ap.add_argument("--kd-crops", type=int, default=0, metavar="N",
-                    help="photos: distil every student on N other crops of the calibration photos (seed 1) instead "
-                         "of the calibration crops; one setting per output folder")
+                    help="photos and trunks: distil every student on N other crops of the calibration photos (seed "
+                         "1) instead of the calibration crops; one setting per output folder")
     ap.add_argument("--kd-seed", type=int, default=0, metavar="N",
                     help="seed of every student's distillation (batch order, augmentation, dropout); one setting "
                          "per output folder")

@@ -278,6 +278,9 @@ def test_kd_crops_and_kd_seed_reach_every_distillation(chain_net, monkeypatch):
     assert not any(torch.equal(a, b) for a in kd for b in calib)
     load_data(s, quick=False)
     assert "kd" not in s.data
+    s = Setup("tiny", "trunk", lambda: None, (3, 224, 224), lambda m: [], 2, 2, 1, "feature error")
+    load_data(s, quick=False, kd_crops=3)  # a trunk distils on other crops too
+    assert torch.equal(torch.cat([x for x, _ in s.data["kd"]]), kd) and "3 other crops" in s.data["desc"]
 
     torch.manual_seed(0)
     net = randomize_bn(chain_net).eval()
@@ -568,9 +571,11 @@ def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch)
     net, s = tiny_trunk(chain_trunk, batches=2)
     s.ignored = peers._last_conv  # as the real trunks: the output's channels stay
     monkeypatch.setitem(peers.SETUPS, "craft_trunk", s)
-    monkeypatch.setattr(peers, "load_data", lambda s, quick, kd_crops=0: None)
+    asked = []
+    monkeypatch.setattr(peers, "load_data", lambda s, quick, kd_crops=0: asked.append(kd_crops))
     rows = kd_lr.main(["--model", "craft_trunk", "--target", "0.8", "--methods", "tp-l1-global@0.7",
-                       "ghostify-alloc-out", "--lrs", "0", "1e-2", "--steps", "3"])
+                       "ghostify-alloc-out", "--lrs", "0", "1e-2", "--steps", "3", "--kd-crops", "5"])
+    assert asked == [5] and all(r["kd_crops"] == 5 for r in rows)
     assert [(r["method"], r["target"], r["lr"]) for r in rows] == [
         ("tp-l1-global", 0.7, 0.0), ("tp-l1-global", 0.7, 1e-2), ("ghostify-alloc-out", 0.8, 0.0),
         ("ghostify-alloc-out", 0.8, 1e-2)]
