@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peers.load_data(s, a.quick, kd_crops=a.kd_crops)
     ctx = peers.Context(s, args)
     trunk = s.kind == "trunk"
-    steps = 2 if a.quick else a.steps or peers.KD_STEPS[s.kind]
+    steps = 2 if a.quick else peers.KD_STEPS[s.kind] if a.steps is None else a.steps  # 0: the start again
     rows = []
     print(f"{a.model}, {steps} KD steps; {s.data['desc']}; {s.metric}")
     print("| method | target | setting | MACs | start | lr | seed | layer loss | after KD | seconds |\n"

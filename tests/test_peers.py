@@ -591,6 +591,8 @@ def test_kd_lr_sweeps_a_trunk_with_a_target_per_method(chain_trunk, monkeypatch)
     assert [(r["method"], r["feature_weight"]) for r in rows] == [
         ("tp-l1-global", 0.0), ("ghostify-alloc-out", 0.0), ("ghostify-alloc-out", 1.0)]
     assert rows[1]["kd"] != pytest.approx(rows[2]["kd"], rel=1e-6)
+    rows = kd_lr.main(["--model", "craft_trunk", "--methods", "tp-l1-global@0.7", "--lrs", "1e-2", "--steps", "0"])
+    assert rows[0]["steps"] == 0 and rows[0]["kd"] == rows[0]["start"]  # 0 steps: not the default's 40
 
 
 def test_kd_lr_keeps_and_replays_a_latency_budget_plan(chain_trunk, monkeypatch, tmp_path):
@@ -764,8 +766,11 @@ def test_latency_budget_plans_are_kept_and_replayed(chain_trunk, tmp_path, monke
     monkeypatch.setattr(ghostify, "allocate", lambda *a, **kw: pytest.fail("a kept plan is not planned again"))
     capsys.readouterr()
     model, setting, _ = build(ctx, "ghostify-alloc-out-ort", 0.9)
-    assert f"replays {path} (by hand)" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert f"replays {path} (by hand)" in log
     assert setting.startswith("ORT budget 0.9: 1/2 convs, ratios [2], plan ")
+    conv = next(n for n, r in a.choices.items() if r)
+    assert f"plan {setting.split()[-1]} converts {conv} x2\n" in log  # the log names the conv converted
     expected = ghostify.convert(net, plan=a.plan, calib_data=ctx.fit_x)
     x = ctx.calib_x[0]
     torch.testing.assert_close(model(x), expected(x))
