@@ -203,21 +203,25 @@ def _tucker_cost(conv: nn.Conv2d, r_in: int, r_out: int, hw_in, hw_out) -> float
     return conv.in_channels * r_in * hw_in + r_in * r_out * k * hw_out + r_out * conv.out_channels * hw_out
 
 
-def _plan_rank(conv: nn.Conv2d, fraction: float, hw_in: int, hw_out: int) -> tuple[int, ...] | None:
-    """The ranks keeping the decomposition at <= ``fraction`` of the conv's MACs, or None (no saving)."""
+def _plan_rank(conv: nn.Conv2d, fraction: float, hw_in: int, hw_out: int, round_to: int = 1) -> tuple[int, ...] | None:
+    """The ranks keeping the decomposition at <= ``fraction`` of the conv's MACs, each a multiple of ``round_to``
+    (rounded down), or None (no saving, or a rank below ``round_to``)."""
     n_out, n_in = conv.out_channels, conv.in_channels
     full = n_out * n_in * conv.kernel_size[0] * conv.kernel_size[1] * hw_out
+    down = lambda r: int(r) // round_to * round_to  # noqa: E731
     if conv.kernel_size == (1, 1):  # SVD: (r x in) then (out x r), both at the output resolution
-        r = math.floor(fraction * n_in * n_out / (n_in + n_out))
+        r = down(math.floor(fraction * n_in * n_out / (n_in + n_out)))
         return (r,) if 1 <= r < min(n_in, n_out) else None
     best, lo, hi = None, 0.0, 1.0  # Tucker-2 with both ranks the same fraction a of their mode
     for _ in range(30):
         a = (lo + hi) / 2
-        ranks = (max(1, round(a * n_in)), max(1, round(a * n_out)))
-        if _tucker_cost(conv, *ranks, hw_in, hw_out) <= fraction * full:
+        ranks = (down(max(1, round(a * n_in))), down(max(1, round(a * n_out))))
+        if min(ranks) >= 1 and _tucker_cost(conv, *ranks, hw_in, hw_out) <= fraction * full:
             best, lo = ranks, a
-        else:
+        elif min(ranks) >= 1:
             hi = a
+        else:
+            lo = a  # below round_to: try larger ranks
     if best is None or best[0] >= n_in and best[1] >= n_out:
         return None
     return best
@@ -258,20 +262,23 @@ def _decompose(conv: nn.Conv2d, ranks: tuple[int, ...]) -> nn.Sequential:
 
 
 def lowrank(model: nn.Module, example: torch.Tensor, fraction: float, *, decompose: bool = True,
-            keep: Callable[[str, nn.Conv2d], bool] = lambda name, conv: False) -> nn.Module:
+            keep: Callable[[str, nn.Conv2d], bool] = lambda name, conv: False, round_to: int = 1) -> nn.Module:
     """A copy of ``model`` with every dense conv decomposed at ``fraction`` of its MACs (data-free).
 
     kxk convs: Tucker-2 on the output and input modes (``tensorly.decomposition.partial_tucker``, HOOI from
     the SVD), both ranks the same fraction of their mode; 1x1 convs: truncated SVD. Convs with groups,
     those a decomposition cannot make cheaper, and those ``keep(name, conv)`` names stay. The new model
     carries ``model.lowrank_layers = {name: ranks}``. ``decompose=False``: the factor convs' shapes only
-    (weights unset), to count MACs.
+    (weights unset), to count MACs. ``round_to``: every rank a multiple of it, rounded down (as pruning's
+    ``round_to`` keeps channel counts; a conv whose rank would fall below it stays whole).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 32, 1))
         >>> low = lowrank(net, torch.randn(1, 16, 8, 8), 0.5)
         >>> low.lowrank_layers
         {'0': (9, 9), '1': (5,)}
+        >>> lowrank(net, torch.randn(1, 16, 8, 8), 0.5, round_to=4).lowrank_layers
+        {'0': (8, 8), '1': (4,)}
     """
     require_peers()
     work = copy.deepcopy(model).eval()
@@ -281,7 +288,7 @@ def lowrank(model: nn.Module, example: torch.Tensor, fraction: float, *, decompo
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or name not in shapes or keep(name, conv):
             continue
         (hi, wi), (ho, wo) = shapes[name]
-        ranks = _plan_rank(conv, fraction, hi * wi, ho * wo)
+        ranks = _plan_rank(conv, fraction, hi * wi, ho * wo, round_to)
         if ranks is not None:
             work.set_submodule(name, _decompose(conv, ranks) if decompose else _shell(conv, ranks))
             done[name] = ranks

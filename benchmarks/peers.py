@@ -43,7 +43,8 @@ measure how far one student's result moves between seeds. One setting per output
 counts (``LayerSpec.round_to``; the allocations' sensitivity tables are measured rounded too) and the channels
 Torch-Pruning keeps (``BasePruner(round_to=N)``, which its README recommends for acceleration). ONNX Runtime on
 CPU runs a conv whose channel count is not a multiple of 4 markedly slower (``benchmarks/channel_rounding.py``).
-Low-rank ranks are not rounded.
+The low-rank factors' ranks, which this benchmark chooses (tensorly decomposes at the ranks it is given), are
+rounded down to multiples of N too (from 7 Dec 2026; earlier rounded runs left them unrounded).
 One setting per output folder.
 
 Methods (``--methods``, default all):
@@ -361,9 +362,9 @@ def build(ctx: Context, method: str, target: float) -> tuple[nn.Module, str, dic
         repairs = {"bn-recal": P.bn_recalibrate(model, ctx.fit_pairs)} if P.has_bn(model) else {}
         return model, f"pruning_ratio {p:.4f}", repairs
     if method == "lowrank":
-        t, _ = P.bisect(lambda t: ctx.macs(P.lowrank(m, x0, t, decompose=False)), target, 0.01, 1.0,
-                        increasing=True)
-        model = P.lowrank(m, x0, t)
+        t, _ = P.bisect(lambda t: ctx.macs(P.lowrank(m, x0, t, decompose=False, round_to=ctx.round_to)), target,
+                        0.01, 1.0, increasing=True)
+        model = P.lowrank(m, x0, t, round_to=ctx.round_to)  # ranks rounded as the pruned channel counts are
         repairs = {"bn-recal": P.bn_recalibrate(model, ctx.fit_pairs)} if P.has_bn(model) else {}
         repairs["ls-refit"] = P.refit_last_factors(model, m, calib)
         return model, f"{len(model.lowrank_layers)} convs at {t:.3f} of their MACs", repairs
@@ -790,7 +791,7 @@ def main(argv=None) -> None:
     ap.add_argument("--round-to", type=int, default=1, metavar="N",
                     help="keep channel counts at multiples of N: ghostify's intrinsic counts (LayerSpec.round_to) and "
                          "Torch-Pruning's kept channels (BasePruner's round_to, which its README recommends for "
-                         "acceleration); low-rank ranks are not rounded. Default 1: none; one setting per folder")
+                         "acceleration) and the low-rank ranks. Default 1: none; one setting per folder")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest relative error of an exported model against its PyTorch model (default 1e-4); "

@@ -56,6 +56,8 @@ def test_svd_of_a_low_rank_1x1_conv_is_exact_and_refit_never_hurts():
     net = nn.Sequential(conv).eval()
     low = P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5)
     assert low.lowrank_layers == {"0": (5,)}  # floor(0.5 * 16 * 32 / 48)
+    assert P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, round_to=4).lowrank_layers == {"0": (4,)}  # rounded down
+    assert P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, round_to=8).lowrank_layers == {}  # below 8: stays whole
     x = torch.randn(2, 16, 4, 4)
     torch.testing.assert_close(low(x), net(x), atol=1e-4, rtol=1e-4)
 
@@ -523,7 +525,8 @@ def test_calib_augment_gives_every_fit_the_same_views(chain_net):
 
 def test_round_to_reaches_the_pruned_channels_and_every_ghostify_method(chain_net):
     """``--round-to 4``: Torch-Pruning keeps multiples of 4 (unrounded, 0.3 of ChainNet's 8/16/12 channels leaves
-    counts that are not), and each ghostify method's intrinsic counts are multiples of 4."""
+    counts that are not), each ghostify method's intrinsic counts and the low-rank factors' ranks are multiples
+    of 4."""
     import argparse
 
     from benchmarks.peers import Context, Setup, build
@@ -544,6 +547,9 @@ def test_round_to_reaches_the_pruned_channels_and_every_ghostify_method(chain_ne
         ghosts = [m for m in model.modules() if isinstance(m, ghostify.GhostConv2d)]
         assert ghosts and all(g.primary.out_channels % 4 == 0 for g in ghosts), method
     assert ctx._tables["alone"].rows and all(r.ratio == 3 for r in ctx._tables["alone"].rows)
+    model, _, _ = build(ctx, "lowrank", 0.6)
+    ranks = [r for rs in model.lowrank_layers.values() for r in rs]
+    assert ranks and all(r % 4 == 0 for r in ranks) and 0.5 < ctx.macs(model) <= 0.6 + 1e-9
 
 
 def test_kd_lr_sweep_distils_one_student_per_rate(tiny_photos, monkeypatch, tmp_path):
