@@ -26,7 +26,8 @@ A method may carry its own target after ``@`` (an ``-ort`` allocation's target i
 Measured on 6 Dec 2026 (docs/peers.md, "The distillation's learning rate"): 3e-5 is the best of 3e-5 / 1e-4 /
 3e-4 for both MobileNetV2 students (the allocation 63.8 / 62.2 / 16.5 %, L1 pruning 76.1 / 75.0 / 64.1 %).
 On 7 Dec 2026 (fourteenth run) the per-Ghost-layer loss at weight 1 / 10 left CRAFT's 0.9x ghostify student at
-0.0753 / 0.0756 after 40 steps (0.0753 without it; Taylor pruning's 0.0736).
+0.0753 / 0.0756 after 40 steps (0.0753 without it; Taylor pruning's 0.0736); fifteenth run, ``--kd-crops 1024``:
+0.0735 against Taylor's 0.0722.
 """
 from __future__ import annotations
 
