@@ -100,8 +100,8 @@ class GhostLayerOutputs:
             for name in self.names:
                 ghost = student.get_submodule(name)
                 self.channel_maps[name] = ghost.channel_map if ghost.emit_internal_order else None
-                for model, got in ((student, self.student_out), (teacher, self.teacher_out)):
-                    self._handles.append(_conv(model, name, model is teacher).register_forward_hook(
+                for mod, got in ((ghost, self.student_out), (_teacher_conv(teacher, name), self.teacher_out)):
+                    self._handles.append(mod.register_forward_hook(
                         lambda mod, args, out, n=name, got=got: got.__setitem__(n, out)))
         except BaseException:
             self.remove()
@@ -132,12 +132,12 @@ class GhostLayerOutputs:
         self.remove()
 
 
-def _conv(model: nn.Module, name: str, teacher: bool) -> nn.Module:
+def _teacher_conv(teacher: nn.Module, name: str) -> nn.Conv2d:
     try:
-        mod = model.get_submodule(name)
+        mod = teacher.get_submodule(name)
     except AttributeError:
         mod = None
-    if teacher and not isinstance(mod, nn.Conv2d):
+    if not isinstance(mod, nn.Conv2d):
         raise GhostifyError(f"the feature loss compares each Ghost layer with the teacher's conv of the same name, "
                             f"but the teacher has no conv '{name}'; give the original model as the teacher, or "
                             "feature_weight=0 (logits only)")

@@ -291,8 +291,7 @@ class Session(TrainingLoop):
 
     def _finish(self, losses: list[float]) -> FinetuneResult:
         final = self._eval_model()
-        if conversion_info(final) is None:  # a copy (the EMA's) loses what the conversion attached
-            final.ghostify_info = self.student.ghostify_info
+        conversion_info(final)  # a deepcopy (the EMA's) keeps the info in .meta only: this puts .ghostify_info back
         final_eval = self.history[-1] if self.history else {}
         after = {k[4:]: v for k, v in final_eval.items() if k.startswith("val_")}
         report = None
