@@ -216,12 +216,12 @@ def _plan_rank(conv: nn.Conv2d, fraction: float, hw_in: int, hw_out: int, round_
     for _ in range(30):
         a = (lo + hi) / 2
         ranks = (down(max(1, round(a * n_in))), down(max(1, round(a * n_out))))
-        if min(ranks) >= 1 and _tucker_cost(conv, *ranks, hw_in, hw_out) <= fraction * full:
+        if min(ranks) < 1:
+            lo = a  # a rank below round_to: try larger ones
+        elif _tucker_cost(conv, *ranks, hw_in, hw_out) <= fraction * full:
             best, lo = ranks, a
-        elif min(ranks) >= 1:
-            hi = a
         else:
-            lo = a  # below round_to: try larger ranks
+            hi = a
     if best is None or best[0] >= n_in and best[1] >= n_out:
         return None
     return best

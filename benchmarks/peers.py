@@ -404,10 +404,10 @@ def distill(ctx: Context, method: str, student: nn.Module) -> dict:
 
     MNIST: ``--kd-steps`` (150) steps of :func:`peer_methods.kd_finetune`'s MNIST recipe on the calibration
     images. Photos: ``--photo-kd-steps`` (150) steps of its photos recipe (``ghostify.distill``'s optimiser,
-    schedule and augmentation, logits only) on the calibration crops, or with ``--kd-crops`` on other crops of
-    the calibration photos (``"kd_kl"``: the held-out KL after it). Trunks (no logits): ``--trunk-kd-steps`` (40)
-    steps of the photos recipe on the output's relative squared error (``recipe="trunk"``). All seeded with
-    ``--kd-seed`` (default 0).
+    schedule and augmentation, logits only) on the calibration crops (``"kd_kl"``: the held-out KL after it).
+    Trunks (no logits): ``--trunk-kd-steps`` (40) steps of the photos recipe on the output's relative squared
+    error (``recipe="trunk"``). Photos and trunks distil on other crops of the calibration photos with
+    ``--kd-crops``. All seeded with ``--kd-seed`` (default 0).
     """
     t0, seed = time.perf_counter(), getattr(ctx.args, "kd_seed", 0)
     if ctx.s.kind == "mnist":
