@@ -3,7 +3,9 @@ decomposition (tensorly), and what every method shares: BN recalibration, short 
 ONNX Runtime timing, matching a MACs target by bisection.
 
 Needs the ``peers`` extra (``pip install -e '.[peers]'``: ``torch-pruning==1.6.1``, ``tensorly``) and
-onnxruntime. Uses only ghostify's public API, so it keeps working when the package's modules move.
+onnxruntime. Uses ghostify's public API, and where a peer must do as ghostify does, the module that does it
+(``ghostify.conversion.tracing`` finds the stem low-rank leaves whole; ``ghostify.deploy.export``,
+``ghostify.train.distill``).
 
 - :func:`prune`: Torch-Pruning's ``BasePruner`` (``MetaPruner`` in its older docs) with one of its importances,
   layer-wise (every layer loses the same fraction of channels) or global, the given layers ignored.
@@ -12,7 +14,8 @@ onnxruntime. Uses only ghostify's public API, so it keeps working when the packa
 - :func:`bn_recalibrate`: BatchNorm statistics re-estimated on calibration images (no weight changes).
 - :func:`lowrank`: Tucker-2 (``tensorly.decomposition.partial_tucker`` on the (out, in) modes) of each kxk conv
   and truncated SVD (``tensorly.tenalg.svd_interface``) of each 1x1 conv, as in jacobgil's
-  pytorch-tensor-decompositions, every decomposed conv at the same fraction of its MACs; data-free.
+  pytorch-tensor-decompositions, every decomposed conv at the same fraction of its MACs; data-free. The stem
+  (the convs on the input) stays whole, as ghostify and the pruners leave it.
 - :func:`refit_last_factors`: a least-squares refit of each decomposition's last 1x1 factor (and bias) to the
   original conv's output on calibration images, layer after layer in the order they run.
 - :func:`onnx_bytes` / :func:`ort_latency`: a local export + timing helper (TorchScript exporter, opset 17,
@@ -261,31 +264,47 @@ def _decompose(conv: nn.Conv2d, ranks: tuple[int, ...]) -> nn.Sequential:
     return layers
 
 
+def _stems(model: nn.Module) -> set[str]:
+    """The convs ghostify leaves as the stem: those applied to the input with no conv before them (the first
+    conv when the model does not trace)."""
+    from ghostify.conversion import tracing
+
+    gm = tracing.trace(model).graph_module
+    if gm is not None:
+        return tracing.stem_nodes(gm)
+    return {next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), "")}
+
+
 def lowrank(model: nn.Module, example: torch.Tensor, fraction: float, *, decompose: bool = True,
-            keep: Callable[[str, nn.Conv2d], bool] = lambda name, conv: False, round_to: int = 1) -> nn.Module:
+            keep: Callable[[str, nn.Conv2d], bool] = lambda name, conv: False, round_to: int = 1,
+            keep_stem: bool = True) -> nn.Module:
     """A copy of ``model`` with every dense conv decomposed at ``fraction`` of its MACs (data-free).
 
     kxk convs: Tucker-2 on the output and input modes (``tensorly.decomposition.partial_tucker``, HOOI from
     the SVD), both ranks the same fraction of their mode; 1x1 convs: truncated SVD. Convs with groups,
-    those a decomposition cannot make cheaper, and those ``keep(name, conv)`` names stay. The new model
+    those a decomposition cannot make cheaper, those ``keep(name, conv)`` names and, with ``keep_stem``, the
+    stem (the convs on the input, which ghostify and the pruners leave whole too) stay. The new model
     carries ``model.lowrank_layers = {name: ranks}``. ``decompose=False``: the factor convs' shapes only
     (weights unset), to count MACs. ``round_to``: every rank a multiple of it, rounded down (as pruning's
     ``round_to`` keeps channel counts; a conv whose rank would fall below it stays whole).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 32, 1))
-        >>> low = lowrank(net, torch.randn(1, 16, 8, 8), 0.5)
-        >>> low.lowrank_layers
+        >>> lowrank(net, torch.randn(1, 16, 8, 8), 0.5).lowrank_layers     # conv '0' is the stem: it stays
+        {'1': (5,)}
+        >>> lowrank(net, torch.randn(1, 16, 8, 8), 0.5, keep_stem=False).lowrank_layers
         {'0': (9, 9), '1': (5,)}
-        >>> lowrank(net, torch.randn(1, 16, 8, 8), 0.5, round_to=4).lowrank_layers
+        >>> lowrank(net, torch.randn(1, 16, 8, 8), 0.5, round_to=4, keep_stem=False).lowrank_layers
         {'0': (8, 8), '1': (4,)}
     """
     require_peers()
     work = copy.deepcopy(model).eval()
     shapes = _conv_shapes(work, example)
+    stems = _stems(work) if keep_stem else set()
     done = {}
     for name, conv in list(work.named_modules()):
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or name not in shapes or keep(name, conv):
+        if (not isinstance(conv, nn.Conv2d) or conv.groups != 1 or name not in shapes or name in stems
+                or keep(name, conv)):
             continue
         (hi, wi), (ho, wo) = shapes[name]
         ranks = _plan_rank(conv, fraction, hi * wi, ho * wo, round_to)

@@ -65,7 +65,8 @@ Methods (``--methods``, default all):
   ``TaylorImportance`` (gradients: CE on the labels for MNIST, CE on the original's top-1 for photos, the
   output energy for the trunk) or ``BNScaleImportance``; layer-wise (uniform) or global; the classifier (the
   trunk's last conv) ignored. Rows without repair and with BN statistics recalibrated on the calibration images.
-- ``lowrank``: Tucker-2 of kxk convs, SVD of 1x1 convs, each at the same fraction of its MACs; rows data-free,
+- ``lowrank``: Tucker-2 of kxk convs, SVD of 1x1 convs, each at the same fraction of its MACs, the stem whole
+  (as ghostify and the pruners leave it; before 7 Dec 2026 it was decomposed too); rows data-free,
   with BN recalibration, and with a least-squares refit of each last factor on the calibration images.
 
     python benchmarks/peers.py -o peers-out                         # everything (hours on 2 cores)

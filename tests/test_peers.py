@@ -54,10 +54,11 @@ def test_svd_of_a_low_rank_1x1_conv_is_exact_and_refit_never_hurts():
     conv = nn.Conv2d(16, 32, 1)
     conv.weight.data = (torch.randn(32, 2) @ torch.randn(2, 16))[:, :, None, None]  # rank 2
     net = nn.Sequential(conv).eval()
-    low = P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5)
+    low = P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, keep_stem=False)  # the only conv is the stem
     assert low.lowrank_layers == {"0": (5,)}  # floor(0.5 * 16 * 32 / 48)
-    assert P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, round_to=4).lowrank_layers == {"0": (4,)}  # rounded down
-    assert P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, round_to=8).lowrank_layers == {}  # below 8: stays whole
+    kw = dict(keep_stem=False)
+    assert P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, round_to=4, **kw).lowrank_layers == {"0": (4,)}  # rounded down
+    assert P.lowrank(net, torch.randn(1, 16, 4, 4), 0.5, round_to=8, **kw).lowrank_layers == {}  # below 8: whole
     x = torch.randn(2, 16, 4, 4)
     torch.testing.assert_close(low(x), net(x), atol=1e-4, rtol=1e-4)
 
@@ -67,6 +68,26 @@ def test_svd_of_a_low_rank_1x1_conv_is_exact_and_refit_never_hurts():
     refit = P.refit_last_factors(low, deep, calib)
     err = lambda m: sum((m(x) - deep(x)).pow(2).sum().item() for x in calib)  # noqa: E731
     assert err(refit) < err(low)  # least squares on the same images cannot do worse than the data-free start
+
+
+def test_low_rank_leaves_the_stem_whole_as_ghostify_does():
+    # two branches on the input: both convs are stems (ghostify's plan skips both); the conv after them is not
+    class TwoStems(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 1)
+            self.c = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(self.a(x) + self.b(x))
+
+    net, x = TwoStems().eval(), torch.randn(1, 3, 8, 8)
+    skipped = {e.name for e in ghostify.make_plan(net).skipped if e.reason.startswith("stem")}
+    assert skipped == {"a", "b"}
+    low = P.lowrank(net, x, 0.5)
+    assert set(low.lowrank_layers) == {"c"} and low.a is not net.a and isinstance(low.a, nn.Conv2d)
+    torch.testing.assert_close(low.a.weight, net.a.weight)
+    assert set(P.lowrank(net, x, 0.5, keep_stem=False).lowrank_layers) == {"a", "b", "c"}
 
 
 @pytest.mark.parametrize("kw", [dict(ratio=2), dict(ratio=1.5), dict(ratio=3, cheap="mix", dw_size=1),
