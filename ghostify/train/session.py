@@ -297,8 +297,7 @@ class Session(TrainingLoop):
         report = None
         if self.dist.main:
             plain = copy.deepcopy(final).cpu().eval()
-            if conversion_info(plain) is None:
-                plain.ghostify_info = self.student.ghostify_info
+            conversion_info(plain)  # as above: the copy's info back from .meta
             save(plain, self.run_dir / "final.safetensors", force=True)
             x = torch.zeros(1, *self.input_size)
             teacher = copy.deepcopy(self.teacher).cpu().float().to(memory_format=torch.contiguous_format)
