@@ -382,12 +382,15 @@ KD_REPAIR = {"ghostify": "none", "tp": "bn-recal", "lowrank": "ls-refit"}
 def kd_repair(method: str, repairs=None, kind: str = "") -> str:
     """The repair whose model a method's distillation starts from: its best training-free start, or ``"none"``
     where ``repairs`` (the names the method's build returned) lacks it (no BatchNorm to recalibrate). On a trunk
-    (``kind``) every student starts unrepaired: its fidelity is the distance to the original's feature map, which
-    the recalibration moves in every BatchNorm layer, pruned or not (CRAFT's trunk at 0.7: Taylor global 0.323
-    unrepaired, 0.475 recalibrated), and the distillation keeps the statistics it starts with; low-rank's
-    least-squares refit was worse on held-out crops in every trunk run too (VGG16's at 0.4: 0.739 data-free,
-    0.878 refitted; CRAFT's at 0.7: 0.463 and 0.519)."""
-    repair = "none" if kind == "trunk" else KD_REPAIR[method.split("-")[0]]
+    (``kind``) no student starts from a BN recalibration: its fidelity is the distance to the original's feature
+    map, which the recalibration moves in every BatchNorm layer, pruned or not (CRAFT's trunk at 0.7: Taylor
+    global 0.323 unrepaired, 0.475 recalibrated), and the distillation keeps the statistics it starts with.
+    Low-rank's least-squares refit stays its start there: with the stem whole (since 7 Dec 2026) it helps on
+    held-out crops (VGG16's trunk at 0.55: 0.436 data-free, 0.358 refitted; CRAFT's at 0.7: 0.258 and 0.187),
+    where it hurt while the stem was decomposed."""
+    repair = KD_REPAIR[method.split("-")[0]]
+    if kind == "trunk" and repair == "bn-recal":
+        repair = "none"
     return repair if repairs is None or repair in repairs else "none"
 
 
