@@ -296,8 +296,7 @@ class Session(TrainingLoop):
         after = {k[4:]: v for k, v in final_eval.items() if k.startswith("val_")}
         report = None
         if self.dist.main:
-            plain = copy.deepcopy(final).cpu().eval()
-            conversion_info(plain)  # as above: the copy's info back from .meta
+            plain = copy.deepcopy(final).cpu().eval()  # save() reads its info, from .meta if need be
             save(plain, self.run_dir / "final.safetensors", force=True)
             x = torch.zeros(1, *self.input_size)
             teacher = copy.deepcopy(self.teacher).cpu().float().to(memory_format=torch.contiguous_format)
