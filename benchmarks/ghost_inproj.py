@@ -23,6 +23,7 @@ This is a measurement, not a ghostify feature: ``GhostConv2d`` has no input proj
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 
@@ -66,7 +67,7 @@ def project_and_ghost(compressed: nn.Module, original: nn.Module, batches, round
     """A copy of ``compressed`` (from ``peer_methods.lowrank``) whose Tucker-2 layers become
     ``Sequential(first factor, mix Ghost layer)``, each fitted on its inputs inside the copy (``refit``,
     ``positions``: as ``fit_layer``'s; without ``refit`` the intrinsic filters are the projected conv's own)."""
-    work = P.copy.deepcopy(compressed).eval()
+    work = copy.deepcopy(compressed).eval()
     original = original.eval()
     order = list(P._conv_shapes(original, batches[0][:1]))
     gen = torch.Generator().manual_seed(0)
