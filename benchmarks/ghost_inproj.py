@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 
 import torch
@@ -33,7 +32,10 @@ from torch import nn
 from benchmarks import peer_methods as P
 from benchmarks import peers
 from ghostify import GhostConv2d
+from ghostify.conversion.tracing import trace
+from ghostify.graph import bn_output_scales
 from ghostify.init.calib import fit_layer
+from ghostify.ratio import ratio_keeping
 
 
 def intrinsic_count(r_in: int, r_out: int, n: int, k: int, round_to: int) -> int:
@@ -51,16 +53,6 @@ def intrinsic_count(r_in: int, r_out: int, n: int, k: int, round_to: int) -> int
     return best
 
 
-def _next_bn_scale(model: nn.Module, name: str, n: int) -> torch.Tensor | None:
-    """``|gamma| / sqrt(var + eps)`` of the BatchNorm right after conv ``name`` (as ghostify weights its fit)."""
-    names = [k for k, _ in model.named_modules()]
-    nxt = names[names.index(name) + 1] if names.index(name) + 1 < len(names) else None
-    bn = model.get_submodule(nxt) if nxt else None
-    if isinstance(bn, nn.BatchNorm2d) and bn.num_features == n:
-        return (bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).detach()
-    return None
-
-
 @torch.no_grad()
 def project_and_ghost(compressed: nn.Module, original: nn.Module, batches, round_to: int, *, refit: bool = True,
                       positions: int = 256) -> nn.Module:
@@ -71,6 +63,8 @@ def project_and_ghost(compressed: nn.Module, original: nn.Module, batches, round
     original = original.eval()
     order = list(P._conv_shapes(original, batches[0][:1]))
     gen = torch.Generator().manual_seed(0)
+    gm = trace(original).graph_module  # the fits weight each channel as the next BN sees it, as ghostify's do
+    scales = bn_output_scales(gm, list(work.lowrank_layers)) if gm is not None else {}
     for name in (n for n in order if n in work.lowrank_layers and len(work.lowrank_layers[n]) == 2):
         conv, seq = original.get_submodule(name), work.get_submodule(name)
         proj = seq[0]
@@ -82,14 +76,10 @@ def project_and_ghost(compressed: nn.Module, original: nn.Module, batches, round
                           conv.dilation, bias=True)  # the conv seen from the projected input
         inner.weight.copy_(torch.einsum("oikl,ri->orkl", conv.weight, proj.weight[:, :, 0, 0]))
         inner.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
-        ratio = conv.out_channels / m
-        while math.ceil(conv.out_channels / ratio) > m:
-            ratio = math.nextafter(ratio, math.inf)
-        ghost = GhostConv2d.from_conv(inner, ratio, 1, "mix", cheap_bias=True)
+        ghost = GhostConv2d.from_conv(inner, ratio_keeping(conv.out_channels, m), 1, "mix", cheap_bias=True)
         zs = [proj(P._capture(seq, work, x, output=False)) for x in batches]
         ys = [P._capture(conv, original, x, output=True) for x in batches]
-        scale = _next_bn_scale(original, name, conv.out_channels)
-        fit_layer(inner, ghost, zs, ys, positions=positions, refit=refit, gen=gen, scale=scale)
+        fit_layer(inner, ghost, zs, ys, positions=positions, refit=refit, gen=gen, scale=scales.get(name))
         work.set_submodule(name, nn.Sequential(proj, ghost))
     return work
 

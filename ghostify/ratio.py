@@ -5,7 +5,7 @@ import math
 
 from .errors import GhostifyError
 
-__all__ = ["check_ratio", "per_parent", "parse_ratios", "rounded_ratio"]
+__all__ = ["check_ratio", "per_parent", "parse_ratios", "ratio_keeping", "rounded_ratio"]
 
 
 def check_ratio(ratio) -> int | float:
@@ -45,8 +45,19 @@ def rounded_ratio(out_channels: int, ratio, round_to: int) -> int | float:
         r += round_to
     if r == m or r >= out_channels:
         return ratio
-    s = out_channels / r
-    while math.ceil(out_channels / s) != r:  # n / (n / r) may round above r
+    return ratio_keeping(out_channels, r)
+
+
+def ratio_keeping(out_channels: int, intrinsic: int) -> float:
+    """The ratio whose Ghost layer keeps exactly ``intrinsic`` of ``out_channels`` maps: ``n / m``, nudged up
+    where floating point makes ``ceil(n / (n / m))`` come out above ``m``.
+
+    Example:
+        >>> ratio_keeping(160, 112), math.ceil(160 / ratio_keeping(160, 112))
+        (1.4285714285714286, 112)
+    """
+    s = out_channels / intrinsic
+    while math.ceil(out_channels / s) != intrinsic:  # n / (n / m) may round above m
         s = math.nextafter(s, math.inf)
     return s
 

@@ -39,3 +39,21 @@ def test_projected_ghost_is_exact_on_a_conv_of_low_rank_on_both_modes(refit):
     assert ghostify.count(proto, x0).macs <= ghostify.count(low, x0).macs
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(proto(x), net(x), atol=1e-3, rtol=1e-3)
+
+
+def test_the_fit_weights_each_channel_as_the_next_batchnorm_sees_it(monkeypatch):
+    import benchmarks.ghost_inproj as G
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.BatchNorm2d(16)).eval()
+    net[3].weight.data.uniform_(-2, 2)
+    net[3].running_var.data.uniform_(0.5, 3)
+    seen = []
+    real = G.fit_layer
+    monkeypatch.setattr(G, "fit_layer", lambda *a, **kw: seen.append(kw["scale"]) or real(*a, **kw))
+    x0 = torch.zeros(1, 3, 8, 8)
+    project_and_ghost(P.lowrank(net, x0, 0.5), net, [torch.randn(4, 3, 8, 8)], round_to=1)
+    bn = net[3]
+    by_hand = (bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).double()
+    torch.testing.assert_close(seen[0], by_hand / by_hand.mean())  # one fitted conv, weighted as ghostify weights it

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import ghostify
 from ghostify import GhostifyError, LayerSpec
 from ghostify.cli import cli
-from ghostify.ratio import rounded_ratio
+from ghostify.ratio import ratio_keeping, rounded_ratio
 from ghostify.train.recipe import ghost_config, load_recipe
 
 SIZE = (1, 3, 16, 16)
@@ -29,6 +29,15 @@ def test_rounded_ratio_gives_the_counts_worked_out_by_hand(n, ratio, q, m):
     s = rounded_ratio(n, ratio, q)
     assert math.ceil(n / s) == m
     assert s == ratio or m % q == 0
+
+
+def test_ratio_keeping_keeps_exactly_the_count_asked_for():
+    assert math.ceil(15 / (15 / 13)) == 14  # floating point: n / (n / m) rounds above m here
+    assert math.ceil(15 / ratio_keeping(15, 13)) == 13 and ratio_keeping(15, 13) > 15 / 13
+    assert ratio_keeping(64, 32) == 2
+    for n in range(2, 200):
+        for m in range(1, n):
+            assert math.ceil(n / ratio_keeping(n, m)) == m
 
 
 def test_every_rounded_count_is_a_multiple_below_n():
